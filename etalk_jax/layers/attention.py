@@ -1,0 +1,138 @@
+"""The one attention entry point of the project, and the diffusers-style attention module.
+
+`dot_product_attention` switches implementation by name:
+  xla    - `jax.nn.dot_product_attention(implementation="xla")`; runs everywhere (the default).
+  cudnn  - cuDNN flash attention through `jax.nn.dot_product_attention`; needs a CUDA GPU, bf16 or
+           fp16 inputs and a head size that is a multiple of 8 up to 128.
+  splash - the Pallas splash-attention kernel; needs a TPU and lengths that are multiples of 128.
+Where a request cannot run (no such hardware, an unsupported dtype, shape or mask), the call falls
+back to `xla` and logs once why, so one config works on every machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from etalk_jax.layers.compute import ATTENTION_IMPLEMENTATIONS, FP32, Compute
+
+log = logging.getLogger(__name__)
+SPLASH_BLOCK = 128
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+  log.warning(message)
+
+
+def _choose(implementation: str, query, key, mask) -> str:
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {implementation!r} is unknown; choose one of "
+                     f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+  backend = jax.default_backend()
+  if implementation == "cudnn":
+    if backend != "gpu":
+      _warn_once(f"attention 'cudnn' needs a CUDA GPU (backend is {backend!r}); using 'xla'.")
+      return "xla"
+    if query.dtype not in (jnp.bfloat16, jnp.float16):
+      _warn_once(f"attention 'cudnn' needs bf16/fp16 inputs (got {query.dtype}); using 'xla'. "
+                 "Use Compute.gpu() for bf16 compute.")
+      return "xla"
+    head_dim = query.shape[-1]
+    if head_dim % 8 or head_dim > 128:
+      _warn_once(f"attention 'cudnn' needs a head size that is a multiple of 8 up to 128 "
+                 f"(got {head_dim}); using 'xla' for these calls.")
+      return "xla"
+  if implementation == "splash":
+    if backend != "tpu":
+      _warn_once(f"attention 'splash' needs a TPU (backend is {backend!r}); using 'xla'.")
+      return "xla"
+    if mask is not None or query.shape[1] % SPLASH_BLOCK or key.shape[1] % SPLASH_BLOCK:
+      return "xla"  # short temporal / cross-attention sequences: not worth a kernel launch.
+  return implementation
+
+
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
+                          mask: jax.Array | None = None,
+                          implementation: str = "xla") -> jax.Array:
+  """Scaled dot-product attention on `(batch, length, heads, head_dim)` arrays.
+
+  `mask` is boolean, broadcastable to `(batch, heads, q_length, kv_length)`; True = may attend.
+  """
+  chosen = _choose(implementation, query, key, mask)
+  if chosen == "splash":
+    return splash_attention(query, key, value)
+  return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=chosen)
+
+
+def splash_attention(query, key, value, *, interpret: bool = False):
+  """Unmasked multi-head attention through the Pallas TPU splash kernel.
+
+  `interpret=True` runs the kernel in the Pallas interpreter (any backend), which is how the tests
+  check this path without a TPU.
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+
+  _, q_len, heads, head_dim = query.shape
+  kv_len = key.shape[1]
+  full = mask_lib.MultiHeadMask([mask_lib.FullMask((q_len, kv_len)) for _ in range(heads)])
+  kernel = kernel_lib.make_splash_mha(full, head_shards=1, q_seq_shards=1, interpret=interpret)
+  # The kernel applies no softmax scale and works per example on (heads, length, head_dim).
+  query = query * jnp.asarray(head_dim ** -0.5, query.dtype)
+  to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)
+  out = jax.vmap(kernel)(to_heads_first(query), to_heads_first(key), to_heads_first(value))
+  return to_heads_first(out).astype(query.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with diffusers' `Attention` parameter layout.
+
+  to_q / to_k / to_v / to_out, an optional GroupNorm before the projections and an optional
+  residual (the VAE's mid-block attention). Input `(batch, length, dim)` or `(batch, h, w, dim)`.
+  """
+
+  def __init__(self, query_dim: int, *, heads: int, dim_head: int,
+               cross_attention_dim: int | None = None, qkv_bias: bool = False,
+               out_bias: bool = True, norm_num_groups: int | None = None,
+               norm_eps: float = 1e-5, residual_connection: bool = False,
+               compute: Compute = FP32, rngs: nnx.Rngs):
+    inner_dim = heads * dim_head
+    context_dim = cross_attention_dim or query_dim
+    self.heads = heads
+    self.residual_connection = residual_connection
+    self.implementation = compute.attention
+    kw = compute.dense_kwargs()
+    self.group_norm = (nnx.GroupNorm(query_dim, num_groups=norm_num_groups, epsilon=norm_eps,
+                                     use_fast_variance=False, rngs=rngs, **kw)
+                       if norm_num_groups else None)
+    self.to_q = nnx.Linear(query_dim, inner_dim, use_bias=qkv_bias, rngs=rngs, **kw)
+    self.to_k = nnx.Linear(context_dim, inner_dim, use_bias=qkv_bias, rngs=rngs, **kw)
+    self.to_v = nnx.Linear(context_dim, inner_dim, use_bias=qkv_bias, rngs=rngs, **kw)
+    self.to_out = nnx.Linear(inner_dim, query_dim, use_bias=out_bias, rngs=rngs, **kw)
+
+  def __call__(self, hidden: jax.Array, context: jax.Array | None = None,
+               mask: jax.Array | None = None) -> jax.Array:
+    spatial_shape = None
+    if hidden.ndim == 4:
+      spatial_shape = hidden.shape
+      hidden = hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])
+    residual = hidden
+    if self.group_norm is not None:
+      hidden = self.group_norm(hidden)
+    context = hidden if context is None else context
+    split_heads = lambda x: x.reshape(*x.shape[:-1], self.heads, -1)
+    query = split_heads(self.to_q(hidden))
+    key = split_heads(self.to_k(context))
+    value = split_heads(self.to_v(context))
+    out = dot_product_attention(query, key, value, mask=mask, implementation=self.implementation)
+    out = self.to_out(out.reshape(*out.shape[:-2], -1))
+    if self.residual_connection:
+      out = out + residual
+    if spatial_shape is not None:
+      out = out.reshape(spatial_shape)
+    return out

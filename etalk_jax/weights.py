@@ -1,0 +1,431 @@
+"""PyTorch-side weight files, and table-driven conversion between them and NNX modules.
+
+Every converter in the project (SVD, wav2vec2/WavLM, PD-FGC) is a `ConversionTable`: each leaf of
+our module gets exactly one PyTorch key and a layout transform, derived from the leaf's module type
+(Linear weight transposed, ConvNd weight permuted, norm weight -> scale) and a short list of
+renames where our names differ from upstream. Loading is strict: every source key must be used
+(or explicitly ignored), every leaf filled, every shape right; otherwise one `ConversionError`
+lists all the missing, unexpected and mis-shaped keys before any tensor data is read.
+
+Tensors are streamed one at a time from safetensors (memory-mapped) or from
+`torch.load(weights_only=True)` files, so peak memory stays near the size of the target model.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import jax
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors can read bf16)
+import numpy as np
+from flax import nnx
+
+
+# What a converter moves: trained parameters and BatchNorm running statistics.
+WEIGHT_VARIABLES = nnx.Any(nnx.Param, nnx.BatchStat)
+
+
+class ConversionError(ValueError):
+  """A weight file does not match the model it is loaded into."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout transforms
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  name: str
+  to_ours: Callable[[np.ndarray], np.ndarray]
+  to_theirs: Callable[[np.ndarray], np.ndarray]
+
+  def our_shape(self, their_shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(self.to_ours(np.empty(their_shape, dtype=np.uint8)).shape)
+
+
+def _conv_to_ours(w):  # (out, in, *k) -> (*k, in, out)
+  return np.transpose(w, tuple(range(2, w.ndim)) + (1, 0))
+
+
+def _conv_to_theirs(w):  # (*k, in, out) -> (out, in, *k)
+  return np.transpose(w, (w.ndim - 1, w.ndim - 2) + tuple(range(w.ndim - 2)))
+
+
+IDENTITY = Transform("identity", lambda w: w, lambda w: w)
+LINEAR = Transform("linear", lambda w: np.transpose(w), lambda w: np.transpose(w))
+CONV = Transform("conv", _conv_to_ours, _conv_to_theirs)
+
+# (module type, our leaf name) -> (their leaf name, transform). Order matters: first match wins.
+_LEAF_RULES: list[tuple[type, str, str, Transform]] = [
+    (nnx.Linear, "kernel", "weight", LINEAR),
+    (nnx.Conv, "kernel", "weight", CONV),
+    (nnx.ConvTranspose, "kernel", "weight", CONV),
+    (nnx.Embed, "embedding", "weight", IDENTITY),
+    (nnx.GroupNorm, "scale", "weight", IDENTITY),
+    (nnx.LayerNorm, "scale", "weight", IDENTITY),
+    (nnx.BatchNorm, "scale", "weight", IDENTITY),
+    (nnx.BatchNorm, "mean", "running_mean", IDENTITY),
+    (nnx.BatchNorm, "var", "running_var", IDENTITY),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  path: tuple            # our leaf path, e.g. ('down_blocks', 0, 'resnets', 1, 'conv1', 'kernel')
+  transform: Transform
+  shape: tuple[int, ...]  # our leaf's shape
+  dtype: Any
+
+
+def _dotted(path: Iterable) -> str:
+  return ".".join(str(p) for p in path)
+
+
+@dataclasses.dataclass
+class ConversionTable:
+  """Their key -> our leaf, for one model instance (concrete or abstract)."""
+
+  entries: dict[str, Entry]
+  ignore: tuple[str, ...] = ()  # regexes of their keys that carry nothing we need
+
+  @classmethod
+  def build(cls, model: nnx.Module, renames: Sequence[tuple[str, str]] = (),
+            ignore: Sequence[str] = (), leaf_rules: Sequence[tuple] = ()) -> "ConversionTable":
+    """Derives their names from our module tree.
+
+    renames: (regex, replacement) applied in order to our dotted module path to get theirs,
+      e.g. (r"\\.to_out$", ".to_out.0").
+    leaf_rules: extra (module type, our leaf, their leaf, transform) tried before the defaults.
+    """
+    module_types = {path: type(m) for path, m in nnx.iter_modules(model)}
+    rules = list(leaf_rules) + _LEAF_RULES
+    entries: dict[str, Entry] = {}
+    for path, variable in nnx.to_flat_state(nnx.state(model, WEIGHT_VARIABLES)):
+      module_path, leaf = path[:-1], path[-1]
+      module_type = module_types[module_path]
+      their_leaf, transform = leaf, IDENTITY
+      for rule_type, our_leaf, rule_their_leaf, rule_transform in rules:
+        if issubclass(module_type, rule_type) and leaf == our_leaf:
+          their_leaf, transform = rule_their_leaf, rule_transform
+          break
+      module_name = _dotted(module_path)
+      for pattern, replacement in renames:
+        module_name = re.sub(pattern, replacement, module_name)
+      key = f"{module_name}.{their_leaf}" if module_name else their_leaf
+      if key in entries:
+        raise ConversionError(f"two leaves map to {key!r}: {entries[key].path} and {path}")
+      value = variable.get_value()
+      entries[key] = Entry(path, transform, tuple(value.shape), value.dtype)
+    return cls(entries, tuple(ignore))
+
+  def is_ignored(self, key: str) -> bool:
+    return any(re.fullmatch(p, key) for p in self.ignore)
+
+  def check(self, source: "TensorSource", what: str) -> None:
+    """Raises one ConversionError listing every mismatch between `source` and the table."""
+    keys = set(source.keys())
+    missing = sorted(set(self.entries) - keys)
+    unexpected = sorted(k for k in keys - set(self.entries) if not self.is_ignored(k))
+    misshaped = []
+    for key in sorted(keys & set(self.entries)):
+      entry = self.entries[key]
+      their_shape = tuple(source.shape(key))
+      if len(their_shape) != len(entry.shape) or entry.transform.our_shape(their_shape) != entry.shape:
+        expected = entry.transform.to_theirs(np.empty(entry.shape, np.uint8)).shape
+        misshaped.append(f"{key}: file has {their_shape}, model needs {tuple(expected)}")
+    if missing or unexpected or misshaped:
+      lines = [f"{what} does not match the model configuration "
+               f"({len(missing)} missing, {len(unexpected)} unexpected, "
+               f"{len(misshaped)} with the wrong shape)."]
+      for title, items in (("missing", missing), ("unexpected", unexpected),
+                           ("wrong shape", misshaped)):
+        if items:
+          lines.append(f"  {title}:")
+          lines.extend(f"    {item}" for item in items)
+      lines.append("  Check that the config.json beside the weights is the one they were "
+                   "trained with, and that the file is complete.")
+      raise ConversionError("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources of tensors
+# ----------------------------------------------------------------------------------------------
+
+
+class TensorSource(abc.ABC):
+  """Read-only, lazily read mapping from PyTorch key to numpy array."""
+
+  description = "weights"
+
+  @abc.abstractmethod
+  def keys(self) -> list[str]:
+    """All tensor names."""
+
+  @abc.abstractmethod
+  def shape(self, key: str) -> tuple[int, ...]:
+    """A tensor's shape, without reading its data."""
+
+  @abc.abstractmethod
+  def read(self, key: str) -> np.ndarray:
+    """A tensor's data as numpy."""
+
+  def close(self) -> None:
+    pass
+
+
+def _to_numpy(value) -> np.ndarray:
+  if hasattr(value, "detach"):  # a torch tensor, without importing torch here
+    value = value.detach().cpu()
+    if str(value.dtype) == "torch.bfloat16":
+      return value.view(dtype=_torch().int16).numpy().view(ml_dtypes.bfloat16)
+    return value.numpy()
+  return np.asarray(value)
+
+
+def _torch():
+  import torch
+  return torch
+
+
+class DictSource(TensorSource):
+  def __init__(self, tensors: Mapping[str, Any], description: str = "state dict"):
+    self.tensors = tensors
+    self.description = description
+
+  def keys(self):
+    return list(self.tensors.keys())
+
+  def shape(self, key):
+    return tuple(self.tensors[key].shape)
+
+  def read(self, key):
+    return _to_numpy(self.tensors[key])
+
+
+class SafetensorsSource(TensorSource):
+  def __init__(self, files: Sequence[Path], description: str):
+    from safetensors import safe_open
+    self.description = description
+    self._stack = contextlib.ExitStack()
+    self._handles: dict[str, Any] = {}
+    for file in files:
+      try:
+        handle = self._stack.enter_context(safe_open(str(file), framework="np"))
+      except Exception as error:  # safetensors raises several types for a damaged header
+        self._stack.close()
+        raise ConversionError(f"{file} is not a readable safetensors file ({error}). "
+                              "Re-download or re-export it.") from error
+      for key in handle.keys():
+        self._handles[key] = handle
+
+  def keys(self):
+    return list(self._handles)
+
+  def shape(self, key):
+    return tuple(self._handles[key].get_slice(key).get_shape())
+
+  def read(self, key):
+    return self._handles[key].get_tensor(key)
+
+  def close(self):
+    self._stack.close()
+
+
+class TorchFileSource(DictSource):
+  def __init__(self, file: Path):
+    torch = _torch()
+    try:
+      tensors = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # pickle-level errors come in many types
+      raise ConversionError(f"{file} could not be read with torch.load(weights_only=True): "
+                            f"{error}. Only plain tensor checkpoints are accepted.") from error
+    if isinstance(tensors, dict) and "state_dict" in tensors and isinstance(
+        tensors["state_dict"], dict):
+      tensors = tensors["state_dict"]
+    if not isinstance(tensors, dict):
+      raise ConversionError(f"{file} holds a {type(tensors).__name__}, not a state dict.")
+    super().__init__(tensors, description=str(file))
+
+
+class AliasedSource(TensorSource):
+  """Presents another source's keys rewritten by (regex, replacement) aliases, e.g. a legacy
+  checkpoint's names in today's layout."""
+
+  def __init__(self, source: TensorSource, aliases: Sequence[tuple[str, str]]):
+    self.source = source
+    self.description = source.description
+    self._names: dict[str, str] = {}
+    for key in source.keys():
+      name = key
+      for pattern, replacement in aliases:
+        name = re.sub(pattern, replacement, name)
+      if name in self._names:
+        raise ConversionError(f"{source.description}: {self._names[name]!r} and {key!r} are the "
+                              f"same tensor {name!r} under two names")
+      self._names[name] = key
+
+  def keys(self):
+    return list(self._names)
+
+  def shape(self, key):
+    return self.source.shape(self._names[key])
+
+  def read(self, key):
+    return self.source.read(self._names[key])
+
+  def close(self):
+    self.source.close()
+
+
+def open_weight_file(path: Path) -> TensorSource:
+  path = Path(path)
+  if not path.is_file():
+    raise ConversionError(f"{path} does not exist.")
+  if path.stat().st_size == 0:
+    raise ConversionError(f"{path} is empty.")
+  if path.suffix == ".safetensors":
+    return SafetensorsSource([path], description=str(path))
+  if path.suffix in (".bin", ".pth", ".pt", ".ckpt"):
+    return TorchFileSource(path)
+  raise ConversionError(f"{path}: unknown weight format {path.suffix!r}; expected .safetensors, "
+                        ".bin, .pth or .pt.")
+
+
+def _with_variant(name: str, variant: str | None) -> str:
+  if not variant:
+    return name
+  stem, ext = name.rsplit(".", 1)
+  return f"{stem}.{variant}.{ext}"
+
+
+def open_weight_folder(folder: Path, stems: Sequence[str], variant: str | None = None
+                       ) -> TensorSource:
+  """Finds the weights in a diffusers/transformers folder.
+
+  stems: file stems to look for, e.g. ("diffusion_pytorch_model",) or ("model", "pytorch_model").
+  Tries, per stem: `<stem>[.variant].safetensors`, its sharded `.safetensors.index[.variant].json`,
+  then `<stem>[.variant].bin`. With variant=None, falls back to the fp16 variant.
+  """
+  folder = Path(folder)
+  variants = [variant] if variant else [None, "fp16"]
+  for v in variants:
+    for stem in stems:
+      single = folder / _with_variant(f"{stem}.safetensors", v)
+      if single.is_file():
+        return open_weight_file(single)
+      index = folder / (f"{stem}.safetensors.index.{v}.json" if v else
+                        f"{stem}.safetensors.index.json")
+      if index.is_file():
+        try:
+          weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as error:
+          raise ConversionError(f"{index} is not a valid shard index ({error}).") from error
+        shards = sorted({folder / name for name in weight_map.values()})
+        absent = [str(s) for s in shards if not s.is_file()]
+        if absent:
+          raise ConversionError(f"{index} names shards that are not there: {absent}")
+        return SafetensorsSource(shards, description=str(index))
+      torch_file = folder / _with_variant(f"{stem}.bin", v)
+      if torch_file.is_file():
+        return open_weight_file(torch_file)
+  looked = ", ".join(f"{s}.safetensors" for s in stems)
+  raise ConversionError(f"{folder} holds no weights (looked for {looked}, sharded indexes and "
+                        ".bin files, plain and fp16 variants).")
+
+
+def open_source(src: Any, stems: Sequence[str] = ("diffusion_pytorch_model",),
+                variant: str | None = None) -> TensorSource:
+  """A model object (`state_dict()`), a mapping, a weight file or a folder -> TensorSource."""
+  if hasattr(src, "state_dict") and callable(src.state_dict):
+    return DictSource(src.state_dict(), description=f"{type(src).__name__} state dict")
+  if isinstance(src, Mapping):
+    return DictSource(src)
+  path = Path(src)
+  if path.is_dir():
+    return open_weight_folder(path, stems, variant)
+  return open_weight_file(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading into / exporting from NNX modules
+# ----------------------------------------------------------------------------------------------
+
+
+def load_into(model: nnx.Module, source: TensorSource, table: ConversionTable, *,
+              dtype: Any = None, progress: bool = False) -> nnx.Module:
+  """Fills `model`'s leaves (it may be an `nnx.eval_shape` abstract model) from `source`.
+
+  Every tensor is read, transformed and cast one at a time and placed on the target leaf's
+  sharding when the abstract leaf carries one (default device otherwise).
+  """
+  table.check(source, source.description)
+  variables = dict(nnx.to_flat_state(nnx.state(model, WEIGHT_VARIABLES)))
+  keys = list(table.entries)
+  iterator: Iterable[str] = keys
+  if progress:
+    from tqdm.auto import tqdm
+    iterator = tqdm(keys, desc="converting", unit="tensor")
+  for key in iterator:
+    entry = table.entries[key]
+    variable = variables[entry.path]
+    target = variable.get_value()
+    array = entry.transform.to_ours(source.read(key))
+    array = np.ascontiguousarray(array, dtype=dtype or target.dtype)
+    sharding = getattr(target, "sharding", None)
+    variable.set_value(jax.device_put(array, sharding) if sharding is not None
+                       else jax.device_put(array))
+  return model
+
+
+def export_tensors(model: nnx.Module, table: ConversionTable, dtype: Any = None
+                   ) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields (their key, numpy array in their layout), one leaf at a time."""
+  variables = dict(nnx.to_flat_state(nnx.state(model, WEIGHT_VARIABLES)))
+  for key, entry in table.entries.items():
+    array = np.asarray(jax.device_get(variables[entry.path].get_value()))
+    array = entry.transform.to_theirs(array)
+    yield key, np.ascontiguousarray(array, dtype=dtype or array.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic folders
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_folder(dst: Path, overwrite: bool = False) -> Iterator[Path]:
+  """Yields a temporary folder beside `dst`; renames it to `dst` only if the block succeeds."""
+  dst = Path(dst).absolute()
+  if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
+    raise FileExistsError(f"{dst} already exists and is not empty; choose another destination "
+                          "or pass --overwrite.")
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if dst.exists():
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    os.replace(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.replace(tmp, dst)
+
+
+def write_safetensors(path: Path, tensors: Iterable[tuple[str, np.ndarray]],
+                      metadata: dict[str, str] | None = None) -> None:
+  from safetensors.numpy import save_file
+  save_file(dict(tensors), str(path), metadata=metadata or {"format": "pt"})
