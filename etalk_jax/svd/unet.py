@@ -78,9 +78,11 @@ class DownBlockSpatioTemporal(nnx.Module):
   def __init__(self, in_channels: int, out_channels: int, temb_channels: int, num_layers: int, *,
                add_downsample: bool, cross_attention_dim: int | None = None, heads: int = 1,
                transformer_layers: int = 1, compute: Compute = FP32, rngs: nnx.Rngs):
+    # diffusers' epsilons, as they are: 1e-6 in CrossAttnDownBlockSpatioTemporal, 1e-5 without.
+    eps = 1e-6 if cross_attention_dim is not None else 1e-5
     self.resnets = nnx.List([
         SpatioTemporalResBlock(in_channels if i == 0 else out_channels, out_channels,
-                               temb_channels, eps=1e-5, compute=compute, rngs=rngs)
+                               temb_channels, eps=eps, compute=compute, rngs=rngs)
         for i in range(num_layers)])
     self.attentions = (nnx.List([
         TransformerSpatioTemporalModel(heads, out_channels // heads, out_channels,
@@ -115,8 +117,9 @@ class UpBlockSpatioTemporal(nnx.Module):
     for i in range(num_layers):
       skip_channels = in_channels if i == num_layers - 1 else out_channels
       resnet_in = prev_output_channels if i == 0 else out_channels
+      # get_up_block passes no resnet_eps to the spatio-temporal up blocks: their 1e-6 holds.
       resnets.append(SpatioTemporalResBlock(resnet_in + skip_channels, out_channels,
-                                            temb_channels, eps=1e-5, compute=compute,
+                                            temb_channels, eps=1e-6, compute=compute,
                                             rngs=rngs))
     self.resnets = nnx.List(resnets)
     self.attentions = (nnx.List([
