@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[torch,test]"
+	$(PY) -m pip install -q -e ".[torch,test,faces]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -62,3 +62,17 @@ def test_splash_kernel_in_interpret_mode_equals_xla():
   q, k, v = random_qkv(q_len=128, kv_len=256, heads=2, head_dim=128, seed=1)
   got = attention.splash_attention(q, k, v, interpret=True)
   np.testing.assert_allclose(got, naive_attention(q, k, v), rtol=1e-4, atol=1e-5)
+
+
+def test_long_keys_on_cpu_take_the_blocked_path_and_match_softmax_attention():
+  q, k, v = random_qkv(q_len=40, kv_len=1100, heads=2, head_dim=8, seed=2)  # 3 key blocks, padded
+  rng = np.random.default_rng(3)
+  mask = rng.random((2, 1, 40, 1100)) > 0.3
+  mask[0, 0, 5] = False  # a fully masked row: jax.nn averages all keys; so must we
+  bias = rng.standard_normal((1, 2, 40, 1100)).astype(np.float32)
+  assert k.shape[1] >= attention.CPU_BLOCKED_MIN_LENGTH
+  got = attention.dot_product_attention(q, k, v, mask=mask, bias=bias)
+  expected = jax.nn.dot_product_attention(q, k, v, mask=mask, bias=bias, implementation="xla")
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-6)
+  unmasked = attention.blocked_attention(q, k, v)
+  np.testing.assert_allclose(unmasked, naive_attention(q, k, v), rtol=1e-5, atol=2e-6)

@@ -145,3 +145,15 @@ def test_orbax_save_and_load(unet_case, tmp_path):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match="not a AutoencoderKLTemporalDecoder"):
     svd.load_vae(tmp_path / "ours")
+
+
+def test_saved_state_that_does_not_match_its_config_is_refused(unet_case, tmp_path):
+  import json
+  _, ours, _, _ = unet_case
+  svd.save(ours, tmp_path / "ours")
+  config_file = tmp_path / "ours" / "config.json"
+  fields = json.loads(config_file.read_text())
+  fields["cross_attention_dim"] = 24  # as if someone edited the config after converting
+  config_file.write_text(json.dumps(fields))
+  with pytest.raises(ValueError, match=r"(?s)does not match its config.json.*attn2\.to_k\.kernel: saved"):
+    svd.load_unet(tmp_path / "ours")

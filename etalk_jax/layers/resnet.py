@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from etalk_jax.layers.compute import FP32, Compute
+from etalk_jax.layers.norm import group_norm
 
 
 def conv(in_channels: int, out_channels: int, kernel_size: tuple[int, ...] = (3, 3), *,
@@ -21,13 +22,6 @@ def conv(in_channels: int, out_channels: int, kernel_size: tuple[int, ...] = (3,
     padding = tuple((k // 2, k // 2) for k in kernel_size)
   return nnx.Conv(in_channels, out_channels, kernel_size, strides=stride, padding=padding,
                   rngs=rngs, **compute.dense_kwargs())
-
-
-def group_norm(channels: int, eps: float, *, groups: int = 32, compute: Compute = FP32,
-               rngs: nnx.Rngs) -> nnx.GroupNorm:
-  # Two-pass variance, as PyTorch computes it (the one-pass form drifts ~1e-4 on real activations).
-  return nnx.GroupNorm(channels, num_groups=groups, epsilon=eps, use_fast_variance=False,
-                       rngs=rngs, **compute.dense_kwargs())
 
 
 class ResnetBlock2D(nnx.Module):

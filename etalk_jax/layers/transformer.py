@@ -7,12 +7,7 @@ from flax import nnx
 
 from etalk_jax.layers.attention import Attention
 from etalk_jax.layers.compute import FP32, Compute
-
-
-def layer_norm(dim: int, *, eps: float = 1e-5, compute: Compute = FP32,
-               rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs,
-                       **compute.dense_kwargs())
+from etalk_jax.layers.norm import layer_norm
 
 
 class FeedForward(nnx.Module):

@@ -13,8 +13,9 @@ from flax import nnx
 
 from etalk_jax.layers.compute import FP32, Compute
 from etalk_jax.layers.embeddings import TimestepEmbedding, timestep_features
+from etalk_jax.layers.norm import group_norm
 from etalk_jax.layers.resnet import (AlphaBlender, Downsample2D, SpatioTemporalResBlock,
-                                     Upsample2D, conv, group_norm)
+                                     Upsample2D, conv)
 from etalk_jax.layers.transformer import BasicTransformerBlock, TemporalBasicTransformerBlock
 from etalk_jax.svd.config import UNetConfig
 

@@ -14,8 +14,9 @@ from flax import nnx, struct
 
 from etalk_jax.layers.attention import Attention
 from etalk_jax.layers.compute import FP32, Compute
+from etalk_jax.layers.norm import group_norm
 from etalk_jax.layers.resnet import (Downsample2D, ResnetBlock2D, SpatioTemporalResBlock,
-                                     Upsample2D, conv, group_norm)
+                                     Upsample2D, conv)
 from etalk_jax.svd.config import VAEConfig
 
 

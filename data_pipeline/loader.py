@@ -1,0 +1,238 @@
+"""Grain loading of prepared talking-head records into training windows.
+
+Pipeline (ARCHITECTURE.md §5): TFDS ArrayRecord data source -> `grain.MapDataset` -> this process's
+slice (`jax.process_index()` of `jax.process_count()`) -> seeded shuffle, reshuffled every epoch ->
+clips long enough for a window -> random window (decodes only its frames) -> batch -> worker
+processes (`mp_prefetch`).
+
+A window of N frames starting at clip frame s holds:
+  frames      (N, R, R, 3) uint8      frames s .. s+N-1
+  audio       ((N + 2c) * 640,) float32 in [-1, 1]: frames s-c .. s+N+c-1 (c = audio_context_frames,
+              zero outside the clip), so audio[640 (c + i) : 640 (c + i + 1)] is frame s+i's audio,
+              and the ±2-frame audio window of every frame in the window is inside
+  reference   (R, R, 3) uint8         another frame of the same clip (a keyframe, outside the window
+              when the clip allows), with face_mask / lip_mask (R, R) uint8 from its landmarks
+  landmarks   (N, 478, 2) float32     crop coordinates in [0, 1]
+  emotion, level, speaker, clip_id, start, clip_start_frame (the clip's first frame in its source
+  video), reference_index, and every per-frame ground-truth track
+  the records carry (synthetic: mouth_open, eye_open, pose), cut to the window.
+
+Deterministic for a seed (the window of record k in epoch e depends only on (seed, e, k)); the
+iterator's state saves and restores through Orbax with `grain.checkpoint.CheckpointSave/Restore`
+(see `save_iterator` / `restore_iterator`), and a restored iterator yields exactly the batches the
+uninterrupted one would have.
+
+Grain's worker processes re-import this module: scripts that use `num_workers > 0` need an
+`if __name__ == "__main__":` guard, and `make_dataset` marks absl flags as parsed (Grain reads its
+own flags in the workers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_pipeline import SAMPLES_PER_FRAME
+
+# Per-frame tracks a record may carry besides frames/audio/landmarks; each is cut to the window.
+GROUND_TRUTH_TRACKS = ("mouth_open", "eye_open", "pose")
+# Window lengths of the paper's training stages.
+WINDOW_FRAMES = {"ethd_512": 120, "ethd_1024": 32, "dicte": 220}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+  window: int = WINDOW_FRAMES["ethd_512"]
+  batch_size: int = 1
+  seed: int = 0
+  num_epochs: int | None = None  # None: repeat forever (reshuffled every epoch)
+  audio_context_frames: int = 2  # audio frames on each side, for the ±2-frame audio window
+  with_frames: bool = True  # False: audio, landmarks and labels only (Di-CTE's expression targets
+  #                           come from precomputed encoder outputs, not pixels)
+  with_reference: bool = True
+  with_masks: bool = True
+  with_pdfgc: bool = False  # also the PD-FGC encoder inputs (N, 224, 224, 3) uint8, one per frame
+  # Parallelism. Decoding (FFmpeg) releases the GIL, so threads in this process decode windows in
+  # parallel without copying ~94 MB per 512² window between processes; worker processes
+  # (`mp_prefetch`) pay that copy but also parallelise the Python-side work (masks, PD-FGC crops).
+  # Measured on the 2-core dev machine: see benchmarks/loader.py.
+  read_threads: int = 2  # threads evaluating windows ahead of the consumer, per process (buffer: 2 per
+  #                         thread; Grain's default of 16 threads x 500 elements would hold ~47 GB of windows)
+  num_workers: int = 2  # Grain worker processes (mp_prefetch); 0 = none
+  worker_buffer_size: int = 2
+  decoder_threads: int = 1  # FFmpeg threads per decode (keep 1 when workers fill the cores)
+  shard_index: int | None = None  # None: jax.process_index()
+  shard_count: int | None = None  # None: jax.process_count()
+
+
+def _mark_absl_flags_parsed() -> None:
+  # Grain's workers read absl flags; in a program that never ran absl.app they would fail as unparsed.
+  from absl import flags  # noqa: PLC0415
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def data_source(dataset_dir: str | Path, split: str):
+  """The random-access TFDS ArrayRecord source of a prepared dataset directory (the one holding
+  dataset_info.json, e.g. <data_dir>/talking_heads/res512/1.0.0). Works for any builder config,
+  registered or not, and never imports TensorFlow."""
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+  dataset_dir = Path(dataset_dir)
+  if not (dataset_dir / "dataset_info.json").is_file():
+    raise FileNotFoundError(f"{dataset_dir}: not a prepared dataset (no dataset_info.json); run `etalk prepare` "
+                            f"or pass the folder <data_dir>/<name>/<config>/<version>")
+  builder = tfds.builder_from_directory(str(dataset_dir))
+  if split not in builder.info.splits:
+    raise ValueError(f"{dataset_dir}: no split {split!r}; it has {', '.join(builder.info.splits)}")
+  return builder.as_data_source(split=split)
+
+
+class WindowSampler:
+  """Record -> one training window (a grain random map; picklable for worker processes)."""
+
+  def __init__(self, config: LoaderConfig):
+    self.config = config
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    from data_pipeline import faces, media  # noqa: PLC0415
+
+    config = self.config
+    num_frames = int(record["num_frames"])
+    window = config.window
+    start = int(rng.integers(0, num_frames - window + 1))
+    reference_index = _reference_index(rng, num_frames, start, window)
+    landmarks = np.asarray(record["landmarks"], np.float32)
+    out = {
+      "clip_id": _text(record["clip_id"]),
+      "speaker": _text(record["speaker"]),
+      "emotion": np.int32(record["emotion"]),
+      "level": np.int32(record["level"]),
+      "start": np.int32(start),
+      "clip_start_frame": np.int32(record["start_frame"]),
+      "reference_index": np.int32(reference_index),
+      "landmarks": landmarks[start:start + window],
+      "audio": _audio_window(record["audio"], start, window, config.audio_context_frames),
+    }
+    for track in GROUND_TRUTH_TRACKS:
+      if track in record:
+        out[track] = np.asarray(record[track], np.float32)[start:start + window]
+    video = record["video"]
+    if config.with_frames:
+      out["frames"] = media.decode_frames(video, start, window, threads=config.decoder_threads)
+    resolution = None
+    if config.with_reference or config.with_masks:
+      reference = media.decode_frames(video, reference_index, 1, threads=config.decoder_threads)[0]
+      resolution = reference.shape[0]
+      if config.with_reference:
+        out["reference"] = reference
+      if config.with_masks:
+        out["face_mask"], out["lip_mask"] = faces.face_and_lip_masks(landmarks[reference_index] * resolution,
+                                                                     resolution)
+    if config.with_pdfgc:
+      frames = out.get("frames")
+      if frames is None:
+        frames = media.decode_frames(video, start, window, threads=config.decoder_threads)
+      # Aligned over the whole clip (one rotation and scale, smoothed shifts), so a window's crops do not
+      # depend on where the window starts.
+      matrices = faces.pdfgc_affines(landmarks * frames.shape[1])[start:start + window]
+      out["pdfgc"] = np.stack([faces.pdfgc_warp(frame, matrix) for frame, matrix in zip(frames, matrices)])
+    return out
+
+
+def _text(value) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _reference_index(rng: np.random.Generator, num_frames: int, start: int, window: int) -> int:
+  """A keyframe (decodes alone) of the clip, outside the window if there is one, else any keyframe."""
+  from data_pipeline.media import KEYFRAME_INTERVAL  # noqa: PLC0415
+  keyframes = np.arange(0, num_frames, KEYFRAME_INTERVAL)
+  outside = keyframes[(keyframes < start) | (keyframes >= start + window)]
+  candidates = outside if len(outside) else keyframes
+  return int(candidates[rng.integers(len(candidates))])
+
+
+def _audio_window(audio: np.ndarray, start: int, window: int, context: int) -> np.ndarray:
+  """Samples of frames [start - context, start + window + context), zero outside the clip, as float32."""
+  begin = (start - context) * SAMPLES_PER_FRAME
+  length = (window + 2 * context) * SAMPLES_PER_FRAME
+  out = np.zeros(length, np.float32)
+  lo, hi = max(begin, 0), min(begin + length, len(audio))
+  if hi > lo:
+    out[lo - begin:hi - begin] = np.asarray(audio[lo:hi], np.float32) / 32768.0
+  return out
+
+
+class _LongEnough:
+  """Keeps records with at least `frames` frames (a picklable grain filter)."""
+
+  def __init__(self, frames: int):
+    self.frames = frames
+
+  def __call__(self, record) -> bool:
+    return int(record["num_frames"]) >= self.frames
+
+
+def make_dataset(dataset_dir: str | Path, split: str = "train", config: LoaderConfig = LoaderConfig()):
+  """The Grain pipeline as an IterDataset of batches (dicts of arrays with a leading batch axis).
+
+  Iterate it with `iter(...)`; the iterator has `get_state()` / `set_state()` and works with
+  `save_iterator` / `restore_iterator`.
+  """
+  import grain  # noqa: PLC0415
+
+  _mark_absl_flags_parsed()
+  if config.shard_index is None or config.shard_count is None:
+    import jax  # noqa: PLC0415
+    shard_index, shard_count = jax.process_index(), jax.process_count()
+  else:
+    shard_index, shard_count = config.shard_index, config.shard_count
+  source = data_source(dataset_dir, split)
+  if len(source) < shard_count:
+    raise ValueError(f"{dataset_dir} split {split!r} has {len(source)} clips, fewer than the {shard_count} "
+                     f"processes reading it; prepare more data or read with fewer processes")
+  dataset = grain.MapDataset.source(source)
+  dataset = dataset[shard_index::shard_count]  # disjoint records per process
+  dataset = dataset.shuffle(seed=config.seed).repeat(config.num_epochs)
+  dataset = dataset.filter(_LongEnough(config.window))
+  dataset = dataset.random_map(WindowSampler(config), seed=config.seed)
+  dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=max(config.read_threads, 1),
+                                                      prefetch_buffer_size=2 * max(config.read_threads, 1)))
+  dataset = dataset.batch(config.batch_size, drop_remainder=True, batch_fn=_stack)
+  if config.num_workers > 0:
+    dataset = dataset.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
+      num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size))
+  return dataset
+
+
+def _stack(windows: list[dict[str, Any]]) -> dict[str, Any]:
+  """Batches windows: arrays stack, strings become numpy unicode arrays."""
+  return {key: np.stack([np.asarray(w[key]) for w in windows]) for key in windows[0]}
+
+
+def save_iterator(directory: str | Path, step: int, iterator) -> None:
+  """Saves the iterator's state as an Orbax checkpoint item `data` at `step` (the training loop saves
+  model and optimizer beside it under other item names with the same grain handler registration)."""
+  import grain  # noqa: PLC0415
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  with ocp.CheckpointManager(Path(directory).absolute(), item_names=("data",),
+                             item_handlers={"data": grain.checkpoint.CheckpointHandler()}) as manager:
+    manager.save(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
+    manager.wait_until_finished()
+
+
+def restore_iterator(directory: str | Path, iterator, step: int | None = None):
+  """Restores the iterator's state from `save_iterator` (latest step if `step` is None), in place."""
+  import grain  # noqa: PLC0415
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  with ocp.CheckpointManager(Path(directory).absolute(), item_names=("data",),
+                             item_handlers={"data": grain.checkpoint.CheckpointHandler()}) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{directory}: no iterator checkpoint to restore")
+    manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator)))
+  return iterator
+
