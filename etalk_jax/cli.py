@@ -4,6 +4,7 @@
   etalk convert svd --src DIR --dst DIR         diffusers SVD (pipeline or one component) -> ours
   etalk convert svd --src DIR --dst DIR --to diffusers
   etalk convert wav2vec2|wavlm --src DIR --dst DIR [--to transformers]
+  etalk convert pdfgc --src motion_model.pth --dst DIR
   etalk prepare --src DIR --layout {hdtf,mead,folder} --dst DIR [--resolution 512]
   etalk synthesize --dst DIR [--config tiny|demo|res512]   synthetic talking faces dataset
 
@@ -30,6 +31,7 @@ CONVERTERS = {
     "svd": ("diffusers", "etalk_jax.svd.params:convert_command"),
     "wav2vec2": ("transformers", "etalk_jax.audio.params:convert_wav2vec2_command"),
     "wavlm": ("transformers", "etalk_jax.audio.params:convert_wavlm_command"),
+    "pdfgc": (None, "etalk_jax.vision.params:convert_pdfgc_command"),  # motion_model.pth -> ours
 }
 
 
@@ -38,13 +40,17 @@ def _convert(args: argparse.Namespace) -> int:
   upstream, target = CONVERTERS[args.model]
   to = args.to or "ours"
   if to not in ("ours", upstream):
-    raise ValueError(f"--to {to}: {args.model} converts to 'ours' or '{upstream}'")
+    targets = "'ours'" + (f" or '{upstream}'" if upstream else "")
+    raise ValueError(f"--to {to}: {args.model} converts to {targets}")
   module_name, function_name = target.split(":")
   command = getattr(importlib.import_module(module_name), function_name)
   if args.model == "svd":
     summary = command(args.src, args.dst, to=to, overwrite=args.overwrite, dtype=args.dtype,
                       variant=args.variant)
     parts = summary["components"]
+  elif upstream is None:
+    summary = command(args.src, args.dst, overwrite=args.overwrite)
+    parts = {args.model: summary}
   else:
     summary = command(args.src, args.dst, to=to, overwrite=args.overwrite)
     parts = {args.model: summary}
@@ -97,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   convert = commands.add_parser("convert", help="convert weights between PyTorch and ours")
   convert.add_argument("model", choices=sorted(CONVERTERS), help="model family")
-  convert.add_argument("--src", required=True, help="source folder")
+  convert.add_argument("--src", required=True, help="source folder (pdfgc: the .pth file)")
   convert.add_argument("--dst", required=True, help="destination folder (must not exist)")
   convert.add_argument("--to", choices=["ours", "diffusers", "transformers"], default=None,
                        help="ours (default): upstream -> our format; diffusers (svd) or "

@@ -1,0 +1,13 @@
+"""Vision encoders: PD-FGC's motion encoder in Flax NNX, its lip / expression adapters, and the
+converter from PD-FGC's `motion_model.pth` (ARCHITECTURE.md section 3.2)."""
+
+from etalk_jax.vision.params import (config_from_checkpoint, convert_pdfgc_command, load_pdfgc,
+                                     pdfgc_from_torch, to_torch)
+from etalk_jax.vision.pdfgc import (ADAPTER_PARAMS, PDFGC_FULL, PDFGC_SMALL, AdaptedPDFGC,
+                                    MotionCodes, PDFGCConfig, PDFGCEncoder, ResidualAdapter)
+
+__all__ = [
+    "ADAPTER_PARAMS", "AdaptedPDFGC", "MotionCodes", "PDFGCConfig", "PDFGCEncoder", "PDFGC_FULL",
+    "PDFGC_SMALL", "ResidualAdapter", "config_from_checkpoint", "convert_pdfgc_command",
+    "load_pdfgc", "pdfgc_from_torch", "to_torch",
+]
