@@ -157,3 +157,20 @@ def test_saved_state_that_does_not_match_its_config_is_refused(unet_case, tmp_pa
   config_file.write_text(json.dumps(fields))
   with pytest.raises(ValueError, match=r"(?s)does not match its config.json.*attn2\.to_k\.kernel: saved"):
     svd.load_unet(tmp_path / "ours")
+
+
+def test_bf16_compute_with_fp32_weights_tracks_fp32():
+  """The GPU/TPU setting (Compute.gpu() minus cuDNN): bf16 activations over fp32 master weights.
+
+  bf16 keeps 8 bits of mantissa (relative step 2**-8 = 4e-3); through ~40 layers the output stays
+  within a few percent of fp32, while a dtype bug (a cast missed or a norm in bf16) gives O(1).
+  """
+  import jax.numpy as jnp
+  from etalk_jax.layers.compute import Compute
+  reference = make_unet(UNET_TWO_LEVELS)
+  inputs = unet_inputs(UNET_TWO_LEVELS)
+  ours = svd.unet_from_diffusers(reference, compute=Compute(dtype=jnp.bfloat16))
+  assert ours.conv_in.kernel[...].dtype == jnp.float32
+  got = unet_forward(ours, inputs)
+  assert got.dtype == jnp.bfloat16
+  assert relative_error(np.asarray(got, np.float32), run_torch_unet(reference, inputs)) < 5e-2
