@@ -3,6 +3,7 @@ of its variables. Written into a temporary folder and renamed, so a crash leaves
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +15,28 @@ from flax import nnx
 from etalk_jax.weights import atomic_folder
 
 CONFIG_FILE = "config.json"
+
+
+class ModelConfig:
+  """`from_dict` / `to_dict` for our own frozen-dataclass model configs, stored in config.json
+  under their `model_type` (set as a class attribute, as `label` names them in errors)."""
+
+  model_type = ""
+  label = "model"
+
+  @classmethod
+  def from_dict(cls, config):
+    model_type = config.get("model_type", cls.model_type)
+    if model_type != cls.model_type:
+      raise ValueError(f"config.json says model_type {model_type!r}, not {cls.model_type!r}.")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(config) - fields - {"model_type", "etalk_format"})
+    if unknown:
+      raise ValueError(f"unknown {cls.label} config fields: {', '.join(unknown)}.")
+    return cls(**{k: v for k, v in config.items() if k in fields})
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"model_type": self.model_type, **dataclasses.asdict(self)}
 STATE_DIR = "state"
 
 

@@ -69,10 +69,11 @@ class TemporalBasicTransformerBlock(nnx.Module):
     self.norm3 = layer_norm(time_mix_inner_dim, compute=compute, rngs=rngs)
     self.ff = FeedForward(time_mix_inner_dim, compute=compute, rngs=rngs)
 
-  def __call__(self, x: jax.Array, num_frames: int, context: jax.Array | None = None
-               ) -> jax.Array:
+  def __call__(self, x: jax.Array, num_frames: int, context: jax.Array | None = None,
+               **cross_inputs) -> jax.Array:
     """x: `(batch * frames, tokens, dim)`; context: `(batch, context_len, ctx_dim)`, shared by
-    every frame and position of a clip (SVD's first-frame `time_context`)."""
+    every frame and position of a clip (SVD's first-frame `time_context`); cross_inputs go to
+    `cross_attention` (a subclass's extras)."""
     batch_frames, tokens, dim = x.shape
     batch = batch_frames // num_frames
     # (batch, frames, tokens, dim) -> (batch * tokens, frames, dim): sequences along time.
@@ -83,10 +84,16 @@ class TemporalBasicTransformerBlock(nnx.Module):
       x = x + residual
     x = x + self.attn1(self.norm1(x))
     if self.attn2 is not None:
-      # Every (position, frame) query sees the same clip context: fold them into one sequence
-      # per clip rather than copying the context to each position.
-      queries = self.norm2(x).reshape(batch, tokens * num_frames, -1)
-      x = x + self.attn2(queries, context).reshape(x.shape)
+      x = x + self.cross_attention(self.norm2(x), batch, tokens, num_frames, context,
+                                   **cross_inputs)
     ff_out = self.ff(self.norm3(x))
     x = ff_out + x if self.is_res else ff_out
     return x.reshape(batch, tokens, num_frames, -1).swapaxes(1, 2).reshape(batch_frames, tokens, -1)
+
+  def cross_attention(self, normed: jax.Array, batch: int, tokens: int, num_frames: int,
+                      context: jax.Array) -> jax.Array:
+    """normed: `(batch * tokens, frames, dim)`. Every (position, frame) query sees the same clip
+    context: fold them into one sequence per clip rather than copying the context to each
+    position."""
+    queries = normed.reshape(batch, tokens * num_frames, -1)
+    return self.attn2(queries, context).reshape(normed.shape)

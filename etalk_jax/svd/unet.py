@@ -24,8 +24,12 @@ class TransformerSpatioTemporalModel(nnx.Module):
   """Per-frame transformer blocks interleaved with temporal ones, blended by a learned alpha.
 
   The temporal path gets a sinusoidal frame-index embedding and cross-attends to the first
-  frame's context (`time_context`), as in SVD.
+  frame's context (`time_context`), as in SVD. Subclasses (ETHD) swap the block classes and read
+  their extra inputs from `conditions`.
   """
+
+  spatial_block_cls = BasicTransformerBlock
+  temporal_block_cls = TemporalBasicTransformerBlock
 
   def __init__(self, heads: int, head_dim: int, in_channels: int, num_layers: int,
                cross_attention_dim: int | None, *, compute: Compute = FP32, rngs: nnx.Rngs):
@@ -35,27 +39,26 @@ class TransformerSpatioTemporalModel(nnx.Module):
     self.norm = group_norm(in_channels, 1e-6, compute=compute, rngs=rngs)
     self.proj_in = nnx.Linear(in_channels, inner_dim, rngs=rngs, **kw)
     self.transformer_blocks = nnx.List([
-        BasicTransformerBlock(inner_dim, heads, head_dim, cross_attention_dim, compute=compute,
-                              rngs=rngs) for _ in range(num_layers)])
+        self.spatial_block_cls(inner_dim, heads, head_dim, cross_attention_dim, compute=compute,
+                               rngs=rngs) for _ in range(num_layers)])
     self.temporal_transformer_blocks = nnx.List([
-        TemporalBasicTransformerBlock(inner_dim, inner_dim, heads, head_dim, cross_attention_dim,
-                                      compute=compute, rngs=rngs) for _ in range(num_layers)])
+        self.temporal_block_cls(inner_dim, inner_dim, heads, head_dim, cross_attention_dim,
+                                compute=compute, rngs=rngs) for _ in range(num_layers)])
     self.time_pos_embed = TimestepEmbedding(in_channels, in_channels * 4, out_dim=in_channels,
                                             compute=compute, rngs=rngs)
     self.time_mixer = AlphaBlender(0.5, "learned_with_images", compute=compute)
     self.proj_out = nnx.Linear(inner_dim, in_channels, rngs=rngs, **kw)
 
   def __call__(self, x: jax.Array, context: jax.Array, image_only_indicator: jax.Array,
-               time_context: jax.Array | None = None) -> jax.Array:
+               conditions: dict | None = None) -> jax.Array:
     """x: `(batch * frames, h, w, ch)`; context: `(batch * frames, len, ctx_dim)`.
 
-    time_context: `(batch, len, ctx_dim)` for the temporal blocks; by default the first frame's
-    context, as diffusers does.
+    conditions: extra inputs a subclass's blocks consume (see `block_inputs`); SVD has none.
     """
     batch, frames = image_only_indicator.shape
     batch_frames, height, width, channels = x.shape
-    if time_context is None:
-      time_context = context.reshape(batch, frames, *context.shape[1:])[:, 0]
+    spatial_inputs, temporal_inputs = self.block_inputs(x, context, image_only_indicator,
+                                                        conditions)
     residual = x
     h = self.norm(x).reshape(batch_frames, height * width, channels)
     h = self.proj_in(h)
@@ -63,13 +66,20 @@ class TransformerSpatioTemporalModel(nnx.Module):
     frame_emb = self.time_pos_embed(
         timestep_features(frame_index, channels).astype(self.compute_dtype))[:, None, :]
     for block, temporal_block in zip(self.transformer_blocks, self.temporal_transformer_blocks):
-      h = block(h, context)
-      temporal = temporal_block(h + frame_emb, frames, time_context)
+      h = block(h, context, **spatial_inputs)
+      temporal = temporal_block(h + frame_emb, frames, **temporal_inputs)
       h = self.time_mixer(h.reshape(batch, frames, *h.shape[1:]),
                           temporal.reshape(batch, frames, *temporal.shape[1:]),
                           image_only_indicator).reshape(h.shape)
     h = self.proj_out(h).reshape(batch_frames, height, width, channels)
     return h + residual
+
+  def block_inputs(self, x, context, image_only_indicator, conditions):
+    """Keyword inputs of the spatial and the temporal blocks. SVD's temporal blocks attend to
+    the first frame's context (`time_context`, `(batch, len, ctx_dim)`), as diffusers does."""
+    batch, frames = image_only_indicator.shape
+    time_context = context.reshape(batch, frames, *context.shape[1:])[:, 0]
+    return {}, {"context": time_context}
 
 
 class DownBlockSpatioTemporal(nnx.Module):
@@ -78,7 +88,8 @@ class DownBlockSpatioTemporal(nnx.Module):
 
   def __init__(self, in_channels: int, out_channels: int, temb_channels: int, num_layers: int, *,
                add_downsample: bool, cross_attention_dim: int | None = None, heads: int = 1,
-               transformer_layers: int = 1, compute: Compute = FP32, rngs: nnx.Rngs):
+               transformer_layers: int = 1, transformer_cls=TransformerSpatioTemporalModel,
+               compute: Compute = FP32, rngs: nnx.Rngs):
     # diffusers' epsilons, as they are: 1e-6 in CrossAttnDownBlockSpatioTemporal, 1e-5 without.
     eps = 1e-6 if cross_attention_dim is not None else 1e-5
     self.resnets = nnx.List([
@@ -86,19 +97,18 @@ class DownBlockSpatioTemporal(nnx.Module):
                                temb_channels, eps=eps, compute=compute, rngs=rngs)
         for i in range(num_layers)])
     self.attentions = (nnx.List([
-        TransformerSpatioTemporalModel(heads, out_channels // heads, out_channels,
-                                       transformer_layers, cross_attention_dim,
-                                       compute=compute, rngs=rngs)
+        transformer_cls(heads, out_channels // heads, out_channels, transformer_layers,
+                        cross_attention_dim, compute=compute, rngs=rngs)
         for _ in range(num_layers)]) if cross_attention_dim is not None else None)
     self.downsamplers = (nnx.List([Downsample2D(out_channels, compute=compute, rngs=rngs)])
                          if add_downsample else None)
 
-  def __call__(self, x, temb, context, image_only_indicator):
+  def __call__(self, x, temb, context, image_only_indicator, conditions=None):
     skips = []
     for i, resnet in enumerate(self.resnets):
       x = resnet(x, temb, image_only_indicator)
       if self.attentions is not None:
-        x = self.attentions[i](x, context, image_only_indicator)
+        x = self.attentions[i](x, context, image_only_indicator, conditions)
       skips.append(x)
     if self.downsamplers is not None:
       x = self.downsamplers[0](x)
@@ -113,7 +123,8 @@ class UpBlockSpatioTemporal(nnx.Module):
   def __init__(self, in_channels: int, prev_output_channels: int, out_channels: int,
                temb_channels: int, num_layers: int, *, add_upsample: bool,
                cross_attention_dim: int | None = None, heads: int = 1,
-               transformer_layers: int = 1, compute: Compute = FP32, rngs: nnx.Rngs):
+               transformer_layers: int = 1, transformer_cls=TransformerSpatioTemporalModel,
+               compute: Compute = FP32, rngs: nnx.Rngs):
     resnets = []
     for i in range(num_layers):
       skip_channels = in_channels if i == num_layers - 1 else out_channels
@@ -124,19 +135,18 @@ class UpBlockSpatioTemporal(nnx.Module):
                                             rngs=rngs))
     self.resnets = nnx.List(resnets)
     self.attentions = (nnx.List([
-        TransformerSpatioTemporalModel(heads, out_channels // heads, out_channels,
-                                       transformer_layers, cross_attention_dim,
-                                       compute=compute, rngs=rngs)
+        transformer_cls(heads, out_channels // heads, out_channels, transformer_layers,
+                        cross_attention_dim, compute=compute, rngs=rngs)
         for _ in range(num_layers)]) if cross_attention_dim is not None else None)
     self.upsamplers = (nnx.List([Upsample2D(out_channels, compute=compute, rngs=rngs)])
                        if add_upsample else None)
 
-  def __call__(self, x, skips, temb, context, image_only_indicator):
+  def __call__(self, x, skips, temb, context, image_only_indicator, conditions=None):
     for i, resnet in enumerate(self.resnets):
       x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
       x = resnet(x, temb, image_only_indicator)
       if self.attentions is not None:
-        x = self.attentions[i](x, context, image_only_indicator)
+        x = self.attentions[i](x, context, image_only_indicator, conditions)
     if self.upsamplers is not None:
       x = self.upsamplers[0](x)
     return x
@@ -144,17 +154,19 @@ class UpBlockSpatioTemporal(nnx.Module):
 
 class UNetMidBlockSpatioTemporal(nnx.Module):
   def __init__(self, channels: int, temb_channels: int, *, transformer_layers: int,
-               heads: int, cross_attention_dim: int, compute: Compute = FP32, rngs: nnx.Rngs):
+               heads: int, cross_attention_dim: int,
+               transformer_cls=TransformerSpatioTemporalModel, compute: Compute = FP32,
+               rngs: nnx.Rngs):
     self.resnets = nnx.List([
         SpatioTemporalResBlock(channels, channels, temb_channels, eps=1e-5, compute=compute,
                                rngs=rngs) for _ in range(2)])
     self.attentions = nnx.List([
-        TransformerSpatioTemporalModel(heads, channels // heads, channels, transformer_layers,
-                                       cross_attention_dim, compute=compute, rngs=rngs)])
+        transformer_cls(heads, channels // heads, channels, transformer_layers,
+                        cross_attention_dim, compute=compute, rngs=rngs)])
 
-  def __call__(self, x, temb, context, image_only_indicator):
+  def __call__(self, x, temb, context, image_only_indicator, conditions=None):
     x = self.resnets[0](x, temb, image_only_indicator)
-    x = self.attentions[0](x, context, image_only_indicator)
+    x = self.attentions[0](x, context, image_only_indicator, conditions)
     return self.resnets[1](x, temb, image_only_indicator)
 
 
@@ -167,6 +179,8 @@ class UNetSpatioTemporal(nnx.Module):
   Returns `(batch, frames, height, width, out_channels)`.
   """
 
+  transformer_cls = TransformerSpatioTemporalModel  # ETHD swaps in its own
+
   def __init__(self, config: UNetConfig, *, compute: Compute = FP32, rngs: nnx.Rngs):
     self.config = config
     self.compute_dtype = compute.dtype
@@ -178,6 +192,7 @@ class UNetSpatioTemporal(nnx.Module):
     transformer_layers = config.per_level("transformer_layers_per_block")
     temb_channels = channels[0] * 4
     common = dict(compute=compute, rngs=rngs)
+    with_transformer = dict(common, transformer_cls=self.transformer_cls)
 
     self.conv_in = conv(config.in_channels, channels[0], **common)
     self.time_embedding = TimestepEmbedding(channels[0], temb_channels, **common)
@@ -191,11 +206,11 @@ class UNetSpatioTemporal(nnx.Module):
       down_blocks.append(DownBlockSpatioTemporal(
           in_ch, out_ch, temb_channels, layers[i], add_downsample=i < levels - 1,
           cross_attention_dim=cross_dims[i] if with_attention else None, heads=heads[i],
-          transformer_layers=transformer_layers[i], **common))
+          transformer_layers=transformer_layers[i], **with_transformer))
     self.down_blocks = nnx.List(down_blocks)
     self.mid_block = UNetMidBlockSpatioTemporal(
         channels[-1], temb_channels, transformer_layers=transformer_layers[-1], heads=heads[-1],
-        cross_attention_dim=cross_dims[-1], **common)
+        cross_attention_dim=cross_dims[-1], **with_transformer)
     up_blocks = []
     rev = lambda seq: tuple(reversed(seq))
     rev_channels, rev_layers, rev_heads = rev(channels), rev(layers), rev(heads)
@@ -209,7 +224,7 @@ class UNetSpatioTemporal(nnx.Module):
           in_ch, prev_ch, out_ch, temb_channels, rev_layers[i] + 1,
           add_upsample=i < levels - 1,
           cross_attention_dim=rev_cross[i] if with_attention else None, heads=rev_heads[i],
-          transformer_layers=rev_transformer[i], **common))
+          transformer_layers=rev_transformer[i], **with_transformer))
     self.up_blocks = nnx.List(up_blocks)
     self.conv_norm_out = group_norm(channels[0], 1e-5, **common)
     self.conv_out = conv(channels[0], config.out_channels, **common)
@@ -227,20 +242,31 @@ class UNetSpatioTemporal(nnx.Module):
   def __call__(self, sample: jax.Array, timestep: jax.Array, encoder_hidden_states: jax.Array,
                added_time_ids: jax.Array, image_only_indicator: jax.Array | None = None
                ) -> jax.Array:
+    return self.forward(sample, timestep, encoder_hidden_states, added_time_ids,
+                        image_only_indicator)
+
+  def forward(self, sample, timestep, encoder_hidden_states, added_time_ids,
+              image_only_indicator=None, conditions: dict | None = None,
+              frame_context: bool = False) -> jax.Array:
+    """The UNet pass. frame_context: `encoder_hidden_states` is already per frame,
+    `(batch * frames, len, dim)` (ETHD's lip tokens); conditions: what the transformer class
+    consumes beyond SVD's inputs."""
     batch, frames, height, width, _ = sample.shape
     if image_only_indicator is None:
       image_only_indicator = jnp.zeros((batch, frames), self.compute_dtype)
     temb = jnp.repeat(self.time_embedding_of(timestep, added_time_ids, batch), frames, axis=0)
-    context = jnp.repeat(encoder_hidden_states.astype(self.compute_dtype), frames, axis=0)
+    context = encoder_hidden_states.astype(self.compute_dtype)
+    if not frame_context:
+      context = jnp.repeat(context, frames, axis=0)
     x = self.conv_in(sample.astype(self.compute_dtype).reshape(batch * frames, height, width, -1))
     skips = [x]
     for block in self.down_blocks:
-      x, block_skips = block(x, temb, context, image_only_indicator)
+      x, block_skips = block(x, temb, context, image_only_indicator, conditions)
       skips.extend(block_skips)
-    x = self.mid_block(x, temb, context, image_only_indicator)
+    x = self.mid_block(x, temb, context, image_only_indicator, conditions)
     for block in self.up_blocks:
       count = len(block.resnets)
       block_skips, skips = skips[-count:], skips[:-count]
-      x = block(x, block_skips, temb, context, image_only_indicator)
+      x = block(x, block_skips, temb, context, image_only_indicator, conditions)
     x = self.conv_out(nnx.silu(self.conv_norm_out(x)))
     return x.reshape(batch, frames, height, width, -1)

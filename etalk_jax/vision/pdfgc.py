@@ -16,13 +16,14 @@ encoder never normalises with batch statistics or updates its running statistics
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from etalk_jax import model_io
 from etalk_jax.layers.compute import FP32, Compute
 
 # torch's BatchNorm defaults: eps 1e-5, momentum 0.1 (flax counts momentum the other way round).
@@ -39,7 +40,7 @@ def _summary_size(image_size: int, hourglass_depth: int) -> tuple[int, int]:
 
 
 @dataclasses.dataclass(frozen=True)
-class PDFGCConfig:
+class PDFGCConfig(model_io.ModelConfig):
   """Sizes of the PD-FGC motion encoder; defaults = the released `motion_model.pth`.
 
   Upstream hard-codes the widths (64/128/256 channels, 68 heatmaps, 512 features) and reads
@@ -47,6 +48,7 @@ class PDFGCConfig:
   """
 
   model_type = "pdfgc"
+  label = "PD-FGC"
 
   image_size: int = 224
   in_channels: int = 3
@@ -94,19 +96,6 @@ class PDFGCConfig:
     return cls(image_size=56, stem_channels=8, block_channels=16, hourglass_channels=24,
                hourglass_depth=2, num_landmarks=8, feature_dim=32, adapter_dim=32)
 
-  @classmethod
-  def from_dict(cls, config: Mapping[str, Any]) -> "PDFGCConfig":
-    model_type = config.get("model_type", cls.model_type)
-    if model_type != cls.model_type:
-      raise ValueError(f"config.json says model_type {model_type!r}, not {cls.model_type!r}.")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(config) - fields - {"model_type", "etalk_format"})
-    if unknown:
-      raise ValueError(f"unknown PD-FGC config fields: {', '.join(unknown)}.")
-    return cls(**{k: v for k, v in config.items() if k in fields})
-
-  def to_dict(self) -> dict[str, Any]:
-    return {"model_type": self.model_type, **dataclasses.asdict(self)}
 
 
 PDFGC_FULL = PDFGCConfig()

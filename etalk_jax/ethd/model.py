@@ -1,0 +1,189 @@
+"""ETHD: the emotional talking-head backbone, SVD's UNet with lip, EDI and expression conditioning.
+
+ARCHITECTURE.md §3.5. Inputs per clip of `frames` frames:
+  sample            `(batch, frames, h, w, 8)`: the scaled noisy latent ⊕ the reference latent
+                    (unscaled, as SVD concatenates its image latent)
+  timestep          c_noise (scalar or `(batch,)`)
+  lip_latents       `(batch, frames, lip_dim)`: l_a (V-AID's projector) or l_v
+  expression        `(batch, frames, expression_dim)`: the driving expression e_dri
+  reference_expression `(batch, expression_dim)`: e_ref = ExpEncoder(portrait)
+  face_mask         `(batch, H, W)` in [0, 1], face minus mouth, at the latent size or a multiple
+Each frame's lip tokens are the projected l_a of its ±2-frame window (edge frames repeated); the
+driving expression tokens are the projected e_dri of the same window, with frames past the clip
+masked out (a banded mask), and the reference token is the projected e_ref. SVD's added time ids
+stay, fixed by the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from etalk_jax import model_io
+from etalk_jax.ethd.edi import ETHDTransformer
+from etalk_jax.layers.compute import FP32, Compute
+from etalk_jax.svd.config import UNetConfig
+from etalk_jax.svd.unet import UNetSpatioTemporal
+
+
+@dataclasses.dataclass(frozen=True)
+class ETHDConfig:
+  unet: UNetConfig = UNetConfig()
+  lip_dim: int = 512           # l_a / l_v: PD-FGC's mouth feature
+  expression_dim: int = 30     # e: PD-FGC's expression embedding
+  window: int = 5              # ±2 frames of lip and expression tokens per frame
+  # SVD's added time ids: fps - 1 = 24 as SVD's pipeline counts it, motion bucket, noise aug.
+  added_time_ids: tuple[float, ...] = (24.0, 127.0, 0.02)
+
+  def __post_init__(self):
+    if not isinstance(self.unet.cross_attention_dim, int):
+      raise ValueError("ETHD needs one cross_attention_dim for all levels (the token width)")
+    if self.window % 2 == 0:
+      raise ValueError(f"window must be odd (centred on the frame), got {self.window}")
+
+  @property
+  def token_dim(self) -> int:
+    return self.unet.cross_attention_dim
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"unet": self.unet.to_dict(), "lip_dim": self.lip_dim,
+            "expression_dim": self.expression_dim, "window": self.window,
+            "added_time_ids": list(self.added_time_ids)}
+
+  @classmethod
+  def from_dict(cls, fields: dict[str, Any]) -> "ETHDConfig":
+    fields = dict(fields)
+    fields["unet"] = UNetConfig.from_dict(fields["unet"])
+    if "added_time_ids" in fields:
+      fields["added_time_ids"] = tuple(fields["added_time_ids"])
+    return cls(**fields)
+
+
+class TokenProjection(nnx.Module):
+  """Linear -> SiLU -> Linear, from a latent to the cross-attention width."""
+
+  def __init__(self, in_dim: int, out_dim: int, *, compute: Compute = FP32, rngs: nnx.Rngs):
+    kw = compute.dense_kwargs()
+    self.linear_1 = nnx.Linear(in_dim, out_dim, rngs=rngs, **kw)
+    self.linear_2 = nnx.Linear(out_dim, out_dim, rngs=rngs, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.linear_2(nnx.silu(self.linear_1(x)))
+
+
+def frame_windows(values: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
+  """`(batch, frames, d)` -> each frame's ±window//2 neighbours `(batch, frames, window, d)`
+  (indices clipped at the clip's ends) and whether each neighbour exists `(frames, window)`."""
+  frames = values.shape[1]
+  offsets = jnp.arange(window) - window // 2
+  index = jnp.arange(frames)[:, None] + offsets[None, :]
+  inside = (index >= 0) & (index < frames)
+  return values[:, jnp.clip(index, 0, frames - 1)], inside
+
+
+class ETHD(UNetSpatioTemporal):
+  transformer_cls = ETHDTransformer
+
+  def __init__(self, config: ETHDConfig, *, compute: Compute = FP32, rngs: nnx.Rngs):
+    super().__init__(config.unet, compute=compute, rngs=rngs)
+    self.ethd_config = config
+    self.lip_proj = TokenProjection(config.lip_dim, config.token_dim, compute=compute,
+                                    rngs=rngs)
+    self.expression_proj = TokenProjection(config.expression_dim, config.token_dim,
+                                           compute=compute, rngs=rngs)
+
+  def tokens(self, lip_latents, expression, reference_expression, face_mask):
+    """The per-frame lip tokens and the `conditions` the ETHD transformers read."""
+    batch, frames = lip_latents.shape[:2]
+    window = self.ethd_config.window
+    dtype = self.compute_dtype
+    lip_tokens, _ = frame_windows(self.lip_proj(lip_latents.astype(dtype)), window)
+    expression_tokens, inside = frame_windows(self.expression_proj(expression.astype(dtype)),
+                                              window)
+    reference = self.expression_proj(reference_expression.astype(dtype))
+    conditions = {
+        "expression_tokens": expression_tokens.reshape(batch * frames, window, -1),
+        "expression_mask": jnp.broadcast_to(inside[None, :, None, None, :],
+                                            (batch, frames, 1, 1, window)
+                                            ).reshape(batch * frames, 1, 1, window),
+        "reference_tokens": jnp.repeat(reference[:, None, None, :], frames, axis=1
+                                       ).reshape(batch * frames, 1, -1),
+        "face_mask": face_mask,
+    }
+    return lip_tokens.reshape(batch * frames, window, -1), conditions
+
+  def __call__(self, sample: jax.Array, timestep: jax.Array, lip_latents: jax.Array,
+               expression: jax.Array, reference_expression: jax.Array, face_mask: jax.Array
+               ) -> jax.Array:
+    batch = sample.shape[0]
+    lip_tokens, conditions = self.tokens(lip_latents, expression, reference_expression,
+                                         face_mask)
+    added_time_ids = jnp.broadcast_to(
+        jnp.asarray(self.ethd_config.added_time_ids, jnp.float32),
+        (batch, len(self.ethd_config.added_time_ids)))
+    return self.forward(sample, timestep, lip_tokens, added_time_ids, conditions=conditions,
+                        frame_context=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# From SVD weights, and our format
+# ----------------------------------------------------------------------------------------------
+
+
+def _initial_value(path: tuple, leaf, key: jax.Array) -> jax.Array:
+  """A new (non-SVD) leaf's start: EDI's output projection zero, as its design needs; other
+  kernels as flax initialises them (LeCun normal), biases zero."""
+  names = [str(p) for p in path]
+  if "edi" in names and "to_out" in names:
+    return jnp.zeros(leaf.shape, leaf.dtype)
+  if names[-1] == "kernel":
+    return nnx.initializers.lecun_normal()(key, leaf.shape, leaf.dtype)
+  if names[-1] == "bias":
+    return jnp.zeros(leaf.shape, leaf.dtype)
+  raise ValueError(f"no initial value rule for ETHD's new parameter {'.'.join(names)}")
+
+
+def ethd_from_svd(unet: UNetSpatioTemporal, config: ETHDConfig | None = None, *, seed: int = 0,
+                  compute: Compute = FP32) -> ETHD:
+  """ETHD whose SVD part IS `unet`'s weights (shared, not copied) and whose new layers (token
+  projections, EDI) start as `_initial_value` says. With EDI's output at zero, ETHD fed SVD's
+  context as its lip and expression tokens computes what the SVD UNet computes."""
+  config = config or ETHDConfig(unet=unet.config)
+  if config.unet != unet.config:
+    raise ValueError("the ETHD config's UNet differs from the SVD UNet it starts from")
+  ethd = model_io.abstract(lambda rngs: ETHD(config, compute=compute, rngs=rngs))
+  svd_leaves = dict(nnx.to_flat_state(nnx.state(unet)))
+  key = jax.random.key(seed)
+  for index, (path, variable) in enumerate(nnx.to_flat_state(nnx.state(ethd))):
+    if path in svd_leaves:
+      variable.set_value(svd_leaves[path].get_value())
+    else:
+      variable.set_value(_initial_value(path, variable.get_value(),
+                                        jax.random.fold_in(key, index)))
+  return ethd
+
+
+def ethd_from_diffusers(src: Any, config: ETHDConfig | None = None, **options) -> ETHD:
+  """An SVD UNet in diffusers form (model, folder, ...) through the SVD converter, then ETHD."""
+  from etalk_jax.svd.params import unet_from_diffusers
+  compute = options.pop("compute", FP32)
+  return ethd_from_svd(unet_from_diffusers(src, compute=compute, **options), config,
+                       compute=compute)
+
+
+def save_ethd(model: ETHD, folder, *, overwrite: bool = False):
+  config = dict(model.ethd_config.to_dict(), _class_name="ETHD")
+  return model_io.save_model(folder, model, config, overwrite=overwrite)
+
+
+def load_ethd(folder, compute: Compute = FP32) -> ETHD:
+  fields = model_io.read_config(folder)
+  if fields.pop("_class_name", None) != "ETHD":
+    raise ValueError(f"{folder} does not hold an ETHD model")
+  config = ETHDConfig.from_dict(fields)
+  return model_io.restore_model(folder, lambda: model_io.abstract(
+      lambda rngs: ETHD(config, compute=compute, rngs=rngs)))

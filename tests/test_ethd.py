@@ -1,0 +1,166 @@
+"""ETHD on SVD's UNet: invariance to SVD at initialisation, EDI, windows, masks, full size."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from svd_reference import UNET_THREE_LEVELS, make_unet, relative_error, unet_inputs
+from etalk_jax import model_io
+from etalk_jax.ethd import (ETHD, ETHDConfig, TemporalBlockWithExpression, ethd_from_svd,
+                            frame_windows, load_ethd, save_ethd)
+from etalk_jax.ethd.edi import area_downsample
+from etalk_jax.svd import UNetConfig, unet_from_diffusers
+from etalk_jax.svd.params import parameter_count
+
+TINY = dict(lip_dim=8, expression_dim=6)
+svd_forward = nnx.jit(lambda unet, inputs: unet(**inputs))
+ethd_forward = nnx.jit(lambda ethd, sample, t, lip, added, conditions: ethd.forward(
+    sample, t, lip, added, conditions=conditions, frame_context=True))
+
+
+@pytest.fixture(scope="module")
+def svd_and_ethd():
+  unet = unet_from_diffusers(make_unet(UNET_THREE_LEVELS))
+  inputs = unet_inputs(UNET_THREE_LEVELS, context_len=1)
+  ethd = ethd_from_svd(unet, ETHDConfig(unet=unet.config, **TINY))
+  return unet, ethd, inputs, np.asarray(svd_forward(unet, inputs))
+
+
+def svd_context_as_tokens(inputs, window=5, reference=None):
+  """SVD's one context embedding per clip as ETHD's lip, expression and reference tokens."""
+  batch, frames = inputs["sample"].shape[:2]
+  embedding = inputs["encoder_hidden_states"]  # (batch, 1, dim)
+  per_frame = np.repeat(embedding[:, None], frames, axis=1).reshape(batch * frames, 1, -1)
+  tokens = np.repeat(per_frame, window, axis=1)
+  conditions = {
+      "expression_tokens": tokens,
+      "expression_mask": np.ones((batch * frames, 1, 1, window), bool),
+      "reference_tokens": per_frame if reference is None else reference,
+      "face_mask": np.ones((batch,) + inputs["sample"].shape[2:4], np.float32),
+  }
+  return tokens, conditions
+
+
+def test_ethd_from_svd_computes_what_svd_computes(svd_and_ethd):
+  unet, ethd, inputs, expected = svd_and_ethd
+  lip, conditions = svd_context_as_tokens(inputs)
+  # EDI starts at zero, so even a reference unlike the driving expression changes nothing.
+  conditions["reference_tokens"] = np.random.default_rng(0).standard_normal(
+      conditions["reference_tokens"].shape).astype(np.float32)
+  got = ethd_forward(ethd, inputs["sample"], inputs["timestep"], lip, inputs["added_time_ids"],
+                     conditions)
+  assert relative_error(got, expected) < 1e-5
+
+
+def _perturb_edi(ethd):
+  rng = np.random.default_rng(1)
+  for path, variable in nnx.to_flat_state(nnx.state(ethd)):
+    if "edi" in path:
+      value = variable.get_value()
+      variable.set_value(value + 0.05 * rng.standard_normal(value.shape).astype(np.float32))
+
+
+def test_edi_cancels_when_driving_expression_equals_reference(svd_and_ethd):
+  unet, _, inputs, expected = svd_and_ethd
+  ethd = ethd_from_svd(unet, ETHDConfig(unet=unet.config, **TINY))
+  _perturb_edi(ethd)
+  lip, conditions = svd_context_as_tokens(inputs)  # reference token = the driving tokens
+  got = ethd_forward(ethd, inputs["sample"], inputs["timestep"], lip, inputs["added_time_ids"],
+                     conditions)
+  assert relative_error(got, expected) < 1e-5
+  conditions["reference_tokens"] = conditions["reference_tokens"] + 1.0
+  moved = ethd_forward(ethd, inputs["sample"], inputs["timestep"], lip,
+                       inputs["added_time_ids"], conditions)
+  assert relative_error(moved, expected) > 1e-3
+
+
+def test_outside_the_face_mask_expression_has_no_say(svd_and_ethd):
+  unet, _, inputs, _ = svd_and_ethd
+  ethd = ethd_from_svd(unet, ETHDConfig(unet=unet.config, **TINY))
+  _perturb_edi(ethd)
+  batch, frames = inputs["sample"].shape[:2]
+  size = inputs["sample"].shape[2]
+  rng = np.random.default_rng(2)
+  outputs = []
+  for _ in range(2):
+    out = ethd(inputs["sample"], inputs["timestep"],
+               rng.standard_normal((batch, frames, TINY["lip_dim"])).astype(np.float32) * 0,
+               rng.standard_normal((batch, frames, TINY["expression_dim"])).astype(np.float32),
+               rng.standard_normal((batch, TINY["expression_dim"])).astype(np.float32),
+               np.zeros((batch, 2 * size, 2 * size), np.float32))  # a mask at twice the size
+    outputs.append(np.asarray(out))
+  np.testing.assert_allclose(outputs[0], outputs[1], rtol=0, atol=1e-6)
+
+
+def test_each_frame_reads_only_its_own_expression_window():
+  rngs = nnx.Rngs(0)
+  block = TemporalBlockWithExpression(32, 32, 2, 16, 12, rngs=rngs)
+  batch, frames, tokens, window = 1, 6, 4, 5
+  x = np.random.default_rng(3).standard_normal((batch * frames, tokens, 32)).astype(np.float32)
+  context = np.random.default_rng(4).standard_normal((batch * frames, window, 12)
+                                                     ).astype(np.float32)
+  mask = np.ones((batch * frames, 1, 1, window), bool)
+  face = np.ones((batch * frames, tokens, 1), np.float32)
+  base = np.asarray(block(x, frames, context, context_mask=mask, face_mask=face))
+  changed = context.copy()
+  changed[2] += 1.0  # frame 2's window only
+  out = np.asarray(block(x, frames, changed, context_mask=mask, face_mask=face))
+  differs = np.abs(out - base).reshape(batch, frames, tokens, -1).max(axis=(0, 2, 3)) > 1e-6
+  assert differs.tolist() == [False, False, True, False, False, False]
+
+
+def test_frame_windows_and_band_mask():
+  values = jnp.arange(4, dtype=jnp.float32).reshape(1, 4, 1)
+  windows, inside = frame_windows(values, 5)
+  assert windows[0, :, :, 0].tolist() == [[0, 0, 0, 1, 2], [0, 0, 1, 2, 3], [0, 1, 2, 3, 3],
+                                          [1, 2, 3, 3, 3]]
+  assert inside.tolist() == [[False, False, True, True, True], [False, True, True, True, True],
+                             [True, True, True, True, False], [True, True, True, False, False]]
+
+
+def test_area_downsampling_of_masks():
+  mask = np.zeros((1, 8, 8), np.float32)
+  mask[0, :4, :4] = 1
+  assert area_downsample(mask, 2, 2)[0].tolist() == [[1, 0], [0, 0]]
+  assert area_downsample(mask, 8, 8).shape == (1, 8, 8)
+  with pytest.raises(ValueError, match="does not divide"):
+    area_downsample(mask, 3, 3)
+
+
+def test_full_size_parameter_count_is_the_papers():
+  ethd = model_io.abstract(lambda rngs: ETHD(ETHDConfig(), rngs=rngs))
+  count = parameter_count(ethd)
+  svd, edi = 1_524_623_082, 50_352_320
+  projections = (512 * 1024 + 1024 + 1024 * 1024 + 1024) + (30 * 1024 + 1024 + 1024 * 1024 + 1024)
+  assert count == svd + edi + projections
+  print(f"ETHD full size: {count:,} parameters (paper: 1.58 G)")
+  assert abs(count - 1.58e9) / 1.58e9 < 0.01
+
+
+def test_call_shapes_and_save_load(svd_and_ethd, tmp_path):
+  _, ethd, inputs, _ = svd_and_ethd
+  batch, frames, size = 2, 3, inputs["sample"].shape[2]
+  rng = np.random.default_rng(5)
+  args = (inputs["sample"], inputs["timestep"],
+          rng.standard_normal((batch, frames, TINY["lip_dim"])).astype(np.float32),
+          rng.standard_normal((batch, frames, TINY["expression_dim"])).astype(np.float32),
+          rng.standard_normal((batch, TINY["expression_dim"])).astype(np.float32),
+          np.ones((batch, size, size), np.float32))
+  out = ethd(*args)
+  assert out.shape == (batch, frames, size, size, 4) and out.dtype == jnp.float32
+  save_ethd(ethd, tmp_path / "ethd")
+  restored = load_ethd(tmp_path / "ethd")
+  assert restored.ethd_config == ethd.ethd_config
+  for a, b in zip(jax.tree.leaves(nnx.state(ethd)), jax.tree.leaves(nnx.state(restored))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_config_checks():
+  with pytest.raises(ValueError, match="one cross_attention_dim"):
+    ETHDConfig(unet=UNetConfig(cross_attention_dim=(1024, 1024, 1024, 1024)))
+  with pytest.raises(ValueError, match="differs"):
+    ethd_from_svd(unet_from_diffusers(make_unet(UNET_THREE_LEVELS)), ETHDConfig())
