@@ -4,8 +4,8 @@
   .venv/bin/python benchmarks/svd_vs_torch.py --skip-convert  # speed only (a few minutes)
 
 Part 1 (speed): same random weights, a medium config (channels 64/128/256, 2 layers per block,
-8 frames, 32x32 latents, batch 1): median forward time of each, the ratio (ours / PyTorch) and
-our compile time. Part 2 (conversion): writes a random fp16 safetensors SVD-XT UNet
+8 frames, 32x32 latents, batch 1): median forward time of each (runs of the two interleaved, so
+background load hits both alike), the ratio (ours / PyTorch) and our compile time. Part 2 (conversion): writes a random fp16 safetensors SVD-XT UNet
 (1,524,623,082 parameters, ~3 GB) and times `etalk convert svd` on it in a fresh process,
 reporting wall time and that process's peak RSS against the fp32 model size.
 Figures go to stdout; copy them into WORKSPACE.md.

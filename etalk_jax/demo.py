@@ -27,13 +27,17 @@ DEMO_VAE = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock
                 layers_per_block=1, latent_channels=4)
 
 
-def _median_seconds(fn, repeats: int) -> float:
-  times = []
+def _interleaved_medians(first, second, repeats: int) -> tuple[float, float]:
+  """Median seconds of two functions timed in alternation, so that background load on a shared
+  machine hits both alike."""
+  first(), second()  # warm-up
+  times: tuple[list, list] = ([], [])
   for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    for fn, bucket in ((first, times[0]), (second, times[1])):
+      start = time.perf_counter()
+      fn()
+      bucket.append(time.perf_counter() - start)
+  return statistics.median(times[0]), statistics.median(times[1])
 
 
 def compare_unet(fields: dict[str, Any], *, batch: int = 1, frames: int = 8, size: int = 16,
@@ -67,7 +71,6 @@ def compare_unet(fields: dict[str, Any], *, batch: int = 1, frames: int = 8, siz
       return reference(*torch_inputs).sample
 
   expected = torch_forward().permute(0, 1, 3, 4, 2).numpy()
-  torch_seconds = _median_seconds(torch_forward, repeats)
 
   start = time.perf_counter()
   ours = unet_from_diffusers(reference)
@@ -80,7 +83,8 @@ def compare_unet(fields: dict[str, Any], *, batch: int = 1, frames: int = 8, siz
   compiled = forward.lower(*args).compile()
   compile_seconds = time.perf_counter() - start
   got = np.asarray(compiled(*args))
-  jax_seconds = _median_seconds(lambda: compiled(*args).block_until_ready(), repeats)
+  jax_seconds, torch_seconds = _interleaved_medians(
+      lambda: compiled(*args).block_until_ready(), torch_forward, repeats)
   error = float(np.abs(got - expected).max() / np.abs(expected).max())
   return {
       "parameters": sum(p.numel() for p in reference.parameters()),

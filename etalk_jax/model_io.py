@@ -40,13 +40,13 @@ class ModelConfig:
 STATE_DIR = "state"
 
 
-class _KeyStream:
-  """Stands in for `nnx.Rngs` while a model is built abstractly.
+class KeyStream:
+  """Stands in for `nnx.Rngs` while a model is built under a trace (`eval_shape`, `jit`).
 
-  Inside `eval_shape`, every `nnx.Rngs` draw stores a traced counter, and jax 0.10 builds an
-  error message that walks the whole graph on each store: quadratic, ~15 s for a tiny UNet. A
-  Python counter avoids it (0.5 s for the full SVD-XT UNet). Only the `params` stream is drawn
-  by our constructors.
+  Inside a trace, every `nnx.Rngs` draw stores a traced counter, and jax 0.10 builds an error
+  message that walks the whole graph on each store: quadratic, ~15 s for a tiny UNet. A Python
+  counter avoids it (0.5 s for the full SVD-XT UNet). Only the `params` stream is drawn by our
+  constructors.
   """
 
   def __init__(self, seed: int = 0):
@@ -65,7 +65,7 @@ def _dotted(key_path) -> str:
 
 def abstract(build: Callable[[Any], nnx.Module]) -> nnx.Module:
   """`build(rngs)`'s structure with `ShapeDtypeStruct` leaves: no weights allocated."""
-  return nnx.eval_shape(lambda: build(_KeyStream()))
+  return nnx.eval_shape(lambda: build(KeyStream()))
 
 
 def _checkpointer() -> ocp.Checkpointer:

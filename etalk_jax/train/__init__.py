@@ -1,0 +1,1 @@
+"""Training: the optimizer (8-bit Adam)."""
