@@ -1,0 +1,160 @@
+"""V-AID training examples: talking-head clips -> (A_w, l_v, e_v, x_ref) (ARCHITECTURE.md §3.3f).
+
+The projector learns `A_w -> l_v` and Di-CTE learns `A_w, x_ref -> e_v`; both targets are outputs of
+the lip / expression encoders on the ground-truth frames. `VAIDFeaturizer` holds a frozen speech
+encoder (`AudioFeatures`) and the vision encoders (`AdaptedPDFGC` or a bare `PDFGCEncoder`) and
+turns either a Grain loader batch (`from_batch`) or a whole synthetic clip (`from_clip`) into
+`TrainingExamples`. Frames are resized to the encoder's input size as they are (no face
+alignment: loader crops are already face-centred). `concatenate` batches examples and
+`random_windows` cuts Di-CTE training windows out of longer clips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from flax import nnx
+
+from etalk_jax.audio.features import AudioFeatures, normalize
+from etalk_jax.vision.pdfgc import AdaptedPDFGC, PDFGCEncoder, resize_bilinear
+from etalk_jax.vaid.dicte import DiCTEConfig
+from etalk_jax.vaid.projector import ProjectorConfig
+
+INT16_SCALE = 32768.0       # synthetic clips store 16-bit PCM
+VISION_CHUNK_FRAMES = 64    # frames per vision-encoder call: one compiled shape for any clip
+
+
+class TrainingExamples(NamedTuple):
+  """One batch of V-AID training examples, float32 NumPy arrays."""
+  audio_windows: np.ndarray         # A_w `(batch, frames, window, layers, hidden)`
+  lip: np.ndarray                   # l_v `(batch, frames, lip_dim)`
+  expression: np.ndarray            # e_v `(batch, frames, expression_dim)`
+  reference: np.ndarray             # x_ref `(batch, h, w, 3)` in [-1, 1]
+  reference_expression: np.ndarray  # ExpEncoder(x_ref) `(batch, expression_dim)`: Di-CTE's
+  #                                   "uncond." condition
+
+
+def to_unit_range(images: np.ndarray) -> np.ndarray:
+  """uint8 pixels -> float32 in [-1, 1], as PD-FGC and Di-CTE's identity encoder read them."""
+  return np.asarray(images, np.float32) / 127.5 - 1.0
+
+
+class VAIDFeaturizer:
+  """Frozen encoders -> `TrainingExamples`.
+
+  >>> featurize = VAIDFeaturizer(AudioFeatures(wav2vec2), AdaptedPDFGC(PDFGC_FULL, rngs=...))
+  >>> examples = featurize.from_batch(next(iterator))
+  """
+
+  def __init__(self, audio: AudioFeatures, vision: AdaptedPDFGC | PDFGCEncoder):
+    self.audio = audio
+    self.vision_config = vision.config
+    graphdef, self._vision_state = nnx.split(vision)
+    size = vision.config.image_size
+
+    def encode(state, images):
+      codes = nnx.merge(graphdef, state)(resize_bilinear(images, size, size))
+      return codes.lip, codes.expression
+
+    # The weights are an argument, not constants baked into the program.
+    self._encode = jax.jit(encode)
+
+  # Sizes the models must have to read these features.
+  @property
+  def audio_layers(self) -> int:
+    return self.audio.num_layers
+
+  @property
+  def audio_dim(self) -> int:
+    return self.audio.model_config.hidden_size
+
+  @property
+  def lip_dim(self) -> int:
+    return self.vision_config.feature_dim
+
+  @property
+  def expression_dim(self) -> int:
+    return self.vision_config.expression_dim
+
+  def projector_config(self, base: ProjectorConfig) -> ProjectorConfig:
+    """`base` with the audio and lip sizes of these encoders."""
+    return dataclasses.replace(base, window=self.audio.config.window,
+                               audio_layers=self.audio_layers, audio_dim=self.audio_dim,
+                               output_dim=self.lip_dim)
+
+  def dicte_config(self, base: DiCTEConfig) -> DiCTEConfig:
+    """`base` with the audio and expression sizes of these encoders."""
+    return dataclasses.replace(base, window=self.audio.config.window,
+                               audio_layers=self.audio_layers, audio_dim=self.audio_dim,
+                               expression_dim=self.expression_dim,
+                               condition_dim=self.expression_dim)
+
+  def encode_frames(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 frames `(n, h, w, 3)` -> (l_v `(n, lip_dim)`, e_v `(n, expression_dim)`)."""
+    images = to_unit_range(frames)
+    count = images.shape[0]
+    padded = -(-count // VISION_CHUNK_FRAMES) * VISION_CHUNK_FRAMES
+    images = np.concatenate([images, np.zeros((padded - count,) + images.shape[1:], np.float32)])
+    lips, expressions = [], []
+    for start in range(0, padded, VISION_CHUNK_FRAMES):
+      lip, expression = self._encode(self._vision_state,
+                                     images[start:start + VISION_CHUNK_FRAMES])
+      lips.append(np.asarray(lip))
+      expressions.append(np.asarray(expression))
+    return np.concatenate(lips)[:count], np.concatenate(expressions)[:count]
+
+  def _examples(self, audio_windows, frames, references) -> TrainingExamples:
+    batch, num_frames = frames.shape[:2]
+    lip, expression = self.encode_frames(np.concatenate([frames.reshape(-1, *frames.shape[2:]),
+                                                         references]))
+    split = batch * num_frames
+    return TrainingExamples(
+        audio_windows=np.stack(audio_windows).astype(np.float32),
+        lip=lip[:split].reshape(batch, num_frames, -1),
+        expression=expression[:split].reshape(batch, num_frames, -1),
+        reference=to_unit_range(references),
+        reference_expression=expression[split:])
+
+  def from_batch(self, batch: dict[str, Any], audio_context_frames: int = 2) -> TrainingExamples:
+    """A `data_pipeline.loader` batch (`with_frames` and `with_reference` on) -> examples.
+
+    Each row's audio holds `audio_context_frames` frames on each side of the window: A_w is
+    computed over the whole span (speech normalised over it), then cut to the window, so the
+    ±2-frame windows at the edges hear real audio.
+    """
+    frames, num_frames = batch["frames"], batch["frames"].shape[1]
+    context = audio_context_frames
+    audio_windows = [
+        np.asarray(self.audio.windows(normalize(audio), num_frames + 2 * context,
+                                      what=f"clip {clip_id}"))[context:context + num_frames]
+        for audio, clip_id in zip(batch["audio"], batch["clip_id"])]
+    return self._examples(audio_windows, frames, batch["reference"])
+
+  def from_clip(self, clip, reference_index: int = 0) -> TrainingExamples:
+    """A whole `data_pipeline.synthetic.SyntheticClip` -> examples with batch 1; x_ref is its
+    frame `reference_index`."""
+    frames = clip.frames
+    audio_windows = np.asarray(self.audio.windows(
+        normalize(clip.audio.astype(np.float32) / INT16_SCALE), frames.shape[0],
+        what=f"clip {clip.clip_id}"))
+    return self._examples([audio_windows], frames[None], frames[reference_index][None])
+
+
+def concatenate(examples: list[TrainingExamples]) -> TrainingExamples:
+  """Examples of equal window length -> one batch."""
+  return TrainingExamples(*(np.concatenate(parts) for parts in zip(*examples)))
+
+
+def random_windows(rng: np.random.Generator, examples: TrainingExamples, count: int,
+                   frames: int) -> TrainingExamples:
+  """`count` random `frames`-long windows of random clips of `examples` (x_ref and the
+  condition follow their clip): Di-CTE training windows shorter than the clips."""
+  clips = rng.integers(0, examples.lip.shape[0], count)
+  starts = rng.integers(0, examples.lip.shape[1] - frames + 1, count)
+  window = lambda array: np.stack([array[c, s:s + frames] for c, s in zip(clips, starts)])
+  return TrainingExamples(window(examples.audio_windows), window(examples.lip),
+                          window(examples.expression), examples.reference[clips],
+                          examples.reference_expression[clips])
