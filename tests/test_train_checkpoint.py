@@ -105,7 +105,8 @@ def _read_until(process, prefix, timeout=60.0):
   raise AssertionError(f"no {prefix!r} line from the child; stdout: {lines}; stderr: {process.stderr.read()}")
 
 
-def test_sigterm_saves_the_current_step_and_exits_cleanly(dataset_dir, straight_run, tmp_path):
+def test_sigterm_saves_the_current_step_and_exits_cleanly(dataset_dir, straight_run, tmp_path,
+                                                          tmp_path_factory):
   process = _start(dataset_dir, tmp_path, 1000, "--step-delay", "0.2")
   _read_until(process, "step 3")
   process.send_signal(signal.SIGTERM)
@@ -115,11 +116,14 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(dataset_dir, straight_
   assert stopped >= 3
   with TrainCheckpointer(tmp_path) as checkpointer:
     assert checkpointer.latest_step() == stopped
-  if stopped >= 8:
-    pytest.skip(f"the child ran to step {stopped} before it stopped; nothing left to compare")
-  resumed = script.train(dataset_dir, str(tmp_path), 8)
-  _assert_continues(straight_run, resumed, stopped)
-  _assert_same_params(resumed["params"], straight_run["params"])
+  # Under heavy load the child may run past the 8 steps of the shared reference before the
+  # signal lands: then compare against a longer uninterrupted run instead of skipping.
+  total = max(8, stopped + 2)
+  reference = (straight_run if total == 8 else
+               script.train(dataset_dir, str(tmp_path_factory.mktemp("longer")), total))
+  resumed = script.train(dataset_dir, str(tmp_path), total)
+  _assert_continues(reference, resumed, stopped)
+  _assert_same_params(resumed["params"], reference["params"])
 
 
 def test_sigkill_during_async_save_resumes_from_last_complete_step(dataset_dir, straight_run, tmp_path):
