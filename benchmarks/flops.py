@@ -126,7 +126,7 @@ def step_timing(frames: int, size: int, repeats: int) -> None:
   import torch
   from diffusers import EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
 
-  from etalk_jax.demo import _interleaved_medians
+  from etalk_jax.svd.compare import _interleaved_medians
   from etalk_jax.diffusion import sampling
   from etalk_jax.svd import unet_from_diffusers
 

@@ -22,6 +22,9 @@ iterator's state saves and restores through Orbax with `grain.checkpoint.Checkpo
 (see `save_iterator` / `restore_iterator`), and a restored iterator yields exactly the batches the
 uninterrupted one would have.
 
+`make_precomputed_dataset` reads a folder of `etalk precompute` the same way, its windows holding
+latents and encoder outputs instead of frames and audio (see `PrecomputedWindowSampler`).
+
 Grain's worker processes re-import this module: scripts that use `num_workers > 0` need an
 `if __name__ == "__main__":` guard, and `make_dataset` marks absl flags as parsed (Grain reads its
 own flags in the workers).
@@ -106,13 +109,7 @@ class WindowSampler:
     reference_index = _reference_index(rng, num_frames, start, window)
     landmarks = np.asarray(record["landmarks"], np.float32)
     out = {
-      "clip_id": _text(record["clip_id"]),
-      "speaker": _text(record["speaker"]),
-      "emotion": np.int32(record["emotion"]),
-      "level": np.int32(record["level"]),
-      "start": np.int32(start),
-      "clip_start_frame": np.int32(record["start_frame"]),
-      "reference_index": np.int32(reference_index),
+      **_window_labels(record, start, reference_index),
       "landmarks": landmarks[start:start + window],
       "audio": _audio_window(record["audio"], start, window, config.audio_context_frames),
     }
@@ -140,6 +137,19 @@ class WindowSampler:
       matrices = faces.pdfgc_affines(landmarks * frames.shape[1])[start:start + window]
       out["pdfgc"] = np.stack([faces.pdfgc_warp(frame, matrix) for frame, matrix in zip(frames, matrices)])
     return out
+
+
+def _window_labels(record: dict[str, Any], start: int, reference_index: int) -> dict[str, Any]:
+  """What a window says about where it comes from (both samplers' windows hold it)."""
+  return {
+    "clip_id": _text(record["clip_id"]),
+    "speaker": _text(record["speaker"]),
+    "emotion": np.int32(record["emotion"]),
+    "level": np.int32(record["level"]),
+    "start": np.int32(start),
+    "clip_start_frame": np.int32(record["start_frame"]),
+    "reference_index": np.int32(reference_index),
+  }
 
 
 def _text(value) -> str:
@@ -182,6 +192,13 @@ def make_dataset(dataset_dir: str | Path, split: str = "train", config: LoaderCo
   Iterate it with `iter(...)`; the iterator has `get_state()` / `set_state()` and works with
   `save_iterator` / `restore_iterator`.
   """
+  return _window_batches(data_source(dataset_dir, split), WindowSampler(config), config,
+                         f"{dataset_dir} split {split!r}")
+
+
+def _window_batches(source, sampler, config: LoaderConfig, what: str):
+  """source -> this process's slice -> shuffled, repeated records long enough for a window ->
+  `sampler` (a grain random map: record -> window) -> batches, in worker processes if asked."""
   import grain  # noqa: PLC0415
 
   _mark_absl_flags_parsed()
@@ -190,15 +207,14 @@ def make_dataset(dataset_dir: str | Path, split: str = "train", config: LoaderCo
     shard_index, shard_count = jax.process_index(), jax.process_count()
   else:
     shard_index, shard_count = config.shard_index, config.shard_count
-  source = data_source(dataset_dir, split)
   if len(source) < shard_count:
-    raise ValueError(f"{dataset_dir} split {split!r} has {len(source)} clips, fewer than the {shard_count} "
+    raise ValueError(f"{what} has {len(source)} clips, fewer than the {shard_count} "
                      f"processes reading it; prepare more data or read with fewer processes")
   dataset = grain.MapDataset.source(source)
   dataset = dataset[shard_index::shard_count]  # disjoint records per process
   dataset = dataset.shuffle(seed=config.seed).repeat(config.num_epochs)
   dataset = dataset.filter(_LongEnough(config.window))
-  dataset = dataset.random_map(WindowSampler(config), seed=config.seed)
+  dataset = dataset.random_map(sampler, seed=config.seed)
   dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=max(config.read_threads, 1),
                                                       prefetch_buffer_size=2 * max(config.read_threads, 1)))
   dataset = dataset.batch(config.batch_size, drop_remainder=True, batch_fn=_stack)
@@ -206,6 +222,85 @@ def make_dataset(dataset_dir: str | Path, split: str = "train", config: LoaderCo
     dataset = dataset.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
       num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size))
   return dataset
+
+
+# ------------------------------------------------------------- precomputed records (etalk precompute)
+
+PRECOMPUTE_FILE = "precompute.json"  # beside the records: their versioning and where they lie
+
+
+def read_precompute_info(folder: str | Path) -> dict[str, Any]:
+  """The `precompute.json` of a folder written by `etalk precompute` (clear error if it is not one)."""
+  import json  # noqa: PLC0415
+  info_file = Path(folder) / PRECOMPUTE_FILE
+  if not info_file.is_file():
+    raise FileNotFoundError(f"{folder}: not a precomputed dataset ({PRECOMPUTE_FILE} is missing); "
+                            f"write one with `etalk precompute`")
+  return json.loads(info_file.read_text())
+
+
+class PrecomputedWindowSampler:
+  """Precomputed record -> one training window (a grain random map; picklable).
+
+  Draws the window start and the reference keyframe exactly as `WindowSampler` does, so the same
+  seed picks the same frames from a clip's precomputed and pixel records. The window holds, as
+  float32: latents (N, h, w, c), reference_latents (h, w, c), lip_vision (N, lip_dim) = l_v,
+  expression (N, expression_dim) = e_v, reference_expression, and audio_windows
+  (N, audio_window, layers, hidden) = A_w (frame i's window: the states of frames i - audio_window//2
+  .. i + audio_window//2 of the clip, clamped at its ends, as `etalk_jax.audio.features.frame_windows`
+  over `pad_edges` gives them); the reference frame's pixels (R, R, 3) uint8 (Di-CTE reads them) and
+  its face_mask / lip_mask (R, R) uint8; and clip_id, speaker, emotion, level, start,
+  clip_start_frame, reference_index.
+  """
+
+  def __init__(self, config: LoaderConfig, audio_window: int):
+    self.config = config
+    self.audio_window = audio_window
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    from data_pipeline import faces, media  # noqa: PLC0415
+
+    window = self.config.window
+    num_frames = int(record["num_frames"])
+    start = int(rng.integers(0, num_frames - window + 1))
+    reference_index = _reference_index(rng, num_frames, start, window)
+    frames = slice(start, start + window)
+    latents = np.asarray(record["latents"])
+    expression = np.asarray(record["expression"])
+    half = self.audio_window // 2
+    # A gather instead of etalk_jax's views: the loader's workers must not import jax.
+    audio_frames = np.clip(np.arange(start, start + window)[:, None] + np.arange(-half, half + 1),
+                           0, num_frames - 1)
+    resolution = int(record["resolution"])
+    reference_landmarks = np.asarray(record["landmarks"][reference_index], np.float32) * resolution
+    face_mask, lip_mask = faces.face_and_lip_masks(reference_landmarks, resolution)
+    return {
+      **_window_labels(record, start, reference_index),
+      "latents": latents[frames].astype(np.float32),
+      "reference_latents": latents[reference_index].astype(np.float32),
+      "lip_vision": np.asarray(record["lip"])[frames].astype(np.float32),
+      "expression": expression[frames].astype(np.float32),
+      "reference_expression": expression[reference_index].astype(np.float32),
+      "audio_windows": np.asarray(record["audio_states"])[audio_frames].astype(np.float32),
+      "reference": media.decode_frames(record["video"], reference_index, 1,
+                                       threads=self.config.decoder_threads)[0],
+      "face_mask": face_mask,
+      "lip_mask": lip_mask,
+    }
+
+
+def make_precomputed_dataset(folder: str | Path, split: str = "train",
+                             config: LoaderConfig = LoaderConfig()):
+  """`make_dataset` over a folder written by `etalk precompute`: batches of
+  `PrecomputedWindowSampler` windows (latents and encoder outputs, no video decoded but the
+  reference keyframe). The LoaderConfig's with_* fields do not apply."""
+  info = read_precompute_info(folder)
+  if split != info["split"]:
+    raise ValueError(f"{folder} holds the precomputed split {info['split']!r}, not {split!r}; run "
+                     f"`etalk precompute --split {split}` into another folder")
+  source = data_source(Path(folder) / info["dataset"], split)
+  sampler = PrecomputedWindowSampler(config, int(info["encoders"]["audio_features"]["window"]))
+  return _window_batches(source, sampler, config, f"{folder} split {split!r}")
 
 
 def _stack(windows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,12 +1,17 @@
 """`etalk`: the command line.
 
-  etalk demo                                    the README's main job
+  etalk demo [--quick] [--workdir DIR]          the README's main job: train, generate, report
   etalk convert svd --src DIR --dst DIR         diffusers SVD (pipeline or one component) -> ours
   etalk convert svd --src DIR --dst DIR --to diffusers
   etalk convert wav2vec2|wavlm --src DIR --dst DIR [--to transformers]
   etalk convert pdfgc --src motion_model.pth --dst DIR
   etalk prepare --src DIR --layout {hdtf,mead,folder} --dst DIR [--resolution 512]
   etalk synthesize --dst DIR [--config tiny|demo|res512]   synthetic talking faces dataset
+  etalk train --config configs/STAGE.py[:variant] --workdir DIR [--config.key=value ...]
+  etalk codebook build --data DIR --dst FILE [--encoders DIR]   emotion codebook from labelled frames
+  etalk precompute --data DIR --dst DIR --codec pixel_shuffle:4|vae:DIR --audio-encoder DIR
+                   --vision-encoders DIR [--split train]   latents + encoder outputs for ETHD
+  etalk sample --portrait P --audio A --checkpoint DIR --out OUT.mp4 [--emotion WORD | ...]
 
 A user error (bad file, mismatched checkpoint, wrong argument, a missing optional dependency)
 prints one message and exits 2 (with --verbose, its traceback too); anything else is a bug and
@@ -87,9 +92,75 @@ def _synthesize(args: argparse.Namespace) -> int:
   return 0
 
 
+def _sample(args: argparse.Namespace) -> int:
+  from etalk_jax.pipeline import sample_command
+  summary = sample_command(
+      args.portrait, args.audio, args.out, args.checkpoint, emotion=args.emotion,
+      emotion_text=args.emotion_text, emotion_image=args.emotion_image,
+      emotion_video=args.emotion_video, emotion_audio=args.emotion_audio,
+      intensity=args.intensity, steps=args.steps, resolution=args.resolution, seed=args.seed,
+      paste_back=args.paste_back, progress=not args.no_progress)
+  emotion = summary["emotion"] or "none (the portrait's own expression)"
+  print(f"wrote {summary['out']}: {summary['frames']} frames ({summary['seconds']:.2f} s of "
+        f"video) in {summary['generation_seconds']:.1f} s ({summary['generation_fps']:.2f} "
+        f"frames/s), emotion: {emotion}")
+  return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+  from etalk_jax.parallel import initialize_distributed
+  from etalk_jax.train.config import load_config
+  from etalk_jax.train.loop import train
+  initialize_distributed()  # a no-op unless a cluster launcher or explicit settings say otherwise
+  config = load_config(args.config, args.overrides)
+  summary = train(config, args.workdir, progress=not args.no_progress)
+  if "stopped_at" in summary:
+    print(f"stopped at step {summary['stopped_at']} (checkpoint saved); run the same command to "
+          "resume")
+    return 0
+  metrics = summary["final_metrics"]
+  shown = ", ".join(f"{name} {value:.4g}" for name, value in metrics.items())
+  print(f"{summary['stage']}: {summary['steps']} steps ({shown}); compile "
+        f"{summary['compile_seconds']:.1f} s")
+  print(f"exported {summary['export']}")
+  return 0
+
+
+def _codebook(args: argparse.Namespace) -> int:
+  from etalk_jax.emotion.codebook import codebook_build_command
+  summary = codebook_build_command(args.data, args.dst, args.encoders, split=args.split,
+                                   max_frames_per_clip=args.max_frames_per_clip,
+                                   overwrite=args.overwrite, progress=not args.no_progress)
+  print("frames per keyword: " + ", ".join(f"{k} {n}" for k, n in summary["frames"].items()))
+  if summary["skipped"]:
+    print(f"skipped clips (not an emotion keyword): {summary['skipped']}")
+  if summary["missing"]:
+    print(f"no frames for: {', '.join(summary['missing'])} (the codebook leaves them out)")
+  print(f"wrote {summary['dst']} from {summary['clips']} clips in {summary['seconds']:.1f} s")
+  return 0
+
+
+def _precompute(args: argparse.Namespace) -> int:
+  from etalk_jax.train.precompute import parse_codec, precompute_command
+  try:
+    audio_features = json.loads(args.audio_features)
+  except json.JSONDecodeError as error:
+    raise ValueError(f"--audio-features {args.audio_features!r} is not JSON ({error}); give "
+                     "FeatureConfig fields like '{\"chunk_frames\": 500}'") from error
+  summary = precompute_command(
+      args.data, args.dst, codec_spec=parse_codec(args.codec),
+      audio_encoder_dir=args.audio_encoder, vision_encoders_dir=args.vision_encoders,
+      audio_features=audio_features, split=args.split, chunk_frames=args.chunk_frames,
+      overwrite=args.overwrite, progress=not args.no_progress)
+  print(f"wrote {summary['dst']}: {summary['clips']} clips, {summary['frames']} frames, "
+        f"{summary['bytes'] / 2 ** 20:.1f} MiB in {summary['seconds']:.1f} s "
+        f"(encoders fingerprint {summary['fingerprint'][:12]})")
+  return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
   from etalk_jax import demo
-  return demo.run()
+  return demo.run(args.workdir, quick=args.quick, progress=not args.no_progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
   commands = parser.add_subparsers(dest="command", required=True)
 
-  demo = commands.add_parser("demo", help="run the end-to-end demo on random weights (CPU)")
+  demo = commands.add_parser("demo", help="train every stage on synthetic faces and generate "
+                                          "videos of a held-out identity (CPU, no downloads)")
+  demo.add_argument("--workdir", default="demo_out",
+                    help="output folder: data, runs, checkpoint, videos, report.json "
+                         "(default demo_out; an existing one reuses finished stages)")
+  demo.add_argument("--quick", action="store_true", help="a short smoke run of the same path")
+  demo.add_argument("--no-progress", action="store_true")
   demo.set_defaults(run=_demo)
 
   convert = commands.add_parser("convert", help="convert weights between PyTorch and ours")
@@ -145,11 +222,95 @@ def build_parser() -> argparse.ArgumentParser:
   synthesize.add_argument("--dst", required=True, help="output folder (TFDS data_dir)")
   synthesize.add_argument("--config", choices=["tiny", "demo", "res512"], default="demo")
   synthesize.set_defaults(run=_synthesize)
+
+  train = commands.add_parser(
+      "train", help="train a stage: encoders, projector, dicte, ethd or ser",
+      description="Runs (or resumes) the stage a config file names; any --config.key=value "
+                  "overrides a config field, e.g. --config.data.dataset_dir=DIR "
+                  "--config.optim.lr=2e-5.")
+  train.add_argument("--config", required=True,
+                     help="config file, e.g. configs/vaid.py or configs/vaid.py:tiny")
+  train.add_argument("--workdir", required=True,
+                     help="run folder: checkpoints/, metrics.jsonl, tensorboard/, export/; an "
+                          "existing one resumes")
+  train.add_argument("--no-progress", action="store_true")
+  train.set_defaults(run=_train)
+
+  codebook = commands.add_parser("codebook", help="emotion codebook: one expression latent per "
+                                                  "keyword")
+  codebook_commands = codebook.add_subparsers(dest="codebook_command", required=True)
+  build = codebook_commands.add_parser("build", help="labelled frames of a prepared dataset -> "
+                                                     "codebook JSON")
+  build.add_argument("--data", required=True,
+                     help="prepared dataset folder <dir>/<name>/<config>/<version>")
+  build.add_argument("--dst", required=True, help="codebook JSON to write")
+  build.add_argument("--encoders", default=None,
+                     help="trained encoders folder (the encoder stage's export/encoders)")
+  build.add_argument("--split", default="train")
+  build.add_argument("--max-frames-per-clip", type=int, default=32)
+  build.add_argument("--overwrite", action="store_true")
+  build.add_argument("--no-progress", action="store_true")
+  build.set_defaults(run=_codebook)
+
+  precompute = commands.add_parser(
+      "precompute", help="a prepared dataset -> fp16 latents, l_v, e_v and speech states, for "
+                         "ETHD training from latents (config.data.precomputed)")
+  precompute.add_argument("--data", required=True,
+                          help="prepared dataset folder <dir>/<name>/<config>/<version>")
+  precompute.add_argument("--dst", required=True, help="folder to write")
+  precompute.add_argument("--codec", required=True,
+                          help="pixel_shuffle[:FACTOR[:SCALE]] or vae:DIR (`etalk convert svd` output or "
+                               "its vae/), as the ethd stage's config.codec")
+  precompute.add_argument("--audio-encoder", required=True,
+                          help="wav2vec2 folder (config.encoders.audio)")
+  precompute.add_argument("--vision-encoders", required=True,
+                          help="trained encoders (the encoder stage's export/encoders) or a "
+                               "PD-FGC folder (config.encoders.vision)")
+  precompute.add_argument("--audio-features", default="{}",
+                          help="FeatureConfig fields as JSON (config.encoders.audio_features)")
+  precompute.add_argument("--split", default="train")
+  precompute.add_argument("--chunk-frames", type=int, default=16,
+                          help="frames per latent-codec call")
+  precompute.add_argument("--overwrite", action="store_true")
+  precompute.add_argument("--no-progress", action="store_true")
+  precompute.set_defaults(run=_precompute)
+
+  sample = commands.add_parser("sample", help="portrait + speech (+ emotion) -> talking-head mp4")
+  sample.add_argument("--portrait", required=True, help="photo of one face (PNG, JPEG)")
+  sample.add_argument("--audio", required=True, help="speech (wav, flac, mp3, m4a, mp4)")
+  sample.add_argument("--checkpoint", required=True, help="pipeline checkpoint folder")
+  sample.add_argument("--out", required=True, help="output video (.mp4, H.264 + AAC)")
+  source = sample.add_mutually_exclusive_group()
+  source.add_argument("--emotion", default=None,
+                      help="keyword: happy, angry, sad, surprised, fearful, disgusted, worried, "
+                           "neutral")
+  source.add_argument("--emotion-text", default=None, help="emotion described in words")
+  source.add_argument("--emotion-image", default=None, help="photo of a face showing it")
+  source.add_argument("--emotion-video", default=None,
+                      help="video of a face whose expressions drive the result frame by frame")
+  source.add_argument("--emotion-audio", default=None,
+                      help="emotional speech (needs a checkpoint with wavlm/ and ser/)")
+  sample.add_argument("--intensity", type=float, default=1.0,
+                      help="emotion strength from 0 (neutral) to 1.5 (default 1)")
+  sample.add_argument("--resolution", type=int, default=None,
+                      help="must equal the checkpoint's (default: the checkpoint's)")
+  sample.add_argument("--steps", type=int, default=None,
+                      help="ETHD sampling steps (default: the checkpoint's, 25)")
+  sample.add_argument("--seed", type=int, default=0)
+  sample.add_argument("--paste-back", action="store_true",
+                      help="paste the generated face into the full portrait frame")
+  sample.add_argument("--no-progress", action="store_true")
+  sample.set_defaults(run=_sample)
   return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args, extra = parser.parse_known_args(argv)
+  # Only `etalk train` takes free-form arguments: its --config.key=value overrides.
+  if extra and args.command != "train":
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  args.overrides = extra
   logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                       format="%(levelname)s %(name)s: %(message)s")
   try:

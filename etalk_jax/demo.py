@@ -1,140 +1,449 @@
-"""`etalk demo`: the most complete path that runs on a fresh machine with nothing downloaded.
+"""`etalk demo`: the whole system on a fresh CPU machine with nothing downloaded.
 
-Today that is the SVD backbone: build a random SVD UNet and VAE in diffusers, convert them to
-Flax NNX, run both frameworks on the same inputs and report the difference and the timings.
-`benchmarks/svd_vs_torch.py` uses the same comparison on a larger configuration.
+1. builds the synthetic talking-face dataset (configs/tiny.py), holding out whole identities;
+2. saves random tiny frozen encoders (wav2vec2, PD-FGC trunk, WavLM): no pretrained weights
+   exist offline, and every stage reads them from folders as it would read converted ones;
+3. trains every stage with `etalk_jax.train.loop.train` (configs/<stage>.py:tiny): encoder
+   adapters (with the renderer ETHD), projector, Di-CTE, ETHD (from the renderer), speech-emotion
+   head; builds the emotion codebook; writes one pipeline checkpoint;
+4. generates, for a held-out identity and held-out speech, videos in two emotions, the same with
+   the audio removed (silence), and writes them and the ground-truth renders as mp4;
+5. reports, measured on the frames: the lip-sync score (correlation between the mouth opening read
+   from the frames and the speech envelope) and the emotion accuracy (the fraction of frames an
+   emotion reader reads as the intended keyword), for the generated videos, the ground truth and
+   the no-audio baseline.
+
+Both readers are fitted on training identities' ground-truth frames only and never see the
+generator: the mouth opening is a ridge regression from the mouth region's pixels (placed by the
+portrait's landmarks) to the synthetic renderer's exact mouth opening; the emotion is a ridge
+one-vs-rest classifier of the frame's downsampled colour difference to the person's neutral
+portrait (so the identity's appearance cancels).
 """
 
 from __future__ import annotations
 
-import statistics
+import dataclasses
+import json
 import time
-from typing import Any
+from pathlib import Path
 
 import numpy as np
 
-# Small enough for a 2-core CPU in well under a minute, big enough to exercise every block type.
-DEMO_UNET = dict(
-    sample_size=16, in_channels=8, out_channels=4,
-    down_block_types=("CrossAttnDownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal",
-                      "DownBlockSpatioTemporal"),
-    up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal",
-                    "CrossAttnUpBlockSpatioTemporal"),
-    block_out_channels=(32, 64, 128), addition_time_embed_dim=32,
-    projection_class_embeddings_input_dim=96, layers_per_block=2, cross_attention_dim=64,
-    transformer_layers_per_block=1, num_attention_heads=(1, 2, 4), num_frames=8)
-DEMO_VAE = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                layers_per_block=1, latent_channels=4)
+from data_pipeline import FPS, SAMPLES_PER_FRAME
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+INT16_SCALE = 32768.0
 
 
-def _interleaved_medians(first, second, repeats: int) -> tuple[float, float]:
-  """Median seconds of two functions timed in alternation, so that background load on a shared
-  machine hits both alike."""
-  first(), second()  # warm-up
-  times: tuple[list, list] = ([], [])
-  for _ in range(repeats):
-    for fn, bucket in ((first, times[0]), (second, times[1])):
-      start = time.perf_counter()
-      fn()
-      bucket.append(time.perf_counter() - start)
-  return statistics.median(times[0]), statistics.median(times[1])
+def _stage_config(name: str, file: str):
+  from etalk_jax.train.config import load_config  # noqa: PLC0415
+  config = load_config(str(CONFIGS / f"{file}.py:tiny"))
+  assert config.stage == name
+  return config
 
 
-def compare_unet(fields: dict[str, Any], *, batch: int = 1, frames: int = 8, size: int = 16,
-                 repeats: int = 5, seed: int = 0) -> dict[str, float]:
-  """Same random weights and inputs through diffusers (eager) and our jitted UNet.
-
-  Returns conversion, compile and median forward times, their ratio and the relative error.
-  """
-  import jax
-  import torch
-  from diffusers import UNetSpatioTemporalConditionModel
-  from flax import nnx
-
-  from etalk_jax.svd import unet_from_diffusers
-
-  torch.manual_seed(seed)
-  reference = UNetSpatioTemporalConditionModel(**fields).eval()
-  rng = np.random.default_rng(seed)
-  ids = fields["projection_class_embeddings_input_dim"] // fields["addition_time_embed_dim"]
-  sample = rng.standard_normal((batch, frames, size, size, fields["in_channels"]), np.float32)
-  context = rng.standard_normal((batch, 1, fields["cross_attention_dim"]), np.float32)
-  added_time_ids = np.tile(np.array([6.0, 127.0, 0.02] * (ids // 3), np.float32), (batch, 1))
-  timestep = np.float32(0.5)
-
-  torch_inputs = (torch.from_numpy(sample).permute(0, 1, 4, 2, 3).contiguous(),
-                  torch.tensor(timestep), torch.from_numpy(context),
-                  torch.from_numpy(added_time_ids))
-
-  def torch_forward():
-    with torch.inference_mode():
-      return reference(*torch_inputs).sample
-
-  expected = torch_forward().permute(0, 1, 3, 4, 2).numpy()
-
-  start = time.perf_counter()
-  ours = unet_from_diffusers(reference)
-  convert_seconds = time.perf_counter() - start
-
-  graphdef, state = nnx.split(ours)
-  forward = jax.jit(lambda state, *args: nnx.merge(graphdef, state)(*args))
-  args = (state, sample, timestep, context, added_time_ids)
-  start = time.perf_counter()
-  compiled = forward.lower(*args).compile()
-  compile_seconds = time.perf_counter() - start
-  got = np.asarray(compiled(*args))
-  jax_seconds, torch_seconds = _interleaved_medians(
-      lambda: compiled(*args).block_until_ready(), torch_forward, repeats)
-  error = float(np.abs(got - expected).max() / np.abs(expected).max())
-  return {
-      "parameters": sum(p.numel() for p in reference.parameters()),
-      "relative_error": error,
-      "convert_s": convert_seconds,
-      "jax_compile_s": compile_seconds,
-      "jax_forward_s": jax_seconds,
-      "torch_forward_s": torch_seconds,
-      "ratio_jax_over_torch": jax_seconds / torch_seconds,
-  }
+def _demo_config(quick: bool):
+  from etalk_jax.train.config import load_config  # noqa: PLC0415
+  return load_config(str(CONFIGS / f"tiny.py:{'quick' if quick else 'full'}"))
 
 
-def compare_vae(fields: dict[str, Any], *, frames: int = 4, size: int = 32, seed: int = 0
-                ) -> dict[str, float]:
-  """Encode (posterior mean) and temporal decode through both frameworks; relative errors."""
-  import torch
-  from diffusers import AutoencoderKLTemporalDecoder
+class Clock:
+  """Prints each phase with its duration."""
 
-  from etalk_jax.svd import vae_from_diffusers
+  def __init__(self):
+    self.started = time.perf_counter()
+    self.phases: dict[str, float] = {}
 
-  torch.manual_seed(seed)
-  reference = AutoencoderKLTemporalDecoder(**fields).eval()
-  ours = vae_from_diffusers(reference)
-  images = np.random.default_rng(seed).uniform(-1, 1, (frames, size, size, 3)).astype(np.float32)
-  with torch.inference_mode():
-    posterior = reference.encode(torch.from_numpy(images).permute(0, 3, 1, 2)).latent_dist
-    expected_mean = posterior.mean.permute(0, 2, 3, 1).numpy()
-    expected_frames = reference.decode(posterior.mean, num_frames=frames).sample
-  expected_frames = expected_frames.permute(0, 2, 3, 1).numpy()
-  mean = np.asarray(ours.encode(images).mean)
-  decoded = np.asarray(ours.decode(mean, frames))
-  rel = lambda a, b: float(np.abs(a - b).max() / np.abs(b).max())
-  return {"encode_relative_error": rel(mean, expected_mean),
-          "decode_relative_error": rel(decoded, expected_frames)}
+  def phase(self, name: str):
+    clock = self
+
+    class _Phase:
+      def __enter__(self):
+        print(f"\n== {name}", flush=True)
+        self.began = time.perf_counter()
+
+      def __exit__(self, *exc):
+        seconds = time.perf_counter() - self.began
+        clock.phases[name] = round(seconds, 1)
+        if exc[0] is None:
+          print(f"   {name}: {seconds:.1f} s (total {time.perf_counter() - clock.started:.0f} s)",
+                flush=True)
+        return False
+
+    return _Phase()
 
 
-def run() -> int:
-  print("etalk demo: the SVD backbone in Flax NNX against diffusers (random weights, CPU)")
-  unet = compare_unet(DEMO_UNET)
-  print(f"  UNet, {unet['parameters']:,} parameters, 1 x 8 frames x 16 x 16 latents")
-  print(f"    relative difference to diffusers: {unet['relative_error']:.2e}")
-  print(f"    conversion {unet['convert_s']:.2f} s, XLA compile {unet['jax_compile_s']:.1f} s")
-  print(f"    forward: ours (jit) {unet['jax_forward_s'] * 1e3:.1f} ms, "
-        f"diffusers (eager) {unet['torch_forward_s'] * 1e3:.1f} ms, "
-        f"ratio {unet['ratio_jax_over_torch']:.2f}x")
-  vae = compare_vae(DEMO_VAE)
-  print(f"  temporal VAE: encode {vae['encode_relative_error']:.2e}, "
-        f"decode {vae['decode_relative_error']:.2e} relative difference")
-  worst = max(unet["relative_error"], vae["encode_relative_error"], vae["decode_relative_error"])
-  ok = worst < 1e-4
-  print("  OK: equal to diffusers within 1e-4" if ok else
-        f"  MISMATCH: {worst:.2e} exceeds 1e-4")
-  return 0 if ok else 1
+# ----------------------------------------------------------------------------------- setup
+
+
+def build_dataset(workdir: Path, config, progress: bool) -> str:
+  from data_pipeline import synthetic  # noqa: PLC0415
+  from data_pipeline.builders.synthetic_talking_heads import SyntheticConfig, build  # noqa: PLC0415
+  data = dict(config.data)
+  test_fraction = float(data.pop("test_fraction"))
+  spec = synthetic.SyntheticSpec(**{name: tuple(value) if isinstance(value, list) else value
+                                    for name, value in data.items()})
+  name = f"demo_{spec.identities}x{spec.num_frames}_{spec.seed}"
+  builder_config = SyntheticConfig(name=name, description="etalk demo: identities held out",
+                                   spec=spec, split_by_speaker=True, test_fraction=test_fraction)
+  del progress  # TFDS prints its own progress bars
+  return build(str(workdir / "data"), builder_config)
+
+
+def save_frozen_encoders(workdir: Path, config) -> dict[str, Path]:
+  """Random tiny wav2vec2, PD-FGC trunk and WavLM, saved once (seeded: the same every run)."""
+  from etalk_jax import parallel  # noqa: PLC0415
+  from etalk_jax.audio import Wav2Vec2, Wav2Vec2Config, WavLM, WavLMConfig  # noqa: PLC0415
+  from etalk_jax.audio.params import save as save_audio  # noqa: PLC0415
+  from etalk_jax.vision.params import save as save_pdfgc  # noqa: PLC0415
+  from etalk_jax.vision.pdfgc import PDFGC_SMALL, PDFGCEncoder  # noqa: PLC0415
+
+  def sizes(fields):
+    return {name: tuple(value) if isinstance(value, list) else value
+            for name, value in dict(fields).items()}
+
+  # Initialised in one jitted call each (eager flax init of PD-FGC alone takes ~12 s here).
+  mesh = parallel.make_mesh({"data": -1})
+  folders = {name: workdir / "frozen" / name for name in ("wav2vec2", "pdfgc", "wavlm")}
+  if not folders["wav2vec2"].exists():
+    save_audio(parallel.create_sharded(
+        lambda rngs: Wav2Vec2(Wav2Vec2Config(**sizes(config.wav2vec2)), rngs=rngs), mesh, seed=0),
+        folders["wav2vec2"])
+  if not folders["pdfgc"].exists():
+    save_pdfgc(parallel.create_sharded(lambda rngs: PDFGCEncoder(PDFGC_SMALL, rngs=rngs), mesh,
+                                       seed=1), folders["pdfgc"])
+  if not folders["wavlm"].exists():
+    save_audio(parallel.create_sharded(
+        lambda rngs: WavLM(WavLMConfig(**sizes(config.wavlm)), rngs=rngs), mesh, seed=2),
+        folders["wavlm"])
+  return folders
+
+
+def train_stages(workdir: Path, dataset_dir: str, frozen: dict[str, Path], config, clock: Clock,
+                 progress: bool) -> dict[str, Path]:
+  """Every stage in dependency order; returns their export folders."""
+  from etalk_jax.train.loop import train  # noqa: PLC0415
+  runs = workdir / "runs"
+  exports = {name: runs / name / "export" for name in ("encoders", "projector", "dicte", "ethd",
+                                                       "ser")}
+  audio_features = dict(config.audio_features)
+  window = int(config.video_window)
+
+  def common(stage_config, stage: str):
+    stage_config.data.dataset_dir = dataset_dir
+    stage_config.train.steps = int(config.steps[stage])
+    stage_config.train.log_every = max(1, min(25, stage_config.train.steps))
+    stage_config.train.checkpoint_every = stage_config.train.steps
+    return stage_config
+
+  encoders = common(_stage_config("encoders", "encoders"), "encoders")
+  encoders.encoders.vision = str(frozen["pdfgc"])
+  encoders.data.window = window
+  projector = common(_stage_config("projector", "vaid"), "projector")
+  dicte = common(_stage_config("dicte", "dicte"), "dicte")
+  for stage_config in (projector, dicte):
+    stage_config.encoders.audio = str(frozen["wav2vec2"])
+    stage_config.encoders.vision = str(exports["encoders"] / "encoders")
+    stage_config.encoders.audio_features = audio_features
+  ethd = common(_stage_config("ethd", "ethd_512"), "ethd")
+  ethd.data.window = window
+  ethd.encoders.audio = str(frozen["wav2vec2"])
+  ethd.encoders.vision = str(exports["encoders"] / "encoders")
+  ethd.encoders.audio_features = audio_features
+  ethd.ethd.init = f"ethd:{exports['encoders'] / 'renderer'}"
+  ethd.vaid.projector = str(exports["projector"])
+  ethd.vaid.dicte = str(exports["dicte"])
+  ser = common(_stage_config("ser", "ser"), "ser")
+  ser.encoders.wavlm = str(frozen["wavlm"])
+  ser.encoders.audio_features = audio_features
+  ser.data.window = min(int(ser.data.window), int(config.data.num_frames))
+
+  for name, stage_config in (("encoders", encoders), ("projector", projector), ("dicte", dicte),
+                             ("ethd", ethd), ("ser", ser)):
+    with clock.phase(f"train {name}"):
+      if (exports[name] / ("renderer" if name == "encoders" else "")).exists():
+        print(f"   {exports[name]} exists: already trained")
+        continue
+      summary = train(stage_config, runs / name, progress=progress)
+      metrics = summary["final_metrics"]
+      print(f"   {name}: loss {metrics.get('loss', float('nan')):.4f} after "
+            f"{summary['steps']} steps, {metrics.get('steps_per_s', 0):.2f} steps/s, compile "
+            f"{summary['compile_seconds']:.0f} s")
+  return exports
+
+
+def assemble_pipeline(workdir: Path, dataset_dir: str, frozen, exports, config, progress: bool):
+  from etalk_jax.audio import FeatureConfig  # noqa: PLC0415
+  from etalk_jax.audio.params import load_wav2vec2, load_wavlm  # noqa: PLC0415
+  from etalk_jax.diffusion.sampling import SamplerConfig, WindowConfig  # noqa: PLC0415
+  from etalk_jax.emotion.codebook import Codebook, codebook_build_command  # noqa: PLC0415
+  from etalk_jax.emotion.ser import load_ser  # noqa: PLC0415
+  from etalk_jax.ethd.model import load_ethd  # noqa: PLC0415
+  from etalk_jax.pipeline import EmotiveTalkPipeline, save_pipeline  # noqa: PLC0415
+  from etalk_jax.svd.codec import PixelShuffleCodec  # noqa: PLC0415
+  from etalk_jax.vaid.storage import load_dicte, load_projector  # noqa: PLC0415
+  from etalk_jax.vision.params import load_encoders  # noqa: PLC0415
+
+  codebook_file = workdir / "codebook.json"
+  summary = codebook_build_command(dataset_dir, codebook_file, exports["encoders"] / "encoders",
+                                   overwrite=True, progress=progress)
+  print("   codebook frames per keyword: " +
+        ", ".join(f"{k} {n}" for k, n in summary["frames"].items()))
+  audio_features = {name: tuple(value) if isinstance(value, list) else value
+                    for name, value in dict(config.audio_features).items()}
+  checkpoint = workdir / "checkpoint"
+  save_pipeline(
+      checkpoint, ethd=load_ethd(exports["ethd"]), projector=load_projector(exports["projector"]),
+      dicte=load_dicte(exports["dicte"]), encoders=load_encoders(exports["encoders"] / "encoders"),
+      audio_encoder=load_wav2vec2(frozen["wav2vec2"]), codebook=Codebook.load(codebook_file),
+      codec=PixelShuffleCodec(4, 2.0), resolution=int(config.data.resolution),
+      wavlm=load_wavlm(frozen["wavlm"]), ser=load_ser(exports["ser"]),
+      feature_config=FeatureConfig(**audio_features),
+      sampler=SamplerConfig(steps=int(config.sample_steps), sigma_max=float(config.sigma_max),
+                            sigma_min=float(config.sigma_min)),
+      windows=WindowConfig(frames=int(config.video_window), overlap=int(config.window_overlap)),
+      dicte_steps=10, overwrite=True)
+  print(f"   pipeline checkpoint: {checkpoint}")
+  return EmotiveTalkPipeline.load(checkpoint)
+
+
+# --------------------------------------------------------------------------------- measures
+
+
+@dataclasses.dataclass
+class HeldOutClip:
+  clip_id: str
+  emotion: str
+  frames: np.ndarray  # uint8 (n, R, R, 3)
+  speech: np.ndarray  # float32 16 kHz
+  landmarks_px: np.ndarray  # (n, 478, 2)
+  mouth_open: np.ndarray  # (n,)
+
+
+def _record_clip(record) -> HeldOutClip:
+  from data_pipeline import EMOTION_LABELS, media  # noqa: PLC0415
+  frames = media.decode_frames(record["video"])
+  resolution = frames.shape[1]
+  clip_id = record["clip_id"]
+  return HeldOutClip(
+      clip_id=clip_id.decode() if isinstance(clip_id, bytes) else str(clip_id),
+      emotion=EMOTION_LABELS[int(record["emotion"])], frames=frames,
+      speech=np.asarray(record["audio"], np.float32) / INT16_SCALE,
+      landmarks_px=np.asarray(record["landmarks"], np.float32) * resolution,
+      mouth_open=np.asarray(record["mouth_open"], np.float32))
+
+
+def held_out_clips(dataset_dir: str) -> dict[str, list[HeldOutClip]]:
+  """Test-split clips (identities never trained on), by speaker."""
+  from data_pipeline.loader import data_source  # noqa: PLC0415
+  source = data_source(dataset_dir, "test")
+  by_speaker: dict[str, list[HeldOutClip]] = {}
+  for index in range(len(source)):
+    record = source[index]
+    speaker = record["speaker"]
+    speaker = speaker.decode() if isinstance(speaker, bytes) else str(speaker)
+    by_speaker.setdefault(speaker, []).append(_record_clip(record))
+  if not by_speaker:
+    raise ValueError(f"{dataset_dir} has no test clips; the demo needs a held-out identity")
+  return by_speaker
+
+
+MOUTH_PATCH = (8, 16)  # rows, columns of the resampled mouth region
+
+
+def mouth_box(landmarks_px: np.ndarray, size: int) -> tuple[int, int, int, int]:
+  """The mouth region (left, top, right, bottom) from one frame's landmarks, with margin for an
+  open jaw."""
+  from data_pipeline.faces import LIPS_OUTER  # noqa: PLC0415
+  lips = landmarks_px[list(LIPS_OUTER)]
+  (left, top), (right, bottom) = lips.min(axis=0), lips.max(axis=0)
+  width, height = right - left, bottom - top
+  box = (left - 0.25 * width, top - 0.5 * height, right + 0.25 * width, bottom + 1.0 * height)
+  left, top, right, bottom = (int(round(v)) for v in box)
+  return max(left, 0), max(top, 0), min(right, size), min(bottom, size)
+
+
+def mouth_features(frames: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+  """Grey mouth-region pixels, resampled to MOUTH_PATCH, per frame: `(n, rows * cols + 1)` (with
+  a bias column)."""
+  from PIL import Image  # noqa: PLC0415
+  left, top, right, bottom = box
+  rows, cols = MOUTH_PATCH
+  patches = [np.asarray(Image.fromarray(frame[top:bottom, left:right]).convert("L").resize(
+      (cols, rows), Image.BILINEAR), np.float32).reshape(-1) / 255.0 for frame in frames]
+  features = np.stack(patches)
+  return np.concatenate([features, np.ones((len(features), 1), np.float32)], axis=1)
+
+
+class MouthReader:
+  """Ridge regression: mouth-region pixels -> mouth opening (0 shut .. 1 wide)."""
+
+  def __init__(self, clips: list[HeldOutClip], ridge: float = 1.0):
+    features, targets = [], []
+    for clip in clips:
+      box = mouth_box(clip.landmarks_px[0], clip.frames.shape[1])  # as at test: the portrait's
+      features.append(mouth_features(clip.frames, box))
+      targets.append(clip.mouth_open)
+    x, y = np.concatenate(features), np.concatenate(targets)
+    self.weights = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ y)
+    self.fit_correlation = float(np.corrcoef(x @ self.weights, y)[0, 1])
+
+  def __call__(self, frames: np.ndarray, portrait_landmarks_px: np.ndarray) -> np.ndarray:
+    return mouth_features(frames, mouth_box(portrait_landmarks_px, frames.shape[1])) @ self.weights
+
+
+def speech_envelope(speech: np.ndarray, frames: int) -> np.ndarray:
+  """RMS of each frame's 640 samples, smoothed over 3 frames."""
+  samples = np.zeros(frames * SAMPLES_PER_FRAME, np.float32)
+  samples[:min(len(speech), len(samples))] = speech[:len(samples)]
+  rms = np.sqrt(np.mean(samples.reshape(frames, SAMPLES_PER_FRAME) ** 2, axis=1))
+  return np.convolve(np.pad(rms, 1, mode="edge"), np.ones(3) / 3, mode="valid")
+
+
+def lip_sync_score(mouth_opening: np.ndarray, envelope: np.ndarray) -> float:
+  if np.std(mouth_opening) < 1e-8 or np.std(envelope) < 1e-8:
+    return 0.0
+  return float(np.corrcoef(mouth_opening, envelope)[0, 1])
+
+
+FACE_PATCH = 32  # side of the downsampled face difference image the emotion reader sees
+
+
+def face_difference(frames: np.ndarray, portrait: np.ndarray) -> np.ndarray:
+  """Per frame, the colour difference to the person's neutral portrait, area-downsampled to
+  FACE_PATCH² (identity appearance cancels; brows, eyes and mouth remain): `(n, features + 1)`
+  with a bias column."""
+  size = frames.shape[1]
+  factor = size // FACE_PATCH
+  difference = frames.astype(np.float32) / 255.0 - portrait.astype(np.float32)[None] / 255.0
+  small = difference.reshape(len(frames), FACE_PATCH, factor, FACE_PATCH, factor, 3).mean((2, 4))
+  features = small.reshape(len(frames), -1)
+  return np.concatenate([features, np.ones((len(features), 1), np.float32)], axis=1)
+
+
+class EmotionReader:
+  """Ridge one-vs-rest classifier: face difference to the person's neutral portrait -> emotion
+  keyword, fitted on training identities' ground-truth frames."""
+
+  def __init__(self, clips_with_portraits: list[tuple[HeldOutClip, np.ndarray]], keywords,
+               ridge: float = 10.0):
+    self.keywords = tuple(keywords)
+    features, labels = [], []
+    for clip, portrait in clips_with_portraits:
+      features.append(face_difference(clip.frames, portrait))
+      labels.append(np.full(len(clip.frames), self.keywords.index(clip.emotion)))
+    x, y = np.concatenate(features), np.concatenate(labels)
+    targets = np.eye(len(self.keywords), dtype=np.float32)[y]
+    self.weights = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ targets)
+    self.fit_accuracy = float(np.mean((x @ self.weights).argmax(1) == y))
+
+  def accuracy(self, frames: np.ndarray, portrait: np.ndarray, emotion: str) -> float:
+    """Fraction of frames read as `emotion`."""
+    predicted = (face_difference(frames, portrait) @ self.weights).argmax(1)
+    return float(np.mean(predicted == self.keywords.index(emotion)))
+
+
+def fit_readers(dataset_dir: str) -> tuple[MouthReader, EmotionReader]:
+  """The mouth and emotion readers, fitted on training identities' ground truth only."""
+  from data_pipeline.loader import data_source  # noqa: PLC0415
+  source = data_source(dataset_dir, "train")
+  clips = [_record_clip(source[i]) for i in range(len(source))]
+  speakers: dict[str, list[HeldOutClip]] = {}
+  for record_index, clip in enumerate(clips):
+    speakers.setdefault(str(source[record_index]["speaker"]), []).append(clip)
+  with_portraits = []
+  for speaker_clips in speakers.values():
+    neutral = next((c for c in speaker_clips if c.emotion == "neutral"), speaker_clips[0])
+    with_portraits += [(clip, neutral.frames[0]) for clip in speaker_clips]
+  keywords = sorted({clip.emotion for clip in clips})
+  step = max(1, len(clips) // 24)
+  return MouthReader(clips[::step]), EmotionReader(with_portraits, keywords)
+
+
+# ------------------------------------------------------------------------------------- run
+
+
+def run(workdir: str | Path = "demo_out", *, quick: bool = False, progress: bool = True) -> int:
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  config = _demo_config(quick)
+  clock = Clock()
+  print(f"etalk demo{' --quick' if quick else ''}: EmotiveTalk end to end on synthetic talking "
+        f"faces, CPU, nothing downloaded (output: {workdir})")
+  with clock.phase("synthetic dataset"):
+    dataset_dir = build_dataset(workdir, config, progress)
+    print(f"   {dataset_dir}")
+  with clock.phase("frozen encoders (random tiny wav2vec2, PD-FGC, WavLM)"):
+    frozen = save_frozen_encoders(workdir, config)
+  exports = train_stages(workdir, dataset_dir, frozen, config, clock, progress)
+  with clock.phase("emotion codebook and pipeline checkpoint"):
+    pipe = assemble_pipeline(workdir, dataset_dir, frozen, exports, config, progress)
+
+  with clock.phase("mouth and emotion readers (fitted on training identities)"):
+    reader, emotion_reader = fit_readers(dataset_dir)
+    print(f"   mouth reader fit correlation {reader.fit_correlation:.3f}, emotion reader fit "
+          f"accuracy {emotion_reader.fit_accuracy:.3f}")
+
+  by_speaker = held_out_clips(dataset_dir)
+  speaker, clips = sorted(by_speaker.items())[0]
+  by_emotion = {clip.emotion: clip for clip in clips}
+  emotions = [e for e in config.emotions if e in by_emotion]
+  if len(emotions) < 2:
+    raise ValueError(f"held-out speaker {speaker} lacks the demo's emotions {config.emotions}")
+  portrait_clip = by_emotion.get("neutral", clips[0])
+  portrait, portrait_landmarks = portrait_clip.frames[0], portrait_clip.landmarks_px[0]
+  videos = workdir / "videos"
+  videos.mkdir(exist_ok=True)
+  rows: dict[str, dict[str, list[float]]] = {
+      kind: {"lip_sync": [], "emotion": []} for kind in ("generated", "ground truth",
+                                                      "no-audio baseline")}
+  generation: list[dict[str, float]] = []
+  with clock.phase(f"generate: held-out identity {speaker}, emotions {', '.join(emotions)}"):
+    for emotion in emotions:
+      clip = by_emotion[emotion]
+      envelope = speech_envelope(clip.speech, len(clip.frames))
+      for kind, speech in (("generated", clip.speech),
+                           ("no-audio baseline", np.zeros_like(clip.speech))):
+        began = time.perf_counter()
+        result = pipe(portrait, speech, emotion=emotion, landmarks=portrait_landmarks,
+                      aligned=True, seed=0, progress=progress)
+        seconds = time.perf_counter() - began
+        generation.append({"frames": len(result.frames), "seconds": seconds})
+        name = f"{emotion}{'' if kind == 'generated' else '_no_audio'}.mp4"
+        result.write(videos / name)
+        rows[kind]["lip_sync"].append(lip_sync_score(reader(result.frames, portrait_landmarks),
+                                                     envelope))
+        rows[kind]["emotion"].append(emotion_reader.accuracy(result.frames, portrait, emotion))
+        print(f"   {videos / name}: {len(result.frames)} frames in {seconds:.1f} s")
+      from etalk_jax.pipeline import Result  # noqa: PLC0415
+      Result(frames=clip.frames, audio=clip.speech, fps=FPS, expressions=np.zeros((0,)),
+             lip_latents=np.zeros((0,)), emotion=emotion).write(videos / f"{emotion}_ground_truth.mp4")
+      rows["ground truth"]["lip_sync"].append(lip_sync_score(
+          reader(clip.frames, portrait_landmarks), envelope))
+      rows["ground truth"]["emotion"].append(emotion_reader.accuracy(clip.frames, portrait,
+                                                                     emotion))
+
+  report = {kind: {name: float(np.mean(values)) for name, values in scores.items()}
+            for kind, scores in rows.items()}
+  later = generation[1:] or generation
+  report["sampling"] = {
+      "first_video_seconds_incl_compile": round(generation[0]["seconds"], 1),
+      "frames_per_second": round(sum(g["frames"] for g in later) /
+                                 sum(g["seconds"] for g in later), 2)}
+  report["phases_seconds"] = clock.phases
+  report["total_seconds"] = round(time.perf_counter() - clock.started, 1)
+  report["mouth_reader_fit_correlation"] = reader.fit_correlation
+  report["emotion_reader_fit_accuracy"] = emotion_reader.fit_accuracy
+  (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+  print(f"\n== report (held-out identity {speaker}; {len(emotions)} emotions; "
+        f"{workdir / 'report.json'})")
+  print(f"   {'':20s} {'lip-sync':>9s} {'emotion acc.':>13s}")
+  for kind in ("ground truth", "generated", "no-audio baseline"):
+    print(f"   {kind:20s} {report[kind]['lip_sync']:9.3f} {report[kind]['emotion']:13.3f}")
+  print(f"   sampling: {report['sampling']['frames_per_second']} frames/s after the first video "
+        f"({report['sampling']['first_video_seconds_incl_compile']} s incl. compile)")
+  print(f"   total {report['total_seconds'] / 60:.1f} min; videos in {videos}")
+  margin = report["generated"]["lip_sync"] - report["no-audio baseline"]["lip_sync"]
+  print("   lip sync above the no-audio baseline by " f"{margin:.3f}")
+  return 0

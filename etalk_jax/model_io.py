@@ -120,3 +120,14 @@ def restore_model(folder: str | Path, build_abstract: Callable[[], nnx.Module]) 
     raise ValueError(f"{folder}: the saved state does not match its config.json "
                      f"({len(mismatched)} tensors):\n  " + "\n  ".join(mismatched))
   return nnx.merge(graphdef, state)
+
+
+def load_configured(folder: str | Path, config_class, model_class, compute) -> nnx.Module:
+  """A folder saved with `save_model(folder, model, model.config.to_dict())` of a model whose
+  config is a `ModelConfig`: `model_class(config, compute=compute, rngs=...)` restored."""
+  try:
+    config = config_class.from_dict(read_config(folder))
+  except ValueError as error:  # another model's folder, or fields this code does not know
+    raise ValueError(f"{folder} does not hold a {config_class.label}: {error}") from error
+  return restore_model(folder, lambda: abstract(
+      lambda rngs: model_class(config, compute=compute, rngs=rngs)))

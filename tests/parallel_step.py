@@ -67,8 +67,14 @@ def main():
   single_step = jax.jit(train_step(graphdef, tx))
   single = single_step(single_params, tx.init(single_params), jax.device_put(batch, one_device))
 
-  param_shardings = parallel.state_shardings(params, mesh)
-  opt_shardings = parallel.state_shardings(jax.eval_shape(tx.init, params), mesh)
+  # Logical names from the UNet's table: parameters and Adam's moments shard alike.
+  axes = parallel.model_axes(unet)
+  param_shardings = parallel.state_shardings(params, mesh, family_axes=axes)
+  opt_shardings = parallel.state_shardings(jax.eval_shape(tx.init, params), mesh,
+                                           family_axes=axes)
+  created_as_logical = all(
+      leaf.sharding.spec == sharding.spec
+      for leaf, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(param_shardings)))
   batch_shardings = {k: parallel.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   sharded_step = jax.jit(train_step(graphdef, tx),
@@ -85,6 +91,7 @@ def main():
              "param_error": param_error, "update_size": update_size,
              "sharded_fraction": sorted(set(sharded_fraction)),
              "sharded_count": len(sharded_fraction), "param_count": len(jax.tree.leaves(params)),
+             "created_as_logical": created_as_logical,
              "opt_state_sharded_count": len(split_over_fsdp(jax.tree.leaves(sharded[1])))},
             sys.stdout)
   print()

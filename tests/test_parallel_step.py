@@ -21,6 +21,7 @@ def test_one_step_on_data_x_fsdp_mesh_equals_one_device():
   assert result["devices"] == 8 and result["mesh"] == {"data": 2, "fsdp": 4}
   # Created directly on its shards: every split parameter holds a quarter per device.
   assert result["sharded_fraction"] == [0.25] and result["sharded_count"] > 20
+  assert result["created_as_logical"]  # create_sharded used the UNet's logical table
   assert result["opt_state_sharded_count"] == 2 * result["sharded_count"]  # Adam's mu and nu
   assert abs(result["loss_sharded"] - result["loss_single"]) <= 1e-5 * result["loss_single"]
   assert result["update_size"] > 5e-4  # the step did move the parameters

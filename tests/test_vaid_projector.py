@@ -71,7 +71,7 @@ def test_config_round_trip_and_errors():
   assert ProjectorConfig.from_dict(CONFIG.to_dict()) == CONFIG
   with pytest.raises(ValueError, match="multiple of num_heads"):
     ProjectorConfig(dim=30, num_heads=8)
-  with pytest.raises(ValueError, match="unknown projector config fields: bogus"):
+  with pytest.raises(ValueError, match="unknown V-AID projector config fields: bogus"):
     ProjectorConfig.from_dict({"bogus": 1})
 
 

@@ -1,24 +1,31 @@
 """Logical axis rules: which mesh axes each logical axis of a parameter or activation uses.
 
 Rules live in the config as a tuple of `(logical_name, mesh_axis)` pairs, where `mesh_axis` is
-one mesh axis name, a tuple of them, or None (replicated). Logical names:
+one mesh axis name, a tuple of them, or None (replicated). Activation names:
 
 - `batch`: the leading axis of every input batch (data parallel over `data` and `fsdp`: with
   FSDP every device still sees its own slice of the batch).
 - `frames`: the frame axis of video activations (sequence parallel over `context`).
-- `weight_shard`: the one dimension of a large parameter that FSDP splits (ZeRO-3).
 
-Parameters get their logical axes from their shape, not from annotations in each model: FSDP
-splits the largest dimension that the `weight_shard` axes divide evenly, for every parameter of
-at least `min_sharded_size` elements; smaller ones (biases, norm scales, tiny kernels) stay
-replicated, as gathering them would cost more in latency than they save in memory. The same
-rule applies to anything shaped like a parameter (Adam's moments, 8-bit Adam's codes), so the
-optimizer state shards exactly like the model.
+Parameters carry logical names from the per-family tables in logical.py (`embed`, `mlp`,
+`heads`, `conv_in`, `conv_out`, `norm`, ...; pass `family_axes`). A parameter's spec:
+
+1. tensors under `min_sharded_size` elements stay replicated (gathering a bias costs more in
+   latency than it saves in memory);
+2. each dimension whose logical name maps to mesh axes is a candidate; a dimension is only
+   sharded when the product of its mesh axes divides its size;
+3. a mesh axis is used by at most one dimension: candidates are taken largest first, ties in
+   the order the logical names appear in the rules (DEFAULT_RULES lists `heads`, `mlp`,
+   `conv_out` before `embed`, `conv_in`: an in-projection splits its output features).
+
+Leaves with no logical names (8-bit Adam's per-block scales, anything not shaped like a named
+parameter, or every leaf when no `family_axes` is given) use the shape rule, the logical name
+`weight_shard`: FSDP splits the largest dimension its axes divide.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -26,16 +33,31 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from etalk_jax import model_io
+from etalk_jax.parallel import logical
 
 BATCH = "batch"
 FRAMES = "frames"
 WEIGHT_SHARD = "weight_shard"
 
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+DEFAULT_LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     (BATCH, ("data", "fsdp")),
     (FRAMES, "context"),
     (WEIGHT_SHARD, "fsdp"),
+    # Parameter names (logical.py); the order breaks ties between equal-sized dimensions.
+    (logical.HEADS, "fsdp"),
+    (logical.MLP, "fsdp"),
+    (logical.CONV_OUT, "fsdp"),
+    (logical.EMBED, "fsdp"),
+    (logical.CONV_IN, "fsdp"),
+    (logical.CONV_T, None),
+    (logical.CONV_H, None),
+    (logical.CONV_W, None),
+    (logical.NORM, None),
+    (logical.BIAS, None),
+    (logical.POSITION, None),
+    (logical.SCALAR, None),
 )
+DEFAULT_RULES = DEFAULT_LOGICAL_RULES
 MIN_SHARDED_SIZE = 4096
 
 Rules = Sequence[tuple[str, Any]]
@@ -95,23 +117,99 @@ def parameter_spec(shape: Sequence[int], mesh, rules: Rules = DEFAULT_RULES, *,
                                                 min_sharded_size=min_sharded_size), mesh, rules)
 
 
+def logical_param_spec(shape: Sequence[int], names: Sequence[str | None], mesh,
+                       rules: Rules = DEFAULT_RULES, *,
+                       min_sharded_size: int = MIN_SHARDED_SIZE) -> PartitionSpec:
+  """PartitionSpec of a parameter whose dimensions carry the logical `names` (see the module
+  docstring for the divisibility, one-dimension-per-mesh-axis and size rules)."""
+  if len(names) != len(shape):
+    raise ValueError(f"logical names {tuple(names)} do not fit a rank-{len(shape)} shape "
+                     f"{tuple(shape)}")
+  spec: list[Any] = [None] * len(shape)
+  if int(np.prod(shape)) < min_sharded_size:
+    return PartitionSpec(*spec)
+  order = {name: i for i, (name, _) in enumerate(rules)}
+  mapped = [(i, mesh_axes(name, mesh, rules)) for i, name in enumerate(names)]
+  candidates = sorted((entry for entry in mapped if entry[1]),
+                      key=lambda entry: (-shape[entry[0]], order[names[entry[0]]], entry[0]))
+  used: set[str] = set()
+  for i, axes in candidates:
+    axes = tuple(axis for axis in axes if axis not in used)
+    shards = int(np.prod([mesh.shape[axis] for axis in axes]))
+    if not axes or shards == 1 or shape[i] % shards:
+      continue
+    spec[i] = axes[0] if len(axes) == 1 else axes
+    used.update(axes)
+  return PartitionSpec(*spec)
+
+
+def leaf_spec(path: Sequence[Any], shape: Sequence[int], mesh, rules: Rules = DEFAULT_RULES, *,
+              family_axes: Mapping[str, tuple] | None = None,
+              min_sharded_size: int = MIN_SHARDED_SIZE) -> PartitionSpec:
+  """The spec of one leaf: by its logical names when `family_axes` names it (found through
+  `logical.lookup`), by the shape rule otherwise."""
+  names = logical.lookup(family_axes, path, len(shape)) if family_axes else None
+  if names is None:
+    return parameter_spec(shape, mesh, rules, min_sharded_size=min_sharded_size)
+  return logical_param_spec(shape, names, mesh, rules, min_sharded_size=min_sharded_size)
+
+
 def state_shardings(state: Any, mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_RULES, *,
+                    family_axes: Mapping[str, tuple] | None = None,
                     min_sharded_size: int = MIN_SHARDED_SIZE) -> Any:
   """A NamedSharding for every array (or ShapeDtypeStruct) leaf of `state`: an nnx.State, an
-  optax state or any pytree of them."""
-  def sharding(leaf):
-    return NamedSharding(mesh, parameter_spec(np.shape(leaf), mesh, rules,
-                                              min_sharded_size=min_sharded_size))
-  return jax.tree.map(sharding, state)
+  optax state (8-bit Adam's included) or any pytree of them. With `family_axes`
+  (`logical.model_axes(model)` or `logical.param_axes(state, family)`) parameters and
+  everything shaped and named like them (Adam's moments, 8-bit codes) follow the logical
+  rules; other leaves follow the shape rule."""
+  def sharding(path, leaf):
+    return NamedSharding(mesh, leaf_spec(path, np.shape(leaf), mesh, rules,
+                                         family_axes=family_axes,
+                                         min_sharded_size=min_sharded_size))
+  return jax.tree_util.tree_map_with_path(sharding, state)
 
 
 def partition_specs(state: Any, mesh, rules: Rules = DEFAULT_RULES, *,
+                    family_axes: Mapping[str, tuple] | None = None,
                     min_sharded_size: int = MIN_SHARDED_SIZE) -> dict[str, PartitionSpec]:
   """`{dotted.path: PartitionSpec}` of an nnx.State: for reading and for golden tests."""
-  return {".".join(str(part) for part in path): parameter_spec(
-              np.shape(leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf), mesh,
-              rules, min_sharded_size=min_sharded_size)
+  return {logical.dotted(path): leaf_spec(
+              path, np.shape(leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf),
+              mesh, rules, family_axes=family_axes, min_sharded_size=min_sharded_size)
           for path, leaf in nnx.to_flat_state(state)}
+
+
+def _family_axes(model: nnx.Module, family: str | None) -> dict[str, tuple] | None:
+  """Logical names of `model` ('auto': from its class; None: the shape rule only)."""
+  if family is None:
+    return None
+  if family == "auto":
+    try:
+      family = logical.family_of(model)
+    except ValueError:
+      return None  # a model without a table (tests' toys): the shape rule
+  return logical.model_axes(model, family)
+
+
+def annotate(model: nnx.Module, mesh, rules: Rules = DEFAULT_RULES, *, family: str = "auto",
+             min_sharded_size: int = MIN_SHARDED_SIZE) -> nnx.Module:
+  """Stores each variable's logical names as its `out_sharding` metadata (what
+  `nnx.with_partitioning` sets in flax 0.12) and, as `sharding_rules`, the per-variable
+  resolution of those names on `mesh`, so `nnx.get_partition_spec(nnx.state(model))` gives
+  the same specs as `partition_specs` (a global name -> axis table could not express the
+  per-tensor divisibility rule). Returns `model`."""
+  axes = _family_axes(model, family)
+  for path, variable in nnx.iter_graph(model):
+    if not isinstance(variable, nnx.Variable):
+      continue
+    names = axes.get(logical.dotted(path))
+    if names is None:
+      continue
+    spec = logical_param_spec(variable.get_value().shape, names, mesh, rules,
+                              min_sharded_size=min_sharded_size)
+    variable.set_metadata(out_sharding=tuple(names),
+                          sharding_rules=tuple(zip(names, tuple(spec))))
+  return model
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, rules: Rules = DEFAULT_RULES
@@ -121,24 +219,28 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, rules: Rules = DEFAULT_RU
 
 
 def abstract_sharded(build: Callable[[Any], nnx.Module], mesh: jax.sharding.Mesh,
-                     rules: Rules = DEFAULT_RULES) -> nnx.Module:
+                     rules: Rules = DEFAULT_RULES, *, family: str | None = "auto") -> nnx.Module:
   """`model_io.abstract(build)` with each leaf's sharding set: `weights.load_into` then places
-  converted tensors one by one straight onto their shards."""
+  converted tensors one by one straight onto their shards. `family`: the logical-axis table
+  ('auto' from the model's class, None for the shape rule)."""
   model = model_io.abstract(build)
   graphdef, state = nnx.split(model)
-  shardings = state_shardings(state, mesh, rules)
+  shardings = state_shardings(state, mesh, rules, family_axes=_family_axes(model, family))
   state = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(
       leaf.shape, leaf.dtype, sharding=sharding), state, shardings)
   return nnx.merge(graphdef, state)
 
 
 def create_sharded(build: Callable[[Any], nnx.Module], mesh: jax.sharding.Mesh,
-                   rules: Rules = DEFAULT_RULES, *, seed: int = 0) -> nnx.Module:
+                   rules: Rules = DEFAULT_RULES, *, seed: int = 0,
+                   family: str | None = "auto") -> nnx.Module:
   """Random-initialises `build(rngs)` with every parameter created directly on its shards:
   the shardings come from the abstract model, and the initialiser runs under `jax.jit` with
   them as output shardings, so no device ever holds a whole model."""
-  graphdef, abstract_state = nnx.split(model_io.abstract(build))
-  shardings = state_shardings(abstract_state, mesh, rules)
+  abstract_model = model_io.abstract(build)
+  graphdef, abstract_state = nnx.split(abstract_model)
+  shardings = state_shardings(abstract_state, mesh, rules,
+                              family_axes=_family_axes(abstract_model, family))
 
   def initialise():
     # model_io.abstract's key stream: traced nnx.Rngs counters make tracing quadratic.

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from etalk_jax.layers.compute import FP32, Compute
+from etalk_jax.layers.compute import FP32, Compute, call_block
 from etalk_jax.layers.embeddings import TimestepEmbedding, timestep_features
 from etalk_jax.layers.norm import group_norm
 from etalk_jax.layers.resnet import (AlphaBlender, Downsample2D, SpatioTemporalResBlock,
@@ -184,6 +184,7 @@ class UNetSpatioTemporal(nnx.Module):
   def __init__(self, config: UNetConfig, *, compute: Compute = FP32, rngs: nnx.Rngs):
     self.config = config
     self.compute_dtype = compute.dtype
+    self.remat = compute.remat
     channels = config.block_out_channels
     levels = len(channels)
     layers = config.per_level("layers_per_block")
@@ -261,12 +262,15 @@ class UNetSpatioTemporal(nnx.Module):
     x = self.conv_in(sample.astype(self.compute_dtype).reshape(batch * frames, height, width, -1))
     skips = [x]
     for block in self.down_blocks:
-      x, block_skips = block(x, temb, context, image_only_indicator, conditions)
+      x, block_skips = call_block(self.remat, block, x, temb, context, image_only_indicator,
+                                  conditions)
       skips.extend(block_skips)
-    x = self.mid_block(x, temb, context, image_only_indicator, conditions)
+    x = call_block(self.remat, self.mid_block, x, temb, context, image_only_indicator,
+                   conditions)
     for block in self.up_blocks:
       count = len(block.resnets)
       block_skips, skips = skips[-count:], skips[:-count]
-      x = block(x, block_skips, temb, context, image_only_indicator, conditions)
+      x = call_block(self.remat, block, x, block_skips, temb, context, image_only_indicator,
+                     conditions)
     x = self.conv_out(nnx.silu(self.conv_norm_out(x)))
     return x.reshape(batch, frames, height, width, -1)

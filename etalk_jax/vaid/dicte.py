@@ -37,7 +37,7 @@ class DiCTEConfig(model_io.ModelConfig):
   """Sizes, schedule and windowing of Di-CTE; defaults = the full model of §3.4."""
 
   model_type = "vaid_dicte"
-  label = "Di-CTE"
+  label = "V-AID Di-CTE"
 
   expression_dim: int = 30             # e (PD-FGC's expression embedding)
   condition_dim: int = 30              # e_cond or ExpEncoder(x_ref)

@@ -33,7 +33,7 @@ class ProjectorConfig(model_io.ModelConfig):
   """Sizes of the audio-lip projector; defaults = the full model of §3.3."""
 
   model_type = "vaid_projector"
-  label = "projector"
+  label = "V-AID projector"
 
   window: int = 5            # audio frames per video frame (A_w's axis 1)
   audio_layers: int = 12     # wav2vec2 hidden states kept (A_w's axis 2)

@@ -27,7 +27,7 @@ from flax import nnx
 
 from etalk_jax import model_io
 from etalk_jax.layers.compute import FP32, Compute
-from etalk_jax.vision.pdfgc import PDFGCConfig, PDFGCEncoder
+from etalk_jax.vision.pdfgc import AdaptedPDFGC, PDFGCConfig, PDFGCEncoder
 from etalk_jax.weights import (WEIGHT_VARIABLES, AliasedSource, ConversionError, ConversionTable,
                                TensorSource, export_tensors, load_into, open_source)
 
@@ -223,3 +223,35 @@ def convert_pdfgc_command(src: str, dst: str, overwrite: bool = False) -> dict:
   summary = save(pdfgc_from_torch(src_path), dst, overwrite=overwrite)
   summary.update(seconds=round(time.perf_counter() - start, 3), dst=str(dst))
   return summary
+
+
+# The trained lip and expression encoders (PD-FGC + adapters): the same config.json with its own
+# format record, so a bare PD-FGC folder and an adapted one are never mistaken for each other.
+ENCODERS_NAME = "pdfgc_adapted"
+
+
+def save_encoders(encoders: AdaptedPDFGC, dst: str | Path, overwrite: bool = False) -> dict:
+  """`AdaptedPDFGC` (trunk + trained adapters) -> our format; returns {tensors, parameters,
+  bytes}."""
+  config = encoders.config.to_dict()
+  config["etalk_format"] = {"model": ENCODERS_NAME, "version": FORMAT_VERSION}
+  model_io.save_model(dst, encoders, config, overwrite=overwrite)
+  return _summary(encoders)
+
+
+def load_encoders(folder: str | Path, compute: Compute = FP32) -> AdaptedPDFGC:
+  """A folder written by `save_encoders` (e.g. the encoder stage's export) -> `AdaptedPDFGC`."""
+  folder = Path(folder)
+  try:
+    fields = dict(model_io.read_config(folder))
+  except (FileNotFoundError, ValueError) as error:
+    raise ConversionError(f"{folder} does not hold trained lip / expression encoders ({error}); "
+                          "give the folder the encoder stage exported (`etalk train "
+                          "--config configs/encoders.py`).") from error
+  record = fields.pop("etalk_format", None)
+  if not isinstance(record, Mapping) or record.get("model") != ENCODERS_NAME:
+    raise ConversionError(f"{folder} does not hold trained lip / expression encoders (PD-FGC with "
+                          "adapters); a bare PD-FGC folder loads with load_pdfgc.")
+  config = PDFGCConfig.from_dict(fields)
+  return model_io.restore_model(folder, lambda: model_io.abstract(
+      lambda rngs: AdaptedPDFGC(config, compute=compute, rngs=rngs)))

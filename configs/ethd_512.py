@@ -1,0 +1,67 @@
+"""Stage `ethd` (ARCHITECTURE.md §3.5, §3.7): ETHD on SVD-XT's UNet at 512² with 120-frame windows,
+the paper's setting (Adam8bit, lr 1e-5, batch 1 per device, ≈200 A100-hours on 8 A100).
+
+  etalk train --config configs/ethd_512.py --workdir runs/ethd \\
+      --config.data.dataset_dir=data --config.ethd.init=svd:checkpoints/svd_xt \\
+      --config.codec.folder=checkpoints/svd_xt --config.encoders.audio=ckpt/wav2vec2 \\
+      --config.encoders.vision=runs/encoders/export/encoders \\
+      --config.vaid.projector=runs/projector/export --config.vaid.dicte=runs/dicte/export
+
+starts from the converted SVD-XT UNet (1,577,631,658 parameters with ETHD's layers), shards it
+FSDP over every device, computes in bf16 over fp32 master weights with the UNet's blocks
+rematerialised, and writes runs/ethd/export (`etalk_jax.ethd.model.load_ethd`).
+`configs/ethd_512.py:tiny` is the CPU size `etalk demo` trains: a two-level UNet on 16x16
+pixel-shuffle latents of 64 px frames, 8-frame windows.
+"""
+
+import importlib.util
+from pathlib import Path
+
+from etalk_jax.train.config import base_config, use_large_model_settings
+
+
+def _svd_xt_unet() -> dict:
+  """configs/svd_xt.py's UNet at 512² (64x64 latents) and 120-frame windows."""
+  spec = importlib.util.spec_from_file_location("svd_xt", Path(__file__).with_name("svd_xt.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return dict(module.get_config().unet, sample_size=64, num_frames=120)
+
+
+# 64 px frames as 16x16x48 pixel-shuffle latents; one cross-attention level and one plain one.
+TINY_UNET = dict(
+    sample_size=16, in_channels=96, out_channels=48,
+    down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+    up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+    block_out_channels=(32, 64), addition_time_embed_dim=4,
+    projection_class_embeddings_input_dim=12, layers_per_block=1, cross_attention_dim=32,
+    transformer_layers_per_block=1, num_attention_heads=2, num_frames=8)
+
+
+def ethd_fields(full: bool) -> dict:
+  return dict(unet=_svd_xt_unet() if full else TINY_UNET, window=5,
+              added_time_ids=(24.0, 127.0, 0.02), init="")
+
+
+def get_config(variant: str = "full"):
+  if variant not in ("full", "tiny"):
+    raise ValueError(f"configs/ethd_512.py knows the variants 'full' and 'tiny', not {variant!r}.")
+  full = variant == "full"
+  config = base_config("ethd", steps=200_000 if full else 400, lr=1e-5 if full else 1e-3,
+                       batch_size=1 if full else 2, window=120 if full else 8)
+  if full:
+    use_large_model_settings(config)
+  config.ethd = ethd_fields(full)
+  config.data.precomputed = ""  # a folder of `etalk precompute`: read latents, not pixels
+  # SVD's VAE (a folder of `etalk convert svd`), or the weight-free pixel-shuffle stand-in.
+  config.codec = (dict(kind="vae", folder="") if full else
+                  dict(kind="pixel_shuffle", factor=4, scale=2.0))
+  # Training noise levels, ln sigma ~ N(p_mean, p_std²): SVD's (0.7, 1.6) for 512² video
+  # latents; lower for the demo's 16x16 ones of std ~0.8, where the mouth is decided.
+  config.sigma = dict(p_mean=0.7, p_std=1.6) if full else dict(p_mean=0.3, p_std=1.2)
+  config.encoders = dict(audio="", vision="", audio_features={})
+  config.vaid = dict(projector="", dicte="", dicte_steps=10)  # frozen V-AID exports
+  config.expression_from_truth = 0.6  # the paper: ground-truth e with 0.6, else Di-CTE's
+  config.condition_dropout = 0.05  # each of lip / expression / reference, for optional guidance
+  config.lip_weight = 0.0 if full else 20.0  # extra loss weight inside the lip mask
+  return config

@@ -1,0 +1,111 @@
+"""Latent codecs: video frames <-> the latents ETHD denoises.
+
+`VAECodec` is the real one (ARCHITECTURE.md §1): SVD's temporal VAE, posterior mode times
+`scaling_factor` to encode, the temporal decoder in chunks to decode. `PixelShuffleCodec` is an
+exact, weight-free stand-in: `factor`x`factor` pixel patches folded into channels
+(space-to-depth), so a 64 px frame becomes a 16 x 16 x 48 latent and decodes back exactly; its
+`scale` plays the VAE's scaling_factor (pixels in [-1, 1] have a std near 0.4 on faces; x2 brings
+the latents near the unit variance EDM's preconditioning assumes).
+It is what the CPU demo trains on, because no pretrained VAE can be downloaded there and a
+random-weight VAE would not reconstruct a face. Both take uint8 or [-1, 1] float frames
+`(frames, H, W, 3)` and give float32 latents `(frames, H / f, W / f, channels)`.
+
+The pipeline's `pipeline.json` names the codec as `{"kind": "vae"}` (weights in `vae/`) or
+`{"kind": "pixel_shuffle", "factor": 4}`; `codec_from_spec` builds either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from etalk_jax.svd.vae import TemporalVAE, decode_in_chunks
+
+
+def to_unit_range(frames: Any) -> jax.Array:
+  """uint8 pixels -> float32 in [-1, 1]; float input is taken as already in [-1, 1]."""
+  frames = jnp.asarray(frames)
+  if frames.dtype == jnp.uint8:
+    return frames.astype(jnp.float32) / 127.5 - 1.0
+  return frames.astype(jnp.float32)
+
+
+def to_uint8(frames: Any) -> np.ndarray:
+  """[-1, 1] float frames -> uint8 pixels (clipped, rounded)."""
+  return np.asarray(jnp.clip(jnp.round((jnp.asarray(frames) + 1.0) * 127.5), 0, 255), np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelShuffleCodec:
+  factor: int = 4
+  scale: float = 2.0
+
+  @property
+  def downsample(self) -> int:
+    return self.factor
+
+  @property
+  def latent_channels(self) -> int:
+    return 3 * self.factor ** 2
+
+  def spec(self) -> dict[str, Any]:
+    return {"kind": "pixel_shuffle", "factor": self.factor, "scale": self.scale}
+
+  def encode(self, frames: Any) -> jax.Array:
+    pixels = to_unit_range(frames)
+    height, width = pixels.shape[-3:-1]
+    if height % self.factor or width % self.factor:
+      raise ValueError(f"frames of {height}x{width} pixels do not fold into {self.factor}x"
+                       f"{self.factor} patches; use a resolution divisible by {self.factor}")
+    return self.scale * einops.rearrange(pixels, "... (h p) (w q) c -> ... h w (p q c)",
+                                         p=self.factor, q=self.factor)
+
+  def decode(self, latents: Any) -> jax.Array:
+    return einops.rearrange(jnp.asarray(latents, jnp.float32) / self.scale,
+                            "... h w (p q c) -> ... (h p) (w q) c", p=self.factor, q=self.factor)
+
+
+@dataclasses.dataclass(frozen=True)
+class VAECodec:
+  vae: TemporalVAE
+  decode_chunk_frames: int = 14  # frames decoded as one clip (diffusers' decode_chunk_size)
+
+  @property
+  def downsample(self) -> int:
+    return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+  @property
+  def latent_channels(self) -> int:
+    return self.vae.config.latent_channels
+
+  def spec(self) -> dict[str, Any]:
+    return {"kind": "vae", "decode_chunk_frames": self.decode_chunk_frames}
+
+  def encode(self, frames: Any) -> jax.Array:
+    """Frames `(frames, H, W, 3)` -> scaled latents (the posterior's mode, as SVD encodes the
+    conditioning frame)."""
+    return self.vae.encode(to_unit_range(frames)).mode() * self.vae.config.scaling_factor
+
+  def decode(self, latents: Any) -> jax.Array:
+    latents = jnp.asarray(latents, jnp.float32) / self.vae.config.scaling_factor
+    return decode_in_chunks(self.vae, latents, self.decode_chunk_frames)
+
+
+def codec_from_spec(spec: dict[str, Any], folder: str | Path | None = None):
+  """The codec a `pipeline.json` names; a VAE codec loads its weights from `folder/vae`."""
+  kind = spec.get("kind")
+  if kind == "pixel_shuffle":
+    return PixelShuffleCodec(int(spec.get("factor", 4)), float(spec.get("scale", 2.0)))
+  if kind == "vae":
+    if folder is None:
+      raise ValueError("a VAE codec needs the checkpoint folder holding vae/")
+    from etalk_jax.svd.params import load_vae  # noqa: PLC0415
+    return VAECodec(load_vae(Path(folder) / "vae"), int(spec.get("decode_chunk_frames", 14)))
+  raise ValueError(f"unknown latent codec {kind!r} in pipeline.json; use 'vae' or "
+                   f"'pixel_shuffle'")

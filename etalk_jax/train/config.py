@@ -1,0 +1,62 @@
+"""The fields every training config shares, and loading a config file with command-line
+overrides (`--config=configs/vaid.py:tiny --config.optim.lr=2e-4`, ml_collections' own parser)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import ml_collections
+
+
+def base_config(stage: str, *, steps: int, lr: float, batch_size: int, window: int
+                ) -> ml_collections.ConfigDict:
+  """stage, data, optim, train, mesh and rules with the paper's defaults where it gives them."""
+  from etalk_jax.parallel import DEFAULT_RULES  # noqa: PLC0415
+  config = ml_collections.ConfigDict()
+  config.stage = stage
+  # A folder written by `etalk prepare` / `etalk synthesize` (required).
+  config.data = dict(dataset_dir="", split="train", window=window, batch_size=batch_size, seed=0,
+                     num_workers=0)
+  config.optim = dict(
+      name="adam", lr=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+      schedule="constant", warmup_steps=0, final_lr_fraction=0.0,  # or "cosine"
+      clip_norm=1.0,  # global-norm gradient clipping; 0 switches it off
+      ema_decay=0.0,  # > 0: keep and export an EMA of the trained parameters
+      grad_accum=1)  # micro-batches per step (data.batch_size must divide by it)
+  config.train = dict(
+      steps=steps, seed=0, log_every=10, checkpoint_every=500, keep=3,
+      compute_dtype="float32",  # bfloat16: bf16 compute over fp32 master weights
+      remat="none",  # none | blocks | blocks_save_dots (the UNet's blocks)
+      attention="xla",  # xla | cudnn | splash
+      peak_tflops=0.0)  # per device, for MFU where the device kind is unknown
+  config.mesh = dict(data=-1, fsdp=1)
+  config.rules = tuple(DEFAULT_RULES)
+  return config
+
+
+def use_large_model_settings(config: ml_collections.ConfigDict) -> None:
+  """The paper's ETHD-scale settings: 8-bit Adam, bf16 compute over fp32 master weights, the
+  UNet's blocks rematerialised, parameters sharded FSDP over every device."""
+  config.optim.name = "adam8bit"
+  config.train.compute_dtype = "bfloat16"
+  config.train.remat = "blocks"
+  config.mesh = dict(data=1, fsdp=-1)
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """`path` (`file.py` or `file.py:variant`) with `--config.key=value` overrides applied and
+  type-checked by ml_collections."""
+  from absl import flags  # noqa: PLC0415
+  from ml_collections import config_flags  # noqa: PLC0415
+  for override in overrides:
+    if not override.startswith("--config."):
+      raise ValueError(f"unknown argument {override!r}; overrides look like --config.key=value")
+  argv = ["etalk", f"--config={path}", *overrides]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", default=None, flag_values=flag_values,
+                                  lock_config=False, sys_argv=argv)
+  try:
+    flag_values(argv)
+  except (flags.Error, FileNotFoundError, AttributeError, KeyError, TypeError) as error:
+    raise ValueError(f"--config {path}: {error}") from error
+  return flag_values.config

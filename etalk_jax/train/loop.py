@@ -1,0 +1,351 @@
+"""One training loop for every stage (encoder adapters, projector, Di-CTE, ETHD, speech emotion).
+
+A stage (`etalk_jax.train.stages`) turns its config into a `Task`: the model (trainable parts and
+frozen ones together), which parameters train, a loss, a checkpointable iterator of host batches,
+a host-side `featurize` step (frozen encoders that turn loader windows into the loss's inputs)
+and an `export` that writes the trained component. Everything else is here, read top to bottom:
+
+  mesh and shardings   parameters and optimizer state placed by `etalk_jax.parallel` rules,
+                       batches split over (data, fsdp)
+  optimizer            optax: global-norm clipping -> Adam or 8-bit Adam (the paper's Adam8bit)
+                       with a warmup + constant / cosine schedule -> optional parameter EMA
+  step                 one `jax.jit` with in/out shardings and donated state; gradient
+                       accumulation as a `lax.scan` over micro-batches (one update per step);
+                       rematerialisation and bf16 compute are the model's `Compute`
+  checkpoints          `TrainCheckpointer`: model, optimizer (EMA inside), RNG, Grain iterator
+                       and step in one Orbax step; resumes exactly; SIGTERM saves and exits
+  metrics              loss, gradient norm, learning rate, steps/s, examples/s and model-FLOPs
+                       utilisation (XLA's cost analysis of the compiled step over the device's
+                       peak) to TensorBoard event files and metrics.jsonl; a progress bar
+
+The step's RNG key is `fold_in(run key, step)`, so a resumed run draws what the uninterrupted
+one would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from etalk_jax import parallel
+from etalk_jax.train.checkpoint import StopRequest, TrainCheckpointer
+from etalk_jax.train.optim import adam_8bit
+
+log = logging.getLogger(__name__)
+
+Batch = Mapping[str, Any]
+LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass
+class Task:
+  """What a stage hands the loop."""
+  name: str
+  model: nnx.Module  # everything the loss reads; frozen parts stay as they are
+  trainable: Any  # nnx filter of the parameters that train (e.g. nnx.Param, ADAPTER_PARAMS)
+  loss: LossFn  # (model, batch, key) -> (scalar loss, {name: scalar metric})
+  batches: Iterator[Batch]  # host batches; a Grain iterator, so its position checkpoints
+  export: Callable[[nnx.Module, Path], Any]  # writes the trained component(s) to a folder
+  featurize: Callable[[Batch], Batch] = lambda batch: batch  # host side, before the step
+  batch_size: int = 1  # examples per step (for examples/s)
+
+
+# -------------------------------------------------------------------------------- optimizer
+
+
+def learning_rate_schedule(optim: Mapping[str, Any], total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 over `warmup_steps`, then `constant` or `cosine` decay to
+  `lr * final_lr_fraction` at `total_steps`."""
+  lr, warmup = float(optim["lr"]), int(optim.get("warmup_steps", 0))
+  kind = optim.get("schedule", "constant")
+  if kind == "constant":
+    if not warmup:
+      return optax.constant_schedule(lr)
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
+                                 optax.constant_schedule(lr)], [warmup])
+  if kind == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, max(warmup, 1), max(total_steps, warmup + 1),
+        end_value=lr * float(optim.get("final_lr_fraction", 0.0)))
+  raise ValueError(f"config.optim.schedule={kind!r}: use 'constant' or 'cosine'")
+
+
+def params_ema(decay: float) -> optax.GradientTransformation:
+  """Tracks an exponential moving average of the parameters AFTER this update; place it last in a
+  chain (it leaves the updates as they are). Living in the optimizer state, the average is
+  sharded like the parameters and checkpointed with the optimizer."""
+
+  def init_fn(params):
+    # A copy: the average must not share buffers with the parameters (both are donated).
+    return {"ema": jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)}
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("params_ema needs the parameters; call update(grads, state, params)")
+    ema = jax.tree.map(lambda e, p, u: decay * e + (1 - decay) * (p + u).astype(jnp.float32),
+                       state["ema"], params, updates)
+    return updates, {"ema": ema}
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def make_optimizer(optim: Mapping[str, Any], total_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """config.optim -> (transformation, learning-rate schedule)."""
+  schedule = learning_rate_schedule(optim, total_steps)
+  parts = []
+  if optim.get("clip_norm"):
+    parts.append(optax.clip_by_global_norm(float(optim["clip_norm"])))
+  name = optim.get("name", "adam")
+  adam_args = dict(b1=float(optim.get("b1", 0.9)), b2=float(optim.get("b2", 0.999)),
+                   eps=float(optim.get("eps", 1e-8)))
+  weight_decay = float(optim.get("weight_decay", 0.0))
+  if name == "adam8bit":
+    parts.append(adam_8bit(schedule, weight_decay=weight_decay, **adam_args))
+  elif name == "adam":
+    parts.append(optax.adamw(schedule, weight_decay=weight_decay, **adam_args))
+  else:
+    raise ValueError(f"config.optim.name={name!r}: use 'adam' or 'adam8bit'")
+  if optim.get("ema_decay"):
+    parts.append(params_ema(float(optim["ema_decay"])))
+  return optax.chain(*parts), schedule
+
+
+def ema_state(optimizer: nnx.Optimizer):
+  """The EMA parameters inside `optimizer` (a pure dict like the trainable state), or None."""
+  for part in optimizer.opt_state:
+    if isinstance(part, dict) and "ema" in part:
+      return nnx.to_pure_dict(part["ema"])
+  return None
+
+
+# ------------------------------------------------------------------------------------- step
+
+
+def _split_micro(batch: Batch, accumulation: int) -> Batch:
+  def split(x):
+    if x.shape[0] % accumulation:
+      raise ValueError(f"a batch of {x.shape[0]} does not split into {accumulation} "
+                       "micro-batches; make config.data.batch_size a multiple of "
+                       "config.optim.grad_accum")
+    return x.reshape((accumulation, x.shape[0] // accumulation) + x.shape[1:])
+  return jax.tree.map(split, batch)
+
+
+def make_step(task: Task, graphdef: nnx.GraphDef, accumulation: int, schedule: optax.Schedule):
+  """The pure step `(state, batch, key) -> (state, metrics)` over `nnx.state((model,
+  optimizer))`; gradients only for `task.trainable`, accumulated over `accumulation`
+  micro-batches."""
+
+  def step(state, batch, key):
+    model, optimizer = nnx.merge(graphdef, state)
+    model_graph, trainable, frozen = nnx.split(model, task.trainable, ...)
+
+    def loss_of(params, micro_batch, micro_key):
+      return task.loss(nnx.merge(model_graph, params, frozen), micro_batch, micro_key)
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+    if accumulation == 1:
+      (loss, metrics), grads = grad_fn(trainable, batch, key)
+    else:
+      def accumulate(carry, inputs):
+        micro_batch, micro_key = inputs
+        (loss, metrics), grads = grad_fn(trainable, micro_batch, micro_key)
+        return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+
+      micro = _split_micro(batch, accumulation)
+      keys = jax.random.split(key, accumulation)
+      (_, metrics0), grads0 = jax.eval_shape(grad_fn, trainable,
+                                             jax.tree.map(lambda x: x[0], micro), keys[0])
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (jnp.zeros(()), metrics0,
+                                                                   grads0))
+      (loss, metrics, grads), _ = jax.lax.scan(accumulate, zeros, (micro, keys))
+      loss, metrics, grads = jax.tree.map(lambda x: x / accumulation, (loss, metrics, grads))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                   lr=schedule(optimizer.step.get_value()))
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer)), metrics
+
+  return step
+
+
+# ---------------------------------------------------------------------------------- metrics
+
+# Peak dense bf16 FLOP/s per chip, for model-FLOPs utilisation (vendor figures).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
+              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+
+def peak_flops_per_device(override_tflops: float = 0.0) -> float | None:
+  if override_tflops:
+    return override_tflops * 1e12
+  kind = jax.devices()[0].device_kind
+  for name, flops in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return flops
+  return None  # e.g. the CPU: no meaningful peak, MFU is not reported
+
+
+class MetricWriter:
+  """metrics.jsonl (one JSON object per logged step) and TensorBoard event files; only process
+  0 writes."""
+
+  def __init__(self, workdir: Path):
+    self.enabled = jax.process_index() == 0
+    if not self.enabled:
+      return
+    from tensorboardX import SummaryWriter  # noqa: PLC0415
+    self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+    self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+    self._jsonl.flush()
+    for name, value in metrics.items():
+      self._tensorboard.add_scalar(name, value, step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tensorboard.close()
+
+
+# ------------------------------------------------------------------------------------- loop
+
+
+def _global_batch(batch: Batch, mesh) -> Batch:
+  """This process's batch slice -> global arrays split over (data, fsdp)."""
+  def put(x):
+    x = np.asarray(x)
+    if x.dtype.kind in "USO":  # strings (clip ids...) never reach the device
+      return None
+    sharding = parallel.batch_sharding(mesh, x.ndim)
+    return jax.make_array_from_process_local_data(sharding, x)
+  return {name: value for name, value in ((k, put(v)) for k, v in batch.items())
+          if value is not None}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, task: Task | None = None,
+          progress: bool = True) -> dict[str, Any]:
+  """Runs (or resumes) the stage `config.stage` in `workdir`; returns a summary.
+
+  workdir/checkpoints  Orbax steps (resume from the latest)
+  workdir/export       the trained component, written when the run reaches config.train.steps
+  workdir/metrics.jsonl, workdir/tensorboard/, workdir/config.json
+  """
+  from tqdm import tqdm  # noqa: PLC0415
+
+  from etalk_jax.train import stages  # noqa: PLC0415
+
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  train_config = config.train
+  total_steps = int(train_config.steps)
+  mesh = parallel.make_mesh(dict(config.get("mesh", {"data": -1})))
+  rules = tuple(tuple(rule) for rule in config.get("rules", parallel.DEFAULT_RULES))
+  task = task or stages.make_task(config, mesh)
+  accumulation = int(config.optim.get("grad_accum", 1))
+  tx, schedule = make_optimizer(config.optim, total_steps)
+
+  model = task.model
+  optimizer = nnx.Optimizer(model, tx, wrt=task.trainable)
+  graphdef, state = nnx.split((model, optimizer))
+  # Logical axis names per parameter (etalk_jax.parallel.logical); the optimizer's moments
+  # follow their parameters.
+  shardings = parallel.state_shardings(state, mesh, rules,
+                                       family_axes=parallel.tree_axes((model, optimizer)))
+  state = jax.device_put(state, shardings)
+  nnx.update((model, optimizer), state)
+
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  rng = jax.random.key(int(train_config.get("seed", 0)))
+  start = 0
+  checkpoint_every = int(train_config.get("checkpoint_every", 1000))
+  checkpointer = TrainCheckpointer(workdir / "checkpoints",
+                                   max_to_keep=int(train_config.get("keep", 3)))
+  if checkpointer.latest_step() is not None:
+    restored = checkpointer.restore(model=model, optimizer=optimizer, iterator=task.batches, rng=rng)
+    start, rng = restored.step, restored.rng
+    log.info("resumed %s from step %d", task.name, start)
+    state = nnx.state((model, optimizer))
+
+  step_fn = jax.jit(make_step(task, graphdef, accumulation, schedule),
+                    out_shardings=(shardings, None), donate_argnums=(0,))
+  writer = MetricWriter(workdir)
+  log_every = int(train_config.get("log_every", 10))
+  peak = peak_flops_per_device(float(train_config.get("peak_tflops", 0.0)))
+  compiled, flops_per_step, compile_seconds = None, None, 0.0
+  summary: dict[str, Any] = {"stage": task.name, "start_step": start}
+  window_start, window_steps = time.perf_counter(), 0
+  last: dict[str, float] = {}
+  bar = tqdm(total=total_steps, initial=start, desc=f"train {task.name}", unit="step",
+             disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+  stopped = False
+  try:
+    with StopRequest() as stop:
+      for step in range(start + 1, total_steps + 1):
+        batch = _global_batch(task.featurize(next(task.batches)), mesh)
+        key = jax.random.fold_in(rng, step)
+        if compiled is None:
+          # Compiled once, ahead of time, so that its cost analysis gives the FLOPs for MFU;
+          # every step's batch has the same shapes.
+          began = time.perf_counter()
+          compiled = step_fn.lower(state, batch, key).compile()
+          compile_seconds = time.perf_counter() - began
+          cost = compiled.cost_analysis()
+          cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+          flops_per_step = float((cost or {}).get("flops", 0.0))
+          window_start = time.perf_counter()
+        state, metrics = compiled(state, batch, key)
+        window_steps += 1
+        bar.update(1)
+        if step % log_every == 0 or step == total_steps:
+          metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
+          elapsed = time.perf_counter() - window_start
+          metrics["steps_per_s"] = window_steps / elapsed
+          metrics["examples_per_s"] = metrics["steps_per_s"] * task.batch_size
+          if peak and flops_per_step:
+            metrics["mfu"] = flops_per_step * metrics["steps_per_s"] / (peak * jax.device_count())
+          writer.write(step, metrics)
+          bar.set_postfix(loss=f"{metrics['loss']:.4g}", refresh=False)
+          last = metrics
+          window_start, window_steps = time.perf_counter(), 0
+        if step % checkpoint_every == 0 or step == total_steps or stop.requested():
+          nnx.update((model, optimizer), state)
+          checkpointer.save(step, model=model, optimizer=optimizer, iterator=task.batches,
+                            rng=rng, force=True)
+        if stop.requested():
+          stopped = True
+          summary["stopped_at"] = step
+          break
+  finally:
+    bar.close()
+    writer.close()
+    checkpointer.close()
+  nnx.update((model, optimizer), state)
+  if not stopped:
+    ema = ema_state(optimizer)
+    if ema is not None:  # export the averaged weights
+      trainable = nnx.state(model, task.trainable)
+      nnx.replace_by_pure_dict(trainable, ema)
+      nnx.update(model, trainable)
+    if jax.process_index() == 0:
+      task.export(model, workdir / "export")
+    summary["export"] = str(workdir / "export")
+  summary.update(final_metrics=last, compile_seconds=round(compile_seconds, 2),
+                 flops_per_step=flops_per_step, steps=total_steps)
+  return summary

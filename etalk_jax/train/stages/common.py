@@ -1,0 +1,212 @@
+"""What the stages share: the data spec (a Grain iterator over prepared clips), the frozen
+encoders named by the config, and building a model straight onto its shardings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from etalk_jax import parallel
+from etalk_jax.layers.compute import Compute
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
+
+
+def compute_of(config) -> Compute:
+  """config.train.compute_dtype (float32 | bfloat16 over fp32 master weights), .remat and
+  .attention -> `Compute`."""
+  train = config.train
+  dtype = train.get("compute_dtype", "float32")
+  if dtype not in DTYPES:
+    raise ValueError(f"config.train.compute_dtype={dtype!r}: use float32 or bfloat16")
+  return Compute(dtype=jax.numpy.dtype(dtype), param_dtype=jax.numpy.float32,
+                 attention=train.get("attention", "xla"), remat=train.get("remat", "none"))
+
+
+def loader_iterator(config, *, with_frames: bool = True, with_reference: bool = True,
+                    with_masks: bool = True, window: int | None = None):
+  """A checkpointable Grain iterator over `config.data` (dataset_dir, split, window, batch_size,
+  seed, num_workers), this process's slice of the records."""
+  from data_pipeline import loader  # noqa: PLC0415
+
+  data = config.data
+  dataset_dir = data.get("dataset_dir")
+  if not dataset_dir:
+    raise ValueError("config.data.dataset_dir is not set; pass --config.data.dataset_dir=DIR (a "
+                     "folder written by `etalk prepare` or `etalk synthesize`)")
+  if not Path(dataset_dir).exists():
+    raise FileNotFoundError(f"config.data.dataset_dir={dataset_dir} does not exist; run `etalk "
+                            "prepare` or `etalk synthesize` first")
+  loader_config = _loader_config(config, window, with_frames=with_frames,
+                                 with_reference=with_reference, with_masks=with_masks)
+  return iter(loader.make_dataset(dataset_dir, data.get("split", "train"), loader_config))
+
+
+def _loader_config(config, window: int | None = None, **switches):
+  """`LoaderConfig` of `config.data` for this process's slice (`switches`: the with_* fields)."""
+  from data_pipeline import loader  # noqa: PLC0415
+  data = config.data
+  return loader.LoaderConfig(
+      window=int(window or data.window), batch_size=int(data.batch_size),
+      seed=int(data.get("seed", 0)), num_workers=int(data.get("num_workers", 0)),
+      shard_index=jax.process_index(), shard_count=jax.process_count(), **switches)
+
+
+def precomputed_iterator(config):
+  """A checkpointable Grain iterator over config.data.precomputed (a folder written by `etalk
+  precompute`): windows of latents and encoder outputs, `loader.PrecomputedWindowSampler`'s."""
+  from data_pipeline import loader  # noqa: PLC0415
+  return iter(loader.make_precomputed_dataset(config.data.precomputed,
+                                              config.data.get("split", "train"),
+                                              _loader_config(config)))
+
+
+def build_sharded(build: Callable[[Any], nnx.Module], mesh, config) -> nnx.Module:
+  """A freshly initialised model created directly on its shardings (never whole on one device)."""
+  rules = tuple(tuple(rule) for rule in config.get("rules", parallel.DEFAULT_RULES))
+  return parallel.create_sharded(build, mesh, rules)
+
+
+def _required(config, name: str) -> str:
+  folder = config.encoders.get(name)
+  if not folder:
+    raise ValueError(f"config.encoders.{name} is not set; pass --config.encoders.{name}=DIR")
+  if not Path(folder).is_dir():
+    raise FileNotFoundError(f"config.encoders.{name}={folder} is not a folder")
+  return folder
+
+
+def audio_encoder(config):
+  """The frozen wav2vec2 of config.encoders.audio (a folder written by `etalk convert wav2vec2`)."""
+  from etalk_jax.audio.params import load_wav2vec2  # noqa: PLC0415
+  return load_wav2vec2(_required(config, "audio"))
+
+
+def audio_features(config):
+  """`AudioFeatures` over the frozen wav2vec2, with config.encoders.audio_features overrides."""
+  from etalk_jax.audio import AudioFeatures  # noqa: PLC0415
+  return AudioFeatures(audio_encoder(config),
+                       feature_config(config.encoders.get("audio_features", {})))
+
+
+def feature_config(fields):
+  """`FeatureConfig` from a config's audio_features dict (lists, as overrides give them, become
+  tuples)."""
+  from etalk_jax.audio import FeatureConfig  # noqa: PLC0415
+  return FeatureConfig(**{name: tuple(value) if isinstance(value, list) else value
+                          for name, value in dict(fields).items()})
+
+
+def vision_encoders(config, name: str = "vision"):
+  """Lip / expression encoders: a folder written by `save_encoders` (trained adapters), or a bare
+  PD-FGC folder (`etalk convert pdfgc`) wrapped with untrained (identity) adapters."""
+  return vision_encoders_from_folder(_required(config, name), int(config.train.get("seed", 0)))
+
+
+def vision_encoders_from_folder(folder, seed: int = 0):
+  """`vision_encoders` of a folder: `save_encoders`' (trained adapters), or a bare PD-FGC one
+  wrapped with identity adapters (their output layers are zero-initialised, so `seed` does not
+  change what they compute)."""
+  from etalk_jax import model_io  # noqa: PLC0415
+  from etalk_jax.vision.params import ENCODERS_NAME, load_encoders, load_pdfgc  # noqa: PLC0415
+  from etalk_jax.vision.pdfgc import AdaptedPDFGC  # noqa: PLC0415
+  record = model_io.read_config(folder).get("etalk_format", {})
+  if record.get("model") == ENCODERS_NAME:
+    return load_encoders(folder)
+  trunk = load_pdfgc(folder)
+  return AdaptedPDFGC(trunk.config, encoder=trunk, rngs=nnx.Rngs(seed))
+
+
+def featurizer(config, vision=None):
+  """`VAIDFeaturizer` over the frozen speech and vision encoders the config names."""
+  from etalk_jax.vaid.data import VAIDFeaturizer  # noqa: PLC0415
+  return VAIDFeaturizer(audio_features(config), vision or vision_encoders(config))
+
+
+def emotion_indices(labels) -> np.ndarray:
+  """The loader's emotion labels (indices into data_pipeline.EMOTION_LABELS, whose first eight
+  are the keywords of EMOTIONS) -> keyword indices, -1 for the rest (contempt, unknown)."""
+  from data_pipeline import EMOTIONS  # noqa: PLC0415
+  labels = np.asarray(labels).reshape(-1).astype(np.int32)
+  return np.where(labels < len(EMOTIONS), labels, -1).astype(np.int32)
+
+
+def latent_codec(config):
+  """(codec, jitted encode) for config.codec: {"kind": "pixel_shuffle", "factor": f} or
+  {"kind": "vae", "folder": DIR} (a folder written by `etalk convert svd`, its vae/)."""
+  return latent_codec_from_spec(dict(config.codec))
+
+
+def codec_weights_folder(spec: dict) -> Path | None:
+  """The VAE folder a codec spec reads (DIR/vae when DIR holds one), None for weight-free codecs."""
+  if spec.get("kind") != "vae":
+    return None
+  folder = Path(spec.get("folder", ""))
+  return folder / "vae" if (folder / "vae").is_dir() else folder
+
+
+def latent_codec_from_spec(spec: dict):
+  """`latent_codec` of a codec spec dict (what config.codec holds)."""
+  from etalk_jax.svd.codec import PixelShuffleCodec, VAECodec  # noqa: PLC0415
+  spec = dict(spec)
+  if spec.get("kind") == "pixel_shuffle":
+    codec = PixelShuffleCodec(int(spec.get("factor", 4)), float(spec.get("scale", 2.0)))
+    return codec, jax.jit(codec.encode)
+  if spec.get("kind") == "vae":
+    from etalk_jax.svd.params import load_vae  # noqa: PLC0415
+    codec = VAECodec(load_vae(codec_weights_folder(spec)))
+    graphdef, state = nnx.split(codec.vae)
+
+    @jax.jit
+    def encode(state, frames):
+      return VAECodec(nnx.merge(graphdef, state)).encode(frames)
+
+    return codec, lambda frames: encode(state, frames)
+  raise ValueError(f"config.codec.kind={spec.get('kind')!r}: use 'pixel_shuffle' or 'vae'")
+
+
+def encode_video(encode, frames: np.ndarray) -> np.ndarray:
+  """uint8 `(batch, frames, H, W, 3)` -> latents `(batch, frames, h, w, c)`."""
+  batch, count = frames.shape[:2]
+  latents = np.asarray(encode(frames.reshape((batch * count,) + frames.shape[2:])))
+  return latents.reshape((batch, count) + latents.shape[1:])
+
+
+def ethd_config(config, lip_dim: int, expression_dim: int):
+  """`ETHDConfig` from config.ethd with the encoders' latent sizes."""
+  from etalk_jax.ethd import ETHDConfig  # noqa: PLC0415
+  from etalk_jax.svd import UNetConfig  # noqa: PLC0415
+  fields = {name: tuple(value) if isinstance(value, list) else value
+            for name, value in dict(config.ethd.unet).items()}
+  return ETHDConfig(unet=UNetConfig(**fields), lip_dim=lip_dim, expression_dim=expression_dim,
+                    window=int(config.ethd.get("window", 5)),
+                    added_time_ids=tuple(config.ethd.get("added_time_ids", (24.0, 127.0, 0.02))))
+
+
+def build_ethd(config, mesh, lip_dim: int, expression_dim: int):
+  """ETHD as config.ethd.init says: "" (random, created sharded), "svd:DIR" (a converted SVD
+  UNet: `etalk convert svd`), or "ethd:DIR" (an ETHD folder, e.g. another stage's export)."""
+  from etalk_jax.ethd import ETHD  # noqa: PLC0415
+  from etalk_jax.ethd.model import ethd_from_svd, load_ethd  # noqa: PLC0415
+  compute = compute_of(config)
+  wanted = ethd_config(config, lip_dim, expression_dim)
+  init = config.ethd.get("init", "")
+  if not init:
+    return build_sharded(lambda rngs: ETHD(wanted, compute=compute, rngs=rngs), mesh, config)
+  kind, _, folder = init.partition(":")
+  if kind == "ethd":
+    model = load_ethd(folder, compute=compute)
+    if model.ethd_config != wanted:
+      raise ValueError(f"config.ethd.init={init}: that ETHD's config differs from config.ethd "
+                       "(UNet sizes, lip / expression dims); make them match")
+    return model
+  if kind == "svd":
+    from etalk_jax.svd.params import load_unet  # noqa: PLC0415
+    unet_folder = Path(folder) / "unet" if (Path(folder) / "unet").is_dir() else Path(folder)
+    return ethd_from_svd(load_unet(unet_folder, compute=compute), wanted, compute=compute)
+  raise ValueError(f"config.ethd.init={init!r}: use '', 'svd:DIR' or 'ethd:DIR'")
+

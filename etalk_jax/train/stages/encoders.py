@@ -1,0 +1,75 @@
+"""Stage `encoders`: the lip and expression adapters, pre-trained by self-driven dropout image
+reconstruction (ARCHITECTURE.md §2, §3.9) with an ETHD as the renderer that trains beside them.
+
+Data: loader windows (frames, reference, face / lip masks) -> latents through the latent codec
+on the host. Loss: `etalk_jax.ethd.objective.encoder_reconstruction_loss` (per sample: drop l_v,
+drop e_v, or keep both; the loss inside the face mask, the lip mask or the whole frame). Only
+the adapters and the renderer train; the PD-FGC trunk stays frozen.
+Export: export/encoders (`vision.params.load_encoders`) and export/renderer (`load_ethd`), which
+the ETHD stage may start from (`--config.ethd.init=ethd:<workdir>/export/renderer`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+from flax import nnx
+
+from etalk_jax.ethd.model import save_ethd
+from etalk_jax.ethd.objective import ReconstructionConfig, encoder_reconstruction_loss
+from etalk_jax.train.loop import Task
+from etalk_jax.train.stages import common
+from etalk_jax.vision.params import save_encoders
+from etalk_jax.vision.pdfgc import ADAPTER_PARAMS, resize_bilinear
+
+
+class EncodersWithRenderer(nnx.Module):
+  """The two trained parts of this stage under one root, so one optimizer sees both."""
+
+  def __init__(self, encoders, renderer):
+    self.encoders = encoders
+    self.renderer = renderer
+
+
+TRAINABLE = nnx.Any(ADAPTER_PARAMS, nnx.All(nnx.Param, nnx.PathContains("renderer")))
+
+
+def encoder_inputs(frames: jnp.ndarray, size: int) -> jnp.ndarray:
+  """uint8 frames `(..., H, W, 3)` -> the encoders' [-1, 1] input at `size` pixels."""
+  lead = frames.shape[:-3]
+  images = frames.reshape((-1,) + frames.shape[-3:]).astype(jnp.float32) / 127.5 - 1.0
+  return resize_bilinear(images, size, size).reshape(lead + (size, size, 3))
+
+
+def make_task(config, mesh) -> Task:
+  encoders = common.vision_encoders(config)
+  renderer = common.build_ethd(config, mesh, encoders.config.feature_dim,
+                               encoders.config.expression_dim)
+  model = EncodersWithRenderer(encoders, renderer)
+  _, encode = common.latent_codec(config)
+  size = encoders.config.image_size
+  options = ReconstructionConfig(
+      mode_probabilities=tuple(config.get("mode_probabilities", (1 / 3, 1 / 3, 1 / 3))),
+      **{name: float(value) for name, value in dict(config.sigma).items()})
+
+  def featurize(batch):
+    return {"latents": common.encode_video(encode, batch["frames"]),
+            "reference_latents": encode(batch["reference"]),
+            "frames": batch["frames"], "reference": batch["reference"],
+            "face_mask": batch["face_mask"], "lip_mask": batch["lip_mask"]}
+
+  def loss(model, batch, key):
+    value, info = encoder_reconstruction_loss(
+        model.encoders, model.renderer, batch["latents"], batch["reference_latents"],
+        encoder_inputs(batch["frames"], size), encoder_inputs(batch["reference"], size),
+        batch["face_mask"], batch["lip_mask"], key, config=options)
+    return value, {"sigma_mean": jnp.mean(info["sigma"])}
+
+  def export(model, folder: Path):
+    save_encoders(model.encoders, Path(folder) / "encoders", overwrite=True)
+    save_ethd(model.renderer, Path(folder) / "renderer", overwrite=True)
+
+  return Task(name="encoders", model=model, trainable=TRAINABLE, loss=loss,
+              batches=common.loader_iterator(config), featurize=featurize, export=export,
+              batch_size=int(config.data.batch_size))

@@ -1,0 +1,40 @@
+"""Stage `projector`: the audio-lip Perceiver projector (ARCHITECTURE.md §3.3).
+
+Data: loader windows of `config.data.window` frames; frozen wav2vec2 -> A_w and frozen lip
+encoder -> l_v on the host (`VAIDFeaturizer`). Loss: L1 pull of l_a = projector(A_w) to l_v (plus
+the push term when `config.projector.use_push`, which needs Di-CTE's e_a and is off by default).
+Export: the projector in our format (`etalk_jax.vaid.storage.load_projector`).
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from etalk_jax.train.loop import Task
+from etalk_jax.train.stages import common
+from etalk_jax.vaid.projector import AudioLipProjector, ProjectorConfig, projector_loss
+from etalk_jax.vaid.storage import save_vaid_model
+
+
+def make_task(config, mesh) -> Task:
+  featurizer = common.featurizer(config)
+  projector_config = featurizer.projector_config(ProjectorConfig(**config.projector))
+  if projector_config.use_push:
+    raise ValueError("config.projector.use_push needs Di-CTE's e_a during projector training, "
+                     "which this stage does not run; leave it off")
+  compute = common.compute_of(config)
+  model = common.build_sharded(
+      lambda rngs: AudioLipProjector(projector_config, compute=compute, rngs=rngs), mesh, config)
+
+  def featurize(batch):
+    examples = featurizer.from_batch(batch)
+    return {"audio_windows": examples.audio_windows, "lip": examples.lip}
+
+  def loss(model, batch, key):
+    del key
+    return projector_loss(model.config, model(batch["audio_windows"]), batch["lip"])
+
+  return Task(name="projector", model=model, trainable=nnx.Param, loss=loss,
+              batches=common.loader_iterator(config, with_masks=False), featurize=featurize,
+              export=lambda model, folder: save_vaid_model(model, folder, overwrite=True),
+              batch_size=int(config.data.batch_size))
