@@ -119,6 +119,21 @@ def save_frozen_encoders(workdir: Path, config) -> dict[str, Path]:
   return folders
 
 
+def fit_codec(workdir: Path, dataset_dir: str, config) -> Path:
+  """The demo's latent codec: patch PCA fitted on training frames (no pretrained VAE offline)."""
+  from data_pipeline.loader import data_source  # noqa: PLC0415
+  from etalk_jax.svd.codec import PatchPCACodec  # noqa: PLC0415
+  path = workdir / "codec.json"
+  if not path.exists():
+    source = data_source(dataset_dir, "train")
+    step = max(1, len(source) // 24)
+    frames = np.concatenate([_record_clip(source[i]).frames[::4]
+                             for i in range(0, len(source), step)])
+    codec = PatchPCACodec.fit(frames, int(config.latent_channels))
+    path.write_text(json.dumps(codec.spec()))
+  return path
+
+
 def train_stages(workdir: Path, dataset_dir: str, frozen: dict[str, Path], config, clock: Clock,
                  progress: bool) -> dict[str, Path]:
   """Every stage in dependency order; returns their export folders."""
@@ -136,6 +151,8 @@ def train_stages(workdir: Path, dataset_dir: str, frozen: dict[str, Path], confi
     stage_config.train.checkpoint_every = stage_config.train.steps
     return stage_config
 
+  codec = {"kind": "patch_pca", "file": str(fit_codec(workdir, dataset_dir, config))}
+  channels = int(config.latent_channels)
   encoders = common(_stage_config("encoders", "encoders"), "encoders")
   encoders.encoders.vision = str(frozen["pdfgc"])
   encoders.data.window = window
@@ -151,6 +168,10 @@ def train_stages(workdir: Path, dataset_dir: str, frozen: dict[str, Path], confi
   ethd.encoders.vision = str(exports["encoders"] / "encoders")
   ethd.encoders.audio_features = audio_features
   ethd.ethd.init = f"ethd:{exports['encoders'] / 'renderer'}"
+  for stage_config in (encoders, ethd):
+    stage_config.codec = codec
+    stage_config.ethd.unet.in_channels = 2 * channels
+    stage_config.ethd.unet.out_channels = channels
   ethd.vaid.projector = str(exports["projector"])
   ethd.vaid.dicte = str(exports["dicte"])
   ser = common(_stage_config("ser", "ser"), "ser")
@@ -180,7 +201,7 @@ def assemble_pipeline(workdir: Path, dataset_dir: str, frozen, exports, config, 
   from etalk_jax.emotion.ser import load_ser  # noqa: PLC0415
   from etalk_jax.ethd.model import load_ethd  # noqa: PLC0415
   from etalk_jax.pipeline import EmotiveTalkPipeline, save_pipeline  # noqa: PLC0415
-  from etalk_jax.svd.codec import PixelShuffleCodec  # noqa: PLC0415
+  from etalk_jax.svd.codec import codec_from_spec  # noqa: PLC0415
   from etalk_jax.vaid.storage import load_dicte, load_projector  # noqa: PLC0415
   from etalk_jax.vision.params import load_encoders  # noqa: PLC0415
 
@@ -196,7 +217,8 @@ def assemble_pipeline(workdir: Path, dataset_dir: str, frozen, exports, config, 
       checkpoint, ethd=load_ethd(exports["ethd"]), projector=load_projector(exports["projector"]),
       dicte=load_dicte(exports["dicte"]), encoders=load_encoders(exports["encoders"] / "encoders"),
       audio_encoder=load_wav2vec2(frozen["wav2vec2"]), codebook=Codebook.load(codebook_file),
-      codec=PixelShuffleCodec(4, 2.0), resolution=int(config.data.resolution),
+      codec=codec_from_spec({"kind": "patch_pca", "file": str(workdir / "codec.json")}),
+      resolution=int(config.data.resolution),
       wavlm=load_wavlm(frozen["wavlm"]), ser=load_ser(exports["ser"]),
       feature_config=FeatureConfig(**audio_features),
       sampler=SamplerConfig(steps=int(config.sample_steps), sigma_max=float(config.sigma_max),

@@ -71,6 +71,48 @@ class PixelShuffleCodec:
                             "... h w (p q c) -> ... (h p) (w q) c", p=self.factor, q=self.factor)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class PatchPCACodec:
+  """`factor`x`factor` patches projected on their first principal components (fitted on training
+  frames by `fit`), divided by `scale` (the components' std): a linear autoencoder with few
+  latent channels, as SVD's VAE has 4, so that a narrow UNet can model the noise of every
+  channel (pixel shuffle's 48 channels outnumber a 32-wide UNet's features)."""
+  factor: int
+  basis: np.ndarray  # (channels, 3 factor²) orthonormal rows
+  mean: np.ndarray  # (3 factor²,)
+  scale: float
+
+  @classmethod
+  def fit(cls, frames: np.ndarray, channels: int, factor: int = 4) -> "PatchPCACodec":
+    patches = np.asarray(PixelShuffleCodec(factor, 1.0).encode(frames)).reshape(-1,
+                                                                               3 * factor ** 2)
+    mean = patches.mean(axis=0)
+    _, _, components = np.linalg.svd(patches - mean, full_matrices=False)
+    basis = components[:channels].astype(np.float32)
+    scale = float(((patches - mean) @ basis.T).std())
+    return cls(factor, basis, mean.astype(np.float32), scale)
+
+  @property
+  def downsample(self) -> int:
+    return self.factor
+
+  @property
+  def latent_channels(self) -> int:
+    return int(self.basis.shape[0])
+
+  def spec(self) -> dict[str, Any]:
+    return {"kind": "patch_pca", "factor": self.factor, "scale": self.scale,
+            "basis": self.basis.tolist(), "mean": self.mean.tolist()}
+
+  def encode(self, frames: Any) -> jax.Array:
+    patches = PixelShuffleCodec(self.factor, 1.0).encode(frames)
+    return (patches - jnp.asarray(self.mean)) @ jnp.asarray(self.basis).T / self.scale
+
+  def decode(self, latents: Any) -> jax.Array:
+    patches = jnp.asarray(latents, jnp.float32) * self.scale @ jnp.asarray(self.basis)
+    return PixelShuffleCodec(self.factor, 1.0).decode(patches + jnp.asarray(self.mean))
+
+
 @dataclasses.dataclass(frozen=True)
 class VAECodec:
   vae: TemporalVAE
@@ -102,10 +144,16 @@ def codec_from_spec(spec: dict[str, Any], folder: str | Path | None = None):
   kind = spec.get("kind")
   if kind == "pixel_shuffle":
     return PixelShuffleCodec(int(spec.get("factor", 4)), float(spec.get("scale", 2.0)))
+  if kind == "patch_pca":
+    if "file" in spec:  # a JSON file holding this spec (what a training config names)
+      import json  # noqa: PLC0415
+      spec = json.loads(Path(spec["file"]).read_text())
+    return PatchPCACodec(int(spec["factor"]), np.asarray(spec["basis"], np.float32),
+                         np.asarray(spec["mean"], np.float32), float(spec["scale"]))
   if kind == "vae":
     if folder is None:
       raise ValueError("a VAE codec needs the checkpoint folder holding vae/")
     from etalk_jax.svd.params import load_vae  # noqa: PLC0415
     return VAECodec(load_vae(Path(folder) / "vae"), int(spec.get("decode_chunk_frames", 14)))
-  raise ValueError(f"unknown latent codec {kind!r} in pipeline.json; use 'vae' or "
-                   f"'pixel_shuffle'")
+  raise ValueError(f"unknown latent codec {kind!r} in pipeline.json; use 'vae', "
+                   f"'pixel_shuffle' or 'patch_pca'")

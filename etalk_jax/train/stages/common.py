@@ -156,6 +156,10 @@ def latent_codec_from_spec(spec: dict):
   if spec.get("kind") == "pixel_shuffle":
     codec = PixelShuffleCodec(int(spec.get("factor", 4)), float(spec.get("scale", 2.0)))
     return codec, jax.jit(codec.encode)
+  if spec.get("kind") == "patch_pca":  # {"kind": "patch_pca", "file": codec.json}
+    from etalk_jax.svd.codec import codec_from_spec  # noqa: PLC0415
+    codec = codec_from_spec(spec)
+    return codec, jax.jit(codec.encode)
   if spec.get("kind") == "vae":
     from etalk_jax.svd.params import load_vae  # noqa: PLC0415
     codec = VAECodec(load_vae(codec_weights_folder(spec)))
@@ -166,7 +170,8 @@ def latent_codec_from_spec(spec: dict):
       return VAECodec(nnx.merge(graphdef, state)).encode(frames)
 
     return codec, lambda frames: encode(state, frames)
-  raise ValueError(f"config.codec.kind={spec.get('kind')!r}: use 'pixel_shuffle' or 'vae'")
+  raise ValueError(f"config.codec.kind={spec.get('kind')!r}: use 'pixel_shuffle', 'patch_pca' "
+                   "or 'vae'")
 
 
 def encode_video(encode, frames: np.ndarray) -> np.ndarray:
