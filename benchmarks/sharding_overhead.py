@@ -22,46 +22,23 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from etalk_jax import parallel  # noqa: E402
 from etalk_jax.svd import UNetConfig, UNetSpatioTemporal  # noqa: E402
 from etalk_jax.train.optim import adam_8bit  # noqa: E402
 
-UNET_ONE_LEVEL = dict(
-    sample_size=8, in_channels=4, out_channels=4,
-    down_block_types=("CrossAttnDownBlockSpatioTemporal",),
-    up_block_types=("CrossAttnUpBlockSpatioTemporal",), block_out_channels=(64,),
-    addition_time_embed_dim=4, projection_class_embeddings_input_dim=12, layers_per_block=1,
-    cross_attention_dim=32, transformer_layers_per_block=1, num_attention_heads=2, num_frames=2)
+# The 8-device parity test's step and batch (tests/parallel_step.py), on a wider UNet.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from parallel_step import UNET_ONE_LEVEL, make_batch, train_step  # noqa: E402
 
-
-def make_batch(batch: int) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(0)
-  return {"sample": rng.standard_normal((batch, 2, 8, 8, 4), np.float32),
-          "timestep": rng.uniform(-1, 1, (batch,)).astype(np.float32),
-          "encoder_hidden_states": rng.standard_normal((batch, 1, 32), np.float32),
-          "added_time_ids": rng.uniform(0, 2, (batch, 3)).astype(np.float32),
-          "target": rng.standard_normal((batch, 2, 8, 8, 4), np.float32)}
-
-
-def train_step(graphdef, tx):
-  def step(params, opt_state, batch):
-    def loss_fn(params):
-      prediction = nnx.merge(graphdef, params)(
-          batch["sample"], batch["timestep"], batch["encoder_hidden_states"],
-          batch["added_time_ids"])
-      return jnp.mean((prediction - batch["target"]) ** 2)
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-  return step
+UNET = dict(UNET_ONE_LEVEL, block_out_channels=(64,), cross_attention_dim=32)
 
 
 def time_steps(step, params, opt_state, batch, steps: int) -> tuple[float, float]:
@@ -85,10 +62,10 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--batch", type=int, default=8)
   args = parser.parse_args(argv)
-  config = UNetConfig.from_dict(UNET_ONE_LEVEL)
+  config = UNetConfig.from_dict(UNET)
   build = lambda rngs: UNetSpatioTemporal(config, rngs=rngs)  # noqa: E731
   tx = adam_8bit(1e-4)
-  batch = make_batch(args.batch)
+  batch = make_batch(args.batch, context_dim=UNET["cross_attention_dim"])
   results = {}
 
   one = jax.devices()[0]

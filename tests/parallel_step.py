@@ -23,11 +23,11 @@ UNET_ONE_LEVEL = dict(
     cross_attention_dim=16, transformer_layers_per_block=1, num_attention_heads=2, num_frames=2)
 
 
-def make_batch(batch: int = 8) -> dict[str, np.ndarray]:
+def make_batch(batch: int = 8, context_dim: int = 16) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(0)
   return {"sample": rng.standard_normal((batch, 2, 8, 8, 4), np.float32),
           "timestep": rng.uniform(-1, 1, (batch,)).astype(np.float32),
-          "encoder_hidden_states": rng.standard_normal((batch, 1, 16), np.float32),
+          "encoder_hidden_states": rng.standard_normal((batch, 1, context_dim), np.float32),
           "added_time_ids": rng.uniform(0, 2, (batch, 3)).astype(np.float32),
           "target": rng.standard_normal((batch, 2, 8, 8, 4), np.float32)}
 

@@ -13,7 +13,7 @@ from flax import nnx
 from etalk_jax import parallel
 from etalk_jax.layers.compute import Compute
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def compute_of(config) -> Compute:
@@ -21,7 +21,7 @@ def compute_of(config) -> Compute:
   .attention -> `Compute`."""
   train = config.train
   dtype = train.get("compute_dtype", "float32")
-  if dtype not in DTYPES:
+  if dtype not in COMPUTE_DTYPES:
     raise ValueError(f"config.train.compute_dtype={dtype!r}: use float32 or bfloat16")
   return Compute(dtype=jax.numpy.dtype(dtype), param_dtype=jax.numpy.float32,
                  attention=train.get("attention", "xla"), remat=train.get("remat", "none"))
@@ -71,7 +71,7 @@ def build_sharded(build: Callable[[Any], nnx.Module], mesh, config) -> nnx.Modul
   return parallel.create_sharded(build, mesh, rules)
 
 
-def _required(config, name: str) -> str:
+def required_folder(config, name: str) -> str:
   folder = config.encoders.get(name)
   if not folder:
     raise ValueError(f"config.encoders.{name} is not set; pass --config.encoders.{name}=DIR")
@@ -83,7 +83,7 @@ def _required(config, name: str) -> str:
 def audio_encoder(config):
   """The frozen wav2vec2 of config.encoders.audio (a folder written by `etalk convert wav2vec2`)."""
   from etalk_jax.audio.params import load_wav2vec2  # noqa: PLC0415
-  return load_wav2vec2(_required(config, "audio"))
+  return load_wav2vec2(required_folder(config, "audio"))
 
 
 def audio_features(config):
@@ -104,7 +104,8 @@ def feature_config(fields):
 def vision_encoders(config, name: str = "vision"):
   """Lip / expression encoders: a folder written by `save_encoders` (trained adapters), or a bare
   PD-FGC folder (`etalk convert pdfgc`) wrapped with untrained (identity) adapters."""
-  return vision_encoders_from_folder(_required(config, name), int(config.train.get("seed", 0)))
+  return vision_encoders_from_folder(required_folder(config, name),
+                                     int(config.train.get("seed", 0)))
 
 
 def vision_encoders_from_folder(folder, seed: int = 0):

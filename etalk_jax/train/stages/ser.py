@@ -22,7 +22,7 @@ from etalk_jax.train.stages import common
 
 def make_task(config, mesh) -> Task:
   from etalk_jax.audio.params import load_wavlm  # noqa: PLC0415
-  features = AudioFeatures(load_wavlm(common._required(config, "wavlm")),
+  features = AudioFeatures(load_wavlm(common.required_folder(config, "wavlm")),
                            FeatureConfig(**dict(config.encoders.get("audio_features", {}))))
   head_config = SERConfig.for_audio(features, **dict(config.ser))
   compute = common.compute_of(config)
