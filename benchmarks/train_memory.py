@@ -1,55 +1,56 @@
 """Per-device memory of one full-size ETHD training step on 8-way FSDP, from XLA's own numbers.
 
-  .venv/bin/python benchmarks/train_memory.py --frames 2 4 8      # figures for those clips
-  .venv/bin/python benchmarks/train_memory.py --frames 2 --remat none
+  .venv/bin/python benchmarks/train_memory.py --decompose --frames 120   # the figure (~8 min)
+  .venv/bin/python benchmarks/train_memory.py --frames 2 4              # whole-step compiles
+  .venv/bin/python benchmarks/train_memory.py --levels 1 --frames 2 8   # quick, first level only
 
 The step is the paper's setting at 512² (64×64 latents), batch 1 per device on a mesh of 8
 simulated CPU devices (`--xla_force_host_platform_device_count=8`, set below before jax is
 imported), all 8 on the `fsdp` axis: the self-driven dropout reconstruction loss
-(`ethd.objective.reconstruction_loss`: SVD's EDM preconditioning, log-normal sigma, masked
-(σ²+1)/σ² weighting) -> grad -> 8-bit Adam (`train.optim.adam_8bit`) -> new parameters, all in
-one `jax.jit` with parameters and optimizer state donated. Parameters are fp32 masters, compute
-is bf16 (`Compute(dtype=bf16, param_dtype=fp32)`); rematerialisation is the model's own switch
-`Compute.remat` ("blocks": each UNet down / mid / up block keeps only its inputs for the
-backward pass, `jax.checkpoint_policies.nothing_saveable`), so no model file changes.
-Parameters and optimizer state are sharded by the logical-axis table (parallel/logical.py) and
-DEFAULT_RULES; the batch over (data, fsdp).
+(`ethd.objective.reconstruction_loss`) -> grad -> 8-bit Adam -> new parameters. Parameters are
+fp32 masters sharded by the logical-axis table, compute is bf16, remat is `Compute.remat`
+("layers" by default, as configs/ethd_512.py trains: every res block and transformer of the
+UNet keeps only its input, and inside a transformer each spatial / temporal block again).
+Attention on the CPU is `layers.attention.blocked_attention`, whose custom VJP keeps no logits
+(flash attention's memory profile; cuDNN / splash on accelerators).
 
-Nothing is materialised: the model is abstract and the step is lowered for ShapeDtypeStructs
-carrying their shardings, then compiled; `Compiled.memory_analysis()` gives per-device bytes of
-the SPMD-partitioned program: arguments (params + optimizer state + batch), outputs, aliased
-(donated) bytes and temporaries. Peak per device ≈ arguments + outputs − aliased + temporaries.
+Two ways to measure:
 
-Compiling the full 1.58 G-parameter model's backward pass at 120 frames on a 2-core CPU is not
-practical, so the script measures small clips and extrapolates linearly to 120 frames:
-parameter and optimizer memory does not depend on frames; activations (temporaries) grow
-linearly with them (every layer is per frame or attends across the 25-ish frames of a clip;
-temporal attention logits grow as frames² but are (batch·h·w, heads, F, F): at 120 frames and
-64² that is 4096·5·120²·2 bytes = 0.59 GB per layer at the first level, and a linear fit of a few
-points does not see it, so the extrapolation adds that term separately and says so).
-Measured (2-core shared CPU, jax 0.10.2, remat=blocks; per device; params 0.792 GB + 8-bit Adam
-state 0.410 GB, arguments 1.205 GB, outputs 1.202 GB, all donated):
-  2 frames: compile 2003 s, temporaries 39.95 GB, peak 41.16 GB
-  4 frames: compile 1226 s, temporaries 67.02 GB, peak 68.22 GB
-Linear fit: 14.09 GB + 13.53 GB/frame -> 120 frames 1638 GB (+0.59 GB F² logits): does NOT fit
-80 GB as compiled by XLA:CPU; 80 GB is reached at ~4.9 frames. At 4 frames the SPMD partitioner
-reports "involuntary full rematerialization" of bf16[1,4,20,64,5] tensors (the expression-token
-attention at the 1280-channel level): weight shardings propagate into activations because the
-model sets no activation sharding constraints, so parts of the step run replicated; a
-`with_sharding_constraint` on block activations (batch over data x fsdp) is the next thing to
-try, plus `context` (frame) parallelism for 120-frame windows. XLA:CPU has no latency-hiding scheduler and no memory-aware
-collective scheduling, so the temporaries likely include whole gathered fp32 / bf16 copies of
-the 1.58 G parameters and unsharded gradients before their reduce-scatter (6.3 + 3.2 + 6.3 GB if
-all live at once): a frame-independent part that a GPU/TPU compile schedules away.
-Figures only: nothing is asserted. XLA:CPU's buffer assignment is not a GPU's, so the figures are
-an estimate of what an 80 GB accelerator would need, not a measurement on one.
+1. Whole step (default): lower and compile the sharded step for ShapeDtypeStructs and read
+   `Compiled.memory_analysis()`. Honest only for short clips: XLA:CPU compiles the 1.58 G-param
+   backward slowly (20-30 min at 2-4 frames), and it undoes rematerialisation: its CSE merges
+   the recomputed forward into the original (the flag below turns that off) and even then its
+   scheduler runs recomputations long before their backward needs them (a buffer-liveness
+   dump of `--levels 1` shows the peak inside the forward pass, holding nine blocks' GEGLU
+   intermediates). It also computes bf16 dots in f32 with converted copies. So whole-step
+   figures on the CPU overstate a GPU's; they were, at 2 / 4 frames, 41 / 68 GB with block remat.
+2. `--decompose`: the peak as remat intends it, measured part by part at the real clip length:
+   state (sharded params + gradients + 8-bit Adam) + the residuals the backward pass keeps (JAX's
+   own list, `saved_residuals`, of the traced step for one clip) + the largest single layer's
+   forward + backward compiled alone at that length (`memory_analysis()`, its parameters
+   whole as FSDP gathers them, its gradient whole before the reduce-scatter). Every remat'd
+   layer call the UNet makes is recorded while tracing and compiled.
+
+Measured (2-core CPU, jax 0.10.2), `--decompose --frames 120`, per device:
+  params 0.79 + gradients 0.79 + 8-bit Adam 0.41 GB + residuals 11.85 GB (126 arrays)
+  + largest layer (the first level's ETHDTransformer, 120 x 64² x 320: 45.68 GB)
+  = 59.5 GB: fits 80 GB. Holding every parameter's fp32 gradient unsharded as well (an XLA that
+  all-reduces instead of reduce-scattering) adds 5.5 GB: 65 GB. The layer figures are XLA:CPU's,
+  whose bf16 dots run in f32 (conservative for a GPU).
+Figures only: nothing is asserted.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA:CPU by default undoes rematerialisation: CSE merges the recomputed forward with the
+# original one, and its concurrency-optimised scheduler runs recomputations early. Both off, the
+# CPU schedules for memory as the GPU and TPU compilers do (a 10-layer check: 40 -> 12 live
+# intermediates with per-layer remat, as expected).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      "--xla_disable_hlo_passes=cse "
+                      "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
@@ -67,7 +68,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from etalk_jax import parallel  # noqa: E402
 from etalk_jax.ethd.model import ETHD, ETHDConfig  # noqa: E402
 from etalk_jax.ethd.objective import reconstruction_loss  # noqa: E402
-from etalk_jax.layers.compute import Compute  # noqa: E402
+from etalk_jax.layers.compute import REMAT_POLICIES, Compute  # noqa: E402
 from etalk_jax.svd import UNetConfig  # noqa: E402
 from etalk_jax.train.optim import adam_8bit  # noqa: E402
 
@@ -97,14 +98,31 @@ def step_fn(graphdef, tx):
   return step
 
 
-def measure(frames: int, remat: str, devices: int, global_batch: int, tiny: bool = False
-            ) -> dict:
+def first_levels(levels: int) -> UNetConfig:
+  """SVD-XT's UNet cut to its first `levels` resolutions at full width: the same layers at the
+  same sizes, for quick checks of how memory scales (its figures are not the full model's)."""
+  full = UNetConfig()
+  if not 1 <= levels <= len(full.block_out_channels):
+    raise ValueError(f"--levels must be 1 to {len(full.block_out_channels)}, got {levels}")
+  pick = lambda values: tuple(values)[:levels]  # noqa: E731
+  down = ("CrossAttnDownBlockSpatioTemporal",) * levels
+  return UNetConfig(down_block_types=down,
+                    up_block_types=tuple(t.replace("Down", "Up") for t in down),
+                    block_out_channels=pick(full.block_out_channels),
+                    num_attention_heads=pick(full.num_attention_heads))
+
+
+def measure(frames: int, remat: str, devices: int, global_batch: int, tiny: bool = False,
+            levels: int | None = None) -> dict:
   global LATENT, PIXELS
   if tiny:
     LATENT, PIXELS = 8, 64
   mesh = parallel.make_mesh({"data": 1, "fsdp": devices})
   compute = Compute(dtype=jnp.bfloat16, param_dtype=jnp.float32, attention="xla", remat=remat)
-  config = ETHDConfig(unet=UNetConfig.from_dict(TINY_UNET)) if tiny else ETHDConfig()
+  if tiny:
+    config = ETHDConfig(unet=UNetConfig.from_dict(TINY_UNET))
+  else:
+    config = ETHDConfig(unet=first_levels(levels)) if levels else ETHDConfig()
   model = parallel.abstract_sharded(lambda rngs: ETHD(config, compute=compute, rngs=rngs), mesh)
   axes = parallel.model_axes(model)
   graphdef, params = nnx.split(model)
@@ -130,7 +148,8 @@ def measure(frames: int, remat: str, devices: int, global_batch: int, tiny: bool
   step = jax.jit(step_fn(graphdef, tx), donate_argnums=(0, 1),
                  out_shardings=(param_shardings, opt_shardings, NamedSharding(mesh, P())))
   start = time.perf_counter()
-  lowered = step.lower(params, opt_state, batch, key)
+  with jax.set_mesh(mesh):  # the model's activation constraints (parallel.constrain_rows)
+    lowered = step.lower(params, opt_state, batch, key)
   lower_s = time.perf_counter() - start
   start = time.perf_counter()
   compiled = lowered.compile()
@@ -154,6 +173,87 @@ def measure(frames: int, remat: str, devices: int, global_batch: int, tiny: bool
   return result
 
 
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def decompose(frames: int, devices: int, levels: int | None = None) -> dict:
+  """The step's per-device peak, part by part, at the real clip length (see the module doc):
+  state (sharded params, gradients, 8-bit Adam) + what the backward pass keeps (JAX's own list of
+  saved residuals for one clip) + the largest single layer's forward + backward at `frames`
+  (compiled alone: `memory_analysis()`; its parameters whole, as FSDP gathers them)."""
+  from jax._src.ad_checkpoint import saved_residuals  # what print_saved_residuals prints
+  from etalk_jax.svd import unet as unet_module
+
+  compute = Compute(dtype=jnp.bfloat16, param_dtype=jnp.float32, attention="xla",
+                    remat="layers")
+  config = ETHDConfig(unet=first_levels(levels)) if levels else ETHDConfig()
+  mesh = parallel.make_mesh({"data": 1, "fsdp": devices})
+  model = parallel.abstract_sharded(lambda rngs: ETHD(config, compute=compute, rngs=rngs), mesh)
+  axes = parallel.model_axes(model)
+  graphdef, params = nnx.split(model)
+  opt_state = jax.eval_shape(adam_8bit(1e-5).init, params)
+  opt_shardings = parallel.state_shardings(opt_state, mesh, family_axes=axes)
+  shard_bytes = lambda tree, shardings: sum(  # noqa: E731
+      int(np.prod(s.shard_shape(leaf.shape))) * leaf.dtype.itemsize
+      for leaf, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+  param_shardings = jax.tree.map(lambda leaf: leaf.sharding, params)
+  state_gb = {"params": shard_bytes(params, param_shardings) / GB,
+              "gradients": shard_bytes(params, param_shardings) / GB,
+              "optimizer": shard_bytes(opt_state, opt_shardings) / GB}
+
+  batch = {  # one clip: batch 1 per device
+      "clean": jax.ShapeDtypeStruct((1, frames, LATENT, LATENT, 4), jnp.float32),
+      "reference_latents": jax.ShapeDtypeStruct((1, LATENT, LATENT, 4), jnp.float32),
+      "lip_latents": jax.ShapeDtypeStruct((1, frames, config.lip_dim), jnp.float32),
+      "expression": jax.ShapeDtypeStruct((1, frames, config.expression_dim), jnp.float32),
+      "reference_expression": jax.ShapeDtypeStruct((1, config.expression_dim), jnp.float32),
+      "face_mask": jax.ShapeDtypeStruct((1, PIXELS, PIXELS), jnp.float32),
+      "lip_mask": jax.ShapeDtypeStruct((1, PIXELS, PIXELS), jnp.float32)}
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+
+  # Record each distinct rematerialised layer call (module, inputs) while tracing.
+  layers: dict = {}
+  original = unet_module.call_layer
+
+  def recording(remat, layer, *args, call=unet_module.call_layer.__kwdefaults__["call"]):
+    signature = (type(layer).__name__, str(jax.tree.map(lambda x: (x.shape, x.dtype), args)))
+    if signature not in layers:
+      layers[signature] = (nnx.graphdef(layer), _abstract(nnx.state(layer)), _abstract(args),
+                           call)
+    return original(remat, layer, *args, call=call)
+
+  def loss_fn(params, batch, key):
+    loss, _ = reconstruction_loss(nnx.merge(graphdef, params), batch["clean"],
+                                  batch["reference_latents"], batch["lip_latents"],
+                                  batch["expression"], batch["reference_expression"],
+                                  batch["face_mask"], batch["lip_mask"], key)
+    return loss
+
+  unet_module.call_layer = recording
+  try:
+    residuals = saved_residuals(loss_fn, _abstract(params), batch, key)
+  finally:
+    unet_module.call_layer = original
+  kept = [(aval, why) for aval, why in residuals if not why.startswith("from the argument")]
+  residual_gb = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a, _ in kept) / GB
+
+  layer_rows = []
+  for (name, _), (layer_graphdef, layer_state, args, call) in layers.items():
+    def forward_backward(state, args, layer_graphdef=layer_graphdef, call=call):
+      out, vjp = jax.vjp(lambda s, a: call(nnx.merge(layer_graphdef, s), *a), state, args)
+      return vjp(jnp.ones_like(out))
+    memory = jax.jit(forward_backward).lower(layer_state, args).compile().memory_analysis()
+    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes) / GB
+    layer_rows.append({"layer": name, "input": tuple(args[0].shape), "peak_gb": peak})
+  worst = max(layer_rows, key=lambda row: row["peak_gb"])
+  total = sum(state_gb.values()) + residual_gb + worst["peak_gb"]
+  return {"frames": frames, "state_gb": state_gb, "residual_gb": residual_gb,
+          "residual_count": len(kept), "layers": layer_rows, "worst_layer": worst,
+          "peak_gb": total}
+
+
 def extrapolate(rows: list[dict], frames: int = 120) -> dict:
   """Least-squares line of temporaries over frames (at least two clip lengths), evaluated at
   `frames`; arguments and outputs (parameters, optimizer state, the batch) scale by their
@@ -175,11 +275,34 @@ def extrapolate(rows: list[dict], frames: int = 120) -> dict:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--frames", type=int, nargs="+", default=[2, 4, 8])
-  parser.add_argument("--remat", default="blocks", choices=["none", "blocks", "blocks_save_dots"])
+  parser.add_argument("--remat", default="layers", choices=sorted(REMAT_POLICIES))
   parser.add_argument("--tiny", action="store_true", help="a one-level ETHD: a quick check")
+  parser.add_argument("--levels", type=int,
+                      help="only the UNet's first LEVELS resolutions, full width: a quicker check")
   parser.add_argument("--json", help="append each row as a JSON line to this file")
+  parser.add_argument("--decompose", action="store_true",
+                      help="per-device peak at the given frame counts, part by part (see above)")
   args = parser.parse_args(argv)
   devices = jax.device_count()
+  if args.decompose:
+    for frames in args.frames:
+      start = time.perf_counter()
+      parts = decompose(frames, devices, args.levels)
+      for row in parts["layers"]:
+        print(f"  layer {row['layer']:<30s} input {str(row['input']):<22s} "
+              f"forward+backward {row['peak_gb']:.2f} GB")
+      state = parts["state_gb"]
+      print(f"{frames} frames: params {state['params']:.2f} + gradients {state['gradients']:.2f} "
+            f"+ 8-bit Adam {state['optimizer']:.2f} GB (sharded over {devices}) + residuals the "
+            f"backward keeps {parts['residual_gb']:.2f} GB ({parts['residual_count']} arrays) + "
+            f"largest layer {parts['worst_layer']['layer']} {parts['worst_layer']['peak_gb']:.2f} "
+            f"GB = {parts['peak_gb']:.2f} GB per device; fits 80 GB: "
+            f"{'yes' if parts['peak_gb'] < 80 else 'NO'} ({time.perf_counter() - start:.0f} s)",
+            flush=True)
+      if args.json:
+        with open(args.json, "a") as f:
+          f.write(json.dumps(parts) + "\n")
+    return [parts]
   rows = []
   print(f"{'tiny' if args.tiny else 'full-size'} ETHD training step, {devices} devices (fsdp), batch 1 per device, "
         f"{64 if args.tiny else 512}² (latents {8 if args.tiny else 64}²), bf16 compute / fp32 params, 8-bit Adam, remat={args.remat}",
@@ -188,7 +311,7 @@ def main(argv=None):
             f"{'aliased':>7} {'temps':>7} {'peak GB/device':>14}")
   print(header, flush=True)
   for frames in args.frames:
-    row = measure(frames, args.remat, devices, devices, args.tiny)
+    row = measure(frames, args.remat, devices, devices, args.tiny, args.levels)
     rows.append(row)
     print(f"{frames:>6} {row['compile_s']:>9.1f} {row['params_gb']:>7.3f} "
           f"{row['opt_state_gb']:>6.3f} {row['argument_gb']:>7.3f} {row['output_gb']:>7.3f} "

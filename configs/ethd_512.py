@@ -8,8 +8,9 @@ the paper's setting (Adam8bit, lr 1e-5, batch 1 per device, ≈200 A100-hours on
       --config.vaid.projector=runs/projector/export --config.vaid.dicte=runs/dicte/export
 
 starts from the converted SVD-XT UNet (1,577,631,658 parameters with ETHD's layers), shards it
-FSDP over every device, computes in bf16 over fp32 master weights with the UNet's blocks
-rematerialised, and writes runs/ethd/export (`etalk_jax.ethd.model.load_ethd`).
+FSDP over every device, computes in bf16 over fp32 master weights with every res block and
+transformer block rematerialised (~60 GB per device at 120 frames: benchmarks/train_memory.py),
+and writes runs/ethd/export (`etalk_jax.ethd.model.load_ethd`).
 `configs/ethd_512.py:tiny` is the CPU size `etalk demo` trains: a two-level UNet on 16x16
 pixel-shuffle latents of 64 px frames, 8-frame windows.
 """

@@ -166,4 +166,4 @@ def test_every_stage_config_loads_with_its_documented_fields():
   full = load_config(f"{CONFIGS / 'ethd_512.py'}")
   assert (full.optim.name, full.optim.lr, full.data.batch_size, full.data.window) == (
       "adam8bit", 1e-5, 1, 120)
-  assert (full.train.compute_dtype, full.train.remat) == ("bfloat16", "blocks")
+  assert (full.train.compute_dtype, full.train.remat) == ("bfloat16", "layers")

@@ -6,7 +6,7 @@ checks that one loader batch becomes examples both models train on; the slow one
 `-m slow`) check that the projector's pull loss and Di-CTE's x0 loss fall at least 10x (and end
 well below what predicting each target's mean would give), and that a 500-frame Di-CTE
 generation with 220-frame windows and 20-frame held prefixes has no jump at a window boundary
-larger than the frame-to-frame changes inside its windows.
+larger than the typical frame-to-frame change inside its windows.
 """
 
 import dataclasses
@@ -156,7 +156,10 @@ def _frame_changes(expressions: np.ndarray, config: DiCTEConfig) -> tuple[np.nda
 @pytest.mark.slow
 def test_500_frame_generation_has_no_jump_at_window_boundaries(featurizer):
   """Di-CTE at the real window sizes (220 frames, 20 held clean) trained on e_v of synthetic
-  clips, then 500 frames of a held-out clip's speech: 3 windows, 2 boundaries."""
+  clips, then 500 frames of a held-out clip's speech: 3 windows, 2 boundaries, for 4 noise
+  seeds. Each boundary's change must be an ordinary in-window change (at most the 90th
+  percentile of that generation's changes inside windows), and the boundaries' mean change at
+  most the in-window 75th percentile."""
   emotions = ("happy", "sad", "angry", "surprised", "worried", "disgusted")
   train = data.concatenate([
       featurizer.from_clip(synthetic.make_clip(synthetic.make_identity(index % 3), emotion, 3,
@@ -164,26 +167,26 @@ def test_500_frame_generation_has_no_jump_at_window_boundaries(featurizer):
       for index, emotion in enumerate(emotions)])
   held_out = featurizer.from_clip(synthetic.make_clip(synthetic.make_identity(3), "fearful", 3,
                                                       500, 64))
+  # dim 64 / 2 blocks / 400 steps left a seam 1.3-1.6x the mean change; this size learns the
+  # continuation from the held prefix.
   config = featurizer.dicte_config(dataclasses.replace(
-      DiCTEConfig.tiny(), dim=64, window_frames=220, prefix_frames=20, sample_steps=25))
-  model, losses = _train_dicte(config, train, 400, batch_size=8, learning_rate=2e-3)
-  generated = np.asarray(generate_expressions(model, jax.random.key(7), held_out.audio_windows,
-                                              held_out.reference,
-                                              held_out.reference_expression))[0]
-  assert generated.shape == (500, PDFGC_SMALL.expression_dim)
-  at_boundaries, inside = _frame_changes(generated, config)
-  print(f"Di-CTE loss {np.mean(losses[:3]):.4f} -> {np.mean(losses[-10:]):.5f}; boundary jumps "
-        f"{np.round(at_boundaries, 4)}; inside windows median {np.median(inside):.4f}, "
-        f"p90 {np.percentile(inside, 90):.4f}, p99 {np.percentile(inside, 99):.4f}, "
-        f"max {inside.max():.4f}")
-  # For the record only: the same windows generated independently (nothing held) and stitched
-  # at the same frames show how much the held prefix contributes to continuity.
-  stride = config.window_frames - config.prefix_frames
-  independent = [np.asarray(generate_expressions(
-      model, jax.random.fold_in(jax.random.key(7), k),
-      held_out.audio_windows[:, k * stride:k * stride + config.window_frames],
-      held_out.reference, held_out.reference_expression))[0] for k in range(3)]
-  stitched = np.concatenate([independent[0]] + [w[config.prefix_frames:] for w in independent[1:]])
-  print(f"without held prefixes: boundary jumps {np.round(_frame_changes(stitched, config)[0], 4)}")
-  assert len(at_boundaries) == 2
-  assert at_boundaries.max() <= inside.max(), (at_boundaries, np.percentile(inside, [50, 90, 99]))
+      DiCTEConfig.tiny(), dim=128, num_blocks=3, window_frames=220, prefix_frames=20,
+      sample_steps=25))
+  model, losses = _train_dicte(config, train, 800, batch_size=8, learning_rate=2e-3)
+  jumps, inside_p75 = [], []
+  for seed in range(4):
+    generated = np.asarray(generate_expressions(
+        model, jax.random.key(seed), held_out.audio_windows, held_out.reference,
+        held_out.reference_expression))[0]
+    assert generated.shape == (500, PDFGC_SMALL.expression_dim)
+    at_boundaries, inside = _frame_changes(generated, config)
+    assert len(at_boundaries) == 2
+    print(f"seed {seed}: boundary jumps {np.round(at_boundaries, 4)}; inside windows median "
+          f"{np.median(inside):.4f}, mean {inside.mean():.4f}, "
+          f"p90 {np.percentile(inside, 90):.4f}, max {inside.max():.4f}")
+    assert at_boundaries.max() <= np.percentile(inside, 90), (seed, at_boundaries)
+    jumps.append(at_boundaries)
+    inside_p75.append(np.percentile(inside, 75))
+  print(f"Di-CTE loss {np.mean(losses[:3]):.4f} -> {np.mean(losses[-10:]):.5f}; mean boundary "
+        f"jump {np.mean(jumps):.4f} vs in-window p75 {np.mean(inside_p75):.4f}")
+  assert np.mean(jumps) <= np.mean(inside_p75)

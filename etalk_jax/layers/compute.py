@@ -14,15 +14,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash")
-# Rematerialisation of a model's big blocks (the UNet's down / mid / up blocks): what the
-# backward pass keeps of each block's forward. "none": everything (fastest, most memory);
-# "blocks": only the block's inputs, the rest is recomputed; "blocks_save_dots": the block's
-# matmul / conv outputs too (less recomputation, more memory).
+# Rematerialisation: what the backward pass keeps of the forward. "none": everything (fastest,
+# most memory); "blocks": only the inputs of each of the UNet's big blocks (down / mid / up),
+# the rest is recomputed; "blocks_save_dots": those inputs and the blocks' matmul / conv
+# outputs (less recomputation, more memory); "layers": only the inputs of each res block and
+# each transformer inside those blocks, so the backward pass holds one layer's internals at a
+# time (long clips: 120 frames at 512²).
 REMAT_POLICIES = {
     "none": None,
     "blocks": jax.checkpoint_policies.nothing_saveable,
     "blocks_save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "layers": jax.checkpoint_policies.nothing_saveable,
 }
+BLOCK_REMAT = ("blocks", "blocks_save_dots")
+LAYER_REMAT = ("layers",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +65,20 @@ def _call(block, *args):
 
 
 def call_block(remat: str, block: nnx.Module, *args) -> Any:
-  """`block(*args)`, rematerialised in the backward pass as the `remat` policy says."""
-  if remat == "none":
+  """`block(*args)` for one of a model's big blocks, rematerialised in the backward pass where
+  the `remat` policy works at block granularity."""
+  if remat not in BLOCK_REMAT:
     return block(*args)
   return nnx.remat(_call, policy=REMAT_POLICIES[remat])(block, *args)
+
+
+def call_layer(remat: str, layer: nnx.Module, *args, call=_call) -> Any:
+  """`call(layer, *args)` (default `layer(*args)`) for a layer inside a big block,
+  rematerialised where the policy works at layer granularity. `call` closes over what is not
+  an array (frame counts, keyword inputs)."""
+  if remat not in LAYER_REMAT:
+    return call(layer, *args)
+  return nnx.remat(call, policy=REMAT_POLICIES[remat])(layer, *args)
 
 
 FP32 = Compute()

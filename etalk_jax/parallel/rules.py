@@ -218,6 +218,23 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, rules: Rules = DEFAULT_RU
   return NamedSharding(mesh, logical_to_spec((BATCH,) + (None,) * (ndim - 1), mesh, rules))
 
 
+def constrain_rows(x: jax.Array, rules: Rules = DEFAULT_RULES) -> jax.Array:
+  """Shard an activation's leading axis, which holds (batch, frames) folded together, over the
+  `batch` and `frames` mesh axes of the mesh set by `jax.set_mesh` (a no-op without one, or
+  where those axes do not divide it). Per-frame layers then run data- and frame-parallel and
+  parameter shardings cannot leak into activations."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  axes, size = [], 1
+  for axis in mesh_axes(BATCH, mesh, rules) + mesh_axes(FRAMES, mesh, rules):
+    if mesh.shape[axis] > 1 and x.shape[0] % (size * mesh.shape[axis]) == 0:
+      axes.append(axis)
+      size *= mesh.shape[axis]
+  spec = PartitionSpec(tuple(axes) if axes else None, *([None] * (x.ndim - 1)))
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
 def abstract_sharded(build: Callable[[Any], nnx.Module], mesh: jax.sharding.Mesh,
                      rules: Rules = DEFAULT_RULES, *, family: str | None = "auto") -> nnx.Module:
   """`model_io.abstract(build)` with each leaf's sharding set: `weights.load_into` then places

@@ -11,12 +11,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from etalk_jax.layers.compute import FP32, Compute, call_block
+from etalk_jax.layers.compute import FP32, Compute, call_block, call_layer
 from etalk_jax.layers.embeddings import TimestepEmbedding, timestep_features
 from etalk_jax.layers.norm import group_norm
 from etalk_jax.layers.resnet import (AlphaBlender, Downsample2D, SpatioTemporalResBlock,
                                      Upsample2D, conv)
 from etalk_jax.layers.transformer import BasicTransformerBlock, TemporalBasicTransformerBlock
+from etalk_jax.parallel.rules import constrain_rows
 from etalk_jax.svd.config import UNetConfig
 
 
@@ -36,6 +37,7 @@ class TransformerSpatioTemporalModel(nnx.Module):
     inner_dim = heads * head_dim
     kw = compute.dense_kwargs()
     self.compute_dtype = compute.dtype
+    self.remat = compute.remat
     self.norm = group_norm(in_channels, 1e-6, compute=compute, rngs=rngs)
     self.proj_in = nnx.Linear(in_channels, inner_dim, rngs=rngs, **kw)
     self.transformer_blocks = nnx.List([
@@ -65,9 +67,14 @@ class TransformerSpatioTemporalModel(nnx.Module):
     frame_index = jnp.tile(jnp.arange(frames), batch)
     frame_emb = self.time_pos_embed(
         timestep_features(frame_index, channels).astype(self.compute_dtype))[:, None, :]
+    # Layer remat nests here: the backward pass of this whole transformer (itself a layer)
+    # holds one spatial or temporal block's internals at a time.
+    spatial = lambda block, h, context, inputs: block(h, context, **inputs)  # noqa: E731
+    temporal_call = lambda block, h, inputs: block(h, frames, **inputs)  # noqa: E731
     for block, temporal_block in zip(self.transformer_blocks, self.temporal_transformer_blocks):
-      h = block(h, context, **spatial_inputs)
-      temporal = temporal_block(h + frame_emb, frames, **temporal_inputs)
+      h = constrain_rows(call_layer(self.remat, block, h, context, spatial_inputs, call=spatial))
+      temporal = call_layer(self.remat, temporal_block, h + frame_emb, temporal_inputs,
+                            call=temporal_call)
       h = self.time_mixer(h.reshape(batch, frames, *h.shape[1:]),
                           temporal.reshape(batch, frames, *temporal.shape[1:]),
                           image_only_indicator).reshape(h.shape)
@@ -82,6 +89,13 @@ class TransformerSpatioTemporalModel(nnx.Module):
     return {}, {"context": time_context}
 
 
+def _layer(remat: str, layer: nnx.Module, x: jax.Array, *args) -> jax.Array:
+  """One res block or transformer of a UNet block: rematerialised as `remat` says, its output
+  kept sharded over (batch, frames) when a mesh is set. (A transformer's spatial and temporal
+  blocks are rematerialised again inside it.)"""
+  return constrain_rows(call_layer(remat, layer, x, *args))
+
+
 class DownBlockSpatioTemporal(nnx.Module):
   """Res blocks (each followed by a spatio-temporal transformer if `cross_attention_dim` is
   given: diffusers' CrossAttnDownBlockSpatioTemporal), then an optional stride-2 conv."""
@@ -91,6 +105,7 @@ class DownBlockSpatioTemporal(nnx.Module):
                transformer_layers: int = 1, transformer_cls=TransformerSpatioTemporalModel,
                compute: Compute = FP32, rngs: nnx.Rngs):
     # diffusers' epsilons, as they are: 1e-6 in CrossAttnDownBlockSpatioTemporal, 1e-5 without.
+    self.remat = compute.remat
     eps = 1e-6 if cross_attention_dim is not None else 1e-5
     self.resnets = nnx.List([
         SpatioTemporalResBlock(in_channels if i == 0 else out_channels, out_channels,
@@ -106,9 +121,9 @@ class DownBlockSpatioTemporal(nnx.Module):
   def __call__(self, x, temb, context, image_only_indicator, conditions=None):
     skips = []
     for i, resnet in enumerate(self.resnets):
-      x = resnet(x, temb, image_only_indicator)
+      x = _layer(self.remat, resnet, x, temb, image_only_indicator)
       if self.attentions is not None:
-        x = self.attentions[i](x, context, image_only_indicator, conditions)
+        x = _layer(self.remat, self.attentions[i], x, context, image_only_indicator, conditions)
       skips.append(x)
     if self.downsamplers is not None:
       x = self.downsamplers[0](x)
@@ -125,6 +140,7 @@ class UpBlockSpatioTemporal(nnx.Module):
                cross_attention_dim: int | None = None, heads: int = 1,
                transformer_layers: int = 1, transformer_cls=TransformerSpatioTemporalModel,
                compute: Compute = FP32, rngs: nnx.Rngs):
+    self.remat = compute.remat
     resnets = []
     for i in range(num_layers):
       skip_channels = in_channels if i == num_layers - 1 else out_channels
@@ -144,9 +160,9 @@ class UpBlockSpatioTemporal(nnx.Module):
   def __call__(self, x, skips, temb, context, image_only_indicator, conditions=None):
     for i, resnet in enumerate(self.resnets):
       x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
-      x = resnet(x, temb, image_only_indicator)
+      x = _layer(self.remat, resnet, x, temb, image_only_indicator)
       if self.attentions is not None:
-        x = self.attentions[i](x, context, image_only_indicator, conditions)
+        x = _layer(self.remat, self.attentions[i], x, context, image_only_indicator, conditions)
     if self.upsamplers is not None:
       x = self.upsamplers[0](x)
     return x
@@ -157,6 +173,7 @@ class UNetMidBlockSpatioTemporal(nnx.Module):
                heads: int, cross_attention_dim: int,
                transformer_cls=TransformerSpatioTemporalModel, compute: Compute = FP32,
                rngs: nnx.Rngs):
+    self.remat = compute.remat
     self.resnets = nnx.List([
         SpatioTemporalResBlock(channels, channels, temb_channels, eps=1e-5, compute=compute,
                                rngs=rngs) for _ in range(2)])
@@ -165,9 +182,9 @@ class UNetMidBlockSpatioTemporal(nnx.Module):
                         cross_attention_dim, compute=compute, rngs=rngs)])
 
   def __call__(self, x, temb, context, image_only_indicator, conditions=None):
-    x = self.resnets[0](x, temb, image_only_indicator)
-    x = self.attentions[0](x, context, image_only_indicator, conditions)
-    return self.resnets[1](x, temb, image_only_indicator)
+    x = _layer(self.remat, self.resnets[0], x, temb, image_only_indicator)
+    x = _layer(self.remat, self.attentions[0], x, context, image_only_indicator, conditions)
+    return _layer(self.remat, self.resnets[1], x, temb, image_only_indicator)
 
 
 class UNetSpatioTemporal(nnx.Module):
@@ -259,7 +276,8 @@ class UNetSpatioTemporal(nnx.Module):
     context = encoder_hidden_states.astype(self.compute_dtype)
     if not frame_context:
       context = jnp.repeat(context, frames, axis=0)
-    x = self.conv_in(sample.astype(self.compute_dtype).reshape(batch * frames, height, width, -1))
+    x = constrain_rows(self.conv_in(
+        sample.astype(self.compute_dtype).reshape(batch * frames, height, width, -1)))
     skips = [x]
     for block in self.down_blocks:
       x, block_skips = call_block(self.remat, block, x, temb, context, image_only_indicator,

@@ -26,7 +26,7 @@ def base_config(stage: str, *, steps: int, lr: float, batch_size: int, window: i
   config.train = dict(
       steps=steps, seed=0, log_every=10, checkpoint_every=500, keep=3,
       compute_dtype="float32",  # bfloat16: bf16 compute over fp32 master weights
-      remat="none",  # none | blocks | blocks_save_dots (the UNet's blocks)
+      remat="none",  # none | blocks | blocks_save_dots | layers (layers/compute.py REMAT_POLICIES)
       attention="xla",  # xla | cudnn | splash
       peak_tflops=0.0)  # per device, for MFU where the device kind is unknown
   config.mesh = dict(data=-1, fsdp=1)
@@ -35,11 +35,12 @@ def base_config(stage: str, *, steps: int, lr: float, batch_size: int, window: i
 
 
 def use_large_model_settings(config: ml_collections.ConfigDict) -> None:
-  """The paper's ETHD-scale settings: 8-bit Adam, bf16 compute over fp32 master weights, the
-  UNet's blocks rematerialised, parameters sharded FSDP over every device."""
+  """The paper's ETHD-scale settings: 8-bit Adam, bf16 compute over fp32 master weights, every
+  res block and transformer block of the UNet rematerialised (what lets a 120-frame 512² clip fit
+  80 GB: benchmarks/train_memory.py), parameters sharded FSDP over every device."""
   config.optim.name = "adam8bit"
   config.train.compute_dtype = "bfloat16"
-  config.train.remat = "blocks"
+  config.train.remat = "layers"
   config.mesh = dict(data=1, fsdp=-1)
 
 

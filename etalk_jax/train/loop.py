@@ -304,7 +304,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, task: Task 
           # Compiled once, ahead of time, so that its cost analysis gives the FLOPs for MFU;
           # every step's batch has the same shapes.
           began = time.perf_counter()
-          compiled = step_fn.lower(state, batch, key).compile()
+          with jax.set_mesh(mesh):  # activation constraints inside models (constrain_rows)
+            compiled = step_fn.lower(state, batch, key).compile()
           compile_seconds = time.perf_counter() - began
           cost = compiled.cost_analysis()
           cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -343,8 +343,10 @@ def generate_expressions(model: DiCTE, key: jax.Array, audio_windows: jax.Array,
   """Expression latents `(batch, frames, expression_dim)` for audio of any length.
 
   Windows of `window_frames` frames, each starting from the last `prefix_frames` generated ones
-  held clean. The audio is padded at its end by repeating its last frame up to a whole number
-  of windows (those frames are generated and dropped), so every window runs the same executable.
+  held clean. The audio is padded at its end up to a whole number of windows by reflecting it
+  (those frames are generated and dropped), so every window runs the same executable; reflected
+  speech keeps the last window like the training windows, where repeating the last frame gave
+  a constant tail the model never saw and a jump at the last boundary.
   """
   config = model.config
   batch, num_frames = audio_windows.shape[:2]
@@ -355,7 +357,7 @@ def generate_expressions(model: DiCTE, key: jax.Array, audio_windows: jax.Array,
   audio_windows = jnp.asarray(audio_windows)
   if covered > num_frames:
     audio_windows = jnp.pad(audio_windows, ((0, 0), (0, covered - num_frames), (0, 0), (0, 0),
-                                            (0, 0)), mode="edge")
+                                            (0, 0)), mode="symmetric")
   timesteps, alpha_bar, alpha_bar_prev = (jnp.asarray(a) for a in
                                           sampling_schedule(config, sample_steps))
   graphdef, state = nnx.split(model)
