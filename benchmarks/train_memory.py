@@ -54,6 +54,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -84,39 +85,38 @@ TINY_UNET = dict(
     cross_attention_dim=32, transformer_layers_per_block=1, num_attention_heads=2, num_frames=8)
 
 
+def ethd_loss(graphdef, params, batch, key):
+  loss, _ = reconstruction_loss(nnx.merge(graphdef, params), batch["clean"],
+                                batch["reference_latents"], batch["lip_latents"],
+                                batch["expression"], batch["reference_expression"],
+                                batch["face_mask"], batch["lip_mask"], key)
+  return loss
+
+
 def step_fn(graphdef, tx):
   def step(params, opt_state, batch, key):
-    def loss_fn(params):
-      loss, _ = reconstruction_loss(nnx.merge(graphdef, params), batch["clean"],
-                                    batch["reference_latents"], batch["lip_latents"],
-                                    batch["expression"], batch["reference_expression"],
-                                    batch["face_mask"], batch["lip_mask"], key)
-      return loss
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+    loss, grads = jax.value_and_grad(lambda p: ethd_loss(graphdef, p, batch, key))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
   return step
 
 
 def first_levels(levels: int) -> UNetConfig:
-  """SVD-XT's UNet cut to its first `levels` resolutions at full width: the same layers at the
+  """SVD-XT's UNet cut to its first `levels` resolutions at full width: the same blocks at the
   same sizes, for quick checks of how memory scales (its figures are not the full model's)."""
   full = UNetConfig()
-  if not 1 <= levels <= len(full.block_out_channels):
-    raise ValueError(f"--levels must be 1 to {len(full.block_out_channels)}, got {levels}")
-  pick = lambda values: tuple(values)[:levels]  # noqa: E731
-  down = ("CrossAttnDownBlockSpatioTemporal",) * levels
-  return UNetConfig(down_block_types=down,
-                    up_block_types=tuple(t.replace("Down", "Up") for t in down),
-                    block_out_channels=pick(full.block_out_channels),
-                    num_attention_heads=pick(full.num_attention_heads))
+  count = len(full.block_out_channels)
+  if not 1 <= levels <= count:
+    raise ValueError(f"--levels must be 1 to {count}, got {levels}")
+  return UNetConfig(down_block_types=full.down_block_types[:levels],
+                    up_block_types=full.up_block_types[count - levels:],
+                    block_out_channels=full.block_out_channels[:levels],
+                    num_attention_heads=tuple(full.num_attention_heads)[:levels])
 
 
-def measure(frames: int, remat: str, devices: int, global_batch: int, tiny: bool = False,
-            levels: int | None = None) -> dict:
-  global LATENT, PIXELS
-  if tiny:
-    LATENT, PIXELS = 8, 64
+def sharded_setup(remat: str, devices: int, tiny: bool = False, levels: int | None = None):
+  """(mesh, ETHD config, graphdef, abstract sharded params, abstract 8-bit Adam state with its
+  shardings, 8-bit Adam) on an `fsdp` mesh of `devices`."""
   mesh = parallel.make_mesh({"data": 1, "fsdp": devices})
   compute = Compute(dtype=jnp.bfloat16, param_dtype=jnp.float32, attention="xla", remat=remat)
   if tiny:
@@ -132,18 +132,40 @@ def measure(frames: int, remat: str, devices: int, global_batch: int, tiny: bool
   opt_state = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
                                                                 sharding=s),
                            opt_state, opt_shardings)
-  param_shardings = jax.tree.map(lambda leaf: leaf.sharding, params)
+  return mesh, config, graphdef, params, opt_state, tx
+
+
+def batch_shapes(config: ETHDConfig, frames: int, batch: int, mesh=None) -> dict:
+  """ShapeDtypeStructs of a training batch (sharded over the batch axes when `mesh` is given)."""
   shapes = {
-      "clean": (global_batch, frames, LATENT, LATENT, 4),
-      "reference_latents": (global_batch, LATENT, LATENT, 4),
-      "lip_latents": (global_batch, frames, config.lip_dim),
-      "expression": (global_batch, frames, config.expression_dim),
-      "reference_expression": (global_batch, config.expression_dim),
-      "face_mask": (global_batch, PIXELS, PIXELS),
-      "lip_mask": (global_batch, PIXELS, PIXELS),
+      "clean": (batch, frames, LATENT, LATENT, 4),
+      "reference_latents": (batch, LATENT, LATENT, 4),
+      "lip_latents": (batch, frames, config.lip_dim),
+      "expression": (batch, frames, config.expression_dim),
+      "reference_expression": (batch, config.expression_dim),
+      "face_mask": (batch, PIXELS, PIXELS),
+      "lip_mask": (batch, PIXELS, PIXELS),
   }
-  batch = {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=parallel.batch_sharding(mesh, len(s)))
-           for k, s in shapes.items()}
+  return {name: jax.ShapeDtypeStruct(
+      shape, jnp.float32, sharding=None if mesh is None else parallel.batch_sharding(mesh, len(shape)))
+      for name, shape in shapes.items()}
+
+
+def per_device_bytes(tree) -> int:
+  """Bytes of one device's shards of a tree of sharded ShapeDtypeStructs / arrays."""
+  return sum(int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
+             for leaf in jax.tree.leaves(tree))
+
+
+def measure(frames: int, remat: str, devices: int, global_batch: int, tiny: bool = False,
+            levels: int | None = None) -> dict:
+  global LATENT, PIXELS
+  if tiny:
+    LATENT, PIXELS = 8, 64
+  mesh, config, graphdef, params, opt_state, tx = sharded_setup(remat, devices, tiny, levels)
+  param_shardings = jax.tree.map(lambda leaf: leaf.sharding, params)
+  opt_shardings = jax.tree.map(lambda leaf: leaf.sharding, opt_state)
+  batch = batch_shapes(config, frames, global_batch, mesh)
   key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))
   step = jax.jit(step_fn(graphdef, tx), donate_argnums=(0, 1),
                  out_shardings=(param_shardings, opt_shardings, NamedSharding(mesh, P())))
@@ -155,14 +177,10 @@ def measure(frames: int, remat: str, devices: int, global_batch: int, tiny: bool
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
-  per_device = lambda tree: sum(  # noqa: E731
-      int(np.prod(s.shard_shape(leaf.shape))) * leaf.dtype.itemsize
-      for leaf, s in zip(jax.tree.leaves(tree), jax.tree.leaves(
-          jax.tree.map(lambda leaf: leaf.sharding, tree))))
   result = {
       "frames": frames, "remat": remat, "devices": devices, "global_batch": global_batch,
       "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1),
-      "params_gb": per_device(params) / GB, "opt_state_gb": per_device(opt_state) / GB,
+      "params_gb": per_device_bytes(params) / GB, "opt_state_gb": per_device_bytes(opt_state) / GB,
       "argument_gb": memory.argument_size_in_bytes / GB,
       "output_gb": memory.output_size_in_bytes / GB,
       "alias_gb": memory.alias_size_in_bytes / GB,
@@ -185,54 +203,29 @@ def decompose(frames: int, devices: int, levels: int | None = None) -> dict:
   from jax._src.ad_checkpoint import saved_residuals  # what print_saved_residuals prints
   from etalk_jax.svd import unet as unet_module
 
-  compute = Compute(dtype=jnp.bfloat16, param_dtype=jnp.float32, attention="xla",
-                    remat="layers")
-  config = ETHDConfig(unet=first_levels(levels)) if levels else ETHDConfig()
-  mesh = parallel.make_mesh({"data": 1, "fsdp": devices})
-  model = parallel.abstract_sharded(lambda rngs: ETHD(config, compute=compute, rngs=rngs), mesh)
-  axes = parallel.model_axes(model)
-  graphdef, params = nnx.split(model)
-  opt_state = jax.eval_shape(adam_8bit(1e-5).init, params)
-  opt_shardings = parallel.state_shardings(opt_state, mesh, family_axes=axes)
-  shard_bytes = lambda tree, shardings: sum(  # noqa: E731
-      int(np.prod(s.shard_shape(leaf.shape))) * leaf.dtype.itemsize
-      for leaf, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
-  param_shardings = jax.tree.map(lambda leaf: leaf.sharding, params)
-  state_gb = {"params": shard_bytes(params, param_shardings) / GB,
-              "gradients": shard_bytes(params, param_shardings) / GB,
-              "optimizer": shard_bytes(opt_state, opt_shardings) / GB}
+  _, config, graphdef, params, opt_state, _ = sharded_setup("layers", devices, levels=levels)
+  state_gb = {"params": per_device_bytes(params) / GB,
+              "gradients": per_device_bytes(params) / GB,
+              "optimizer": per_device_bytes(opt_state) / GB}
 
-  batch = {  # one clip: batch 1 per device
-      "clean": jax.ShapeDtypeStruct((1, frames, LATENT, LATENT, 4), jnp.float32),
-      "reference_latents": jax.ShapeDtypeStruct((1, LATENT, LATENT, 4), jnp.float32),
-      "lip_latents": jax.ShapeDtypeStruct((1, frames, config.lip_dim), jnp.float32),
-      "expression": jax.ShapeDtypeStruct((1, frames, config.expression_dim), jnp.float32),
-      "reference_expression": jax.ShapeDtypeStruct((1, config.expression_dim), jnp.float32),
-      "face_mask": jax.ShapeDtypeStruct((1, PIXELS, PIXELS), jnp.float32),
-      "lip_mask": jax.ShapeDtypeStruct((1, PIXELS, PIXELS), jnp.float32)}
-  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-
-  # Record each distinct rematerialised layer call (module, inputs) while tracing.
+  # Record each distinct rematerialised layer call (module, inputs, how it is called) while
+  # tracing; the UNet calls them through `call_layer`.
   layers: dict = {}
   original = unet_module.call_layer
 
-  def recording(remat, layer, *args, call=unet_module.call_layer.__kwdefaults__["call"]):
+  def recording(remat, layer, *args, **options):
     signature = (type(layer).__name__, str(jax.tree.map(lambda x: (x.shape, x.dtype), args)))
     if signature not in layers:
+      call = options.get("call", lambda layer, *args: layer(*args))
       layers[signature] = (nnx.graphdef(layer), _abstract(nnx.state(layer)), _abstract(args),
                            call)
-    return original(remat, layer, *args, call=call)
-
-  def loss_fn(params, batch, key):
-    loss, _ = reconstruction_loss(nnx.merge(graphdef, params), batch["clean"],
-                                  batch["reference_latents"], batch["lip_latents"],
-                                  batch["expression"], batch["reference_expression"],
-                                  batch["face_mask"], batch["lip_mask"], key)
-    return loss
+    return original(remat, layer, *args, **options)
 
   unet_module.call_layer = recording
-  try:
-    residuals = saved_residuals(loss_fn, _abstract(params), batch, key)
+  try:  # one clip: batch 1 per device
+    residuals = saved_residuals(functools.partial(ethd_loss, graphdef), _abstract(params),
+                                batch_shapes(config, frames, 1),
+                                jax.ShapeDtypeStruct((2,), jnp.uint32))
   finally:
     unet_module.call_layer = original
   kept = [(aval, why) for aval, why in residuals if not why.startswith("from the argument")]

@@ -69,10 +69,11 @@ class TransformerSpatioTemporalModel(nnx.Module):
         timestep_features(frame_index, channels).astype(self.compute_dtype))[:, None, :]
     # Layer remat nests here: the backward pass of this whole transformer (itself a layer)
     # holds one spatial or temporal block's internals at a time.
-    spatial = lambda block, h, context, inputs: block(h, context, **inputs)  # noqa: E731
+    spatial_call = lambda block, h, context, inputs: block(h, context, **inputs)  # noqa: E731
     temporal_call = lambda block, h, inputs: block(h, frames, **inputs)  # noqa: E731
     for block, temporal_block in zip(self.transformer_blocks, self.temporal_transformer_blocks):
-      h = constrain_rows(call_layer(self.remat, block, h, context, spatial_inputs, call=spatial))
+      h = constrain_rows(call_layer(self.remat, block, h, context, spatial_inputs,
+                                     call=spatial_call))
       temporal = call_layer(self.remat, temporal_block, h + frame_emb, temporal_inputs,
                             call=temporal_call)
       h = self.time_mixer(h.reshape(batch, frames, *h.shape[1:]),

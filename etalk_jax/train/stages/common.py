@@ -152,13 +152,10 @@ def codec_weights_folder(spec: dict) -> Path | None:
 
 def latent_codec_from_spec(spec: dict):
   """`latent_codec` of a codec spec dict (what config.codec holds)."""
-  from etalk_jax.svd.codec import PixelShuffleCodec, VAECodec  # noqa: PLC0415
+  from etalk_jax.svd.codec import VAECodec, codec_from_spec  # noqa: PLC0415
   spec = dict(spec)
-  if spec.get("kind") == "pixel_shuffle":
-    codec = PixelShuffleCodec(int(spec.get("factor", 4)), float(spec.get("scale", 2.0)))
-    return codec, jax.jit(codec.encode)
-  if spec.get("kind") == "patch_pca":  # {"kind": "patch_pca", "file": codec.json}
-    from etalk_jax.svd.codec import codec_from_spec  # noqa: PLC0415
+  # Weight-free codecs; patch_pca as {"kind": "patch_pca", "file": codec.json}.
+  if spec.get("kind") in ("pixel_shuffle", "patch_pca"):
     codec = codec_from_spec(spec)
     return codec, jax.jit(codec.encode)
   if spec.get("kind") == "vae":
