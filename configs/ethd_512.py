@@ -40,8 +40,11 @@ TINY_UNET = dict(
 
 
 def ethd_fields(full: bool) -> dict:
+  # latent_target "absolute" denoises the codec's latents as SVD does; "reference_relative"
+  # denoises (latent - portrait's latent) * target_scale (what `etalk demo` trains).
   return dict(unet=_svd_xt_unet() if full else TINY_UNET, window=5,
-              added_time_ids=(24.0, 127.0, 0.02), init="")
+              added_time_ids=(24.0, 127.0, 0.02), init="", latent_target="absolute",
+              target_scale=1.0)
 
 
 def get_config(variant: str = "full"):

@@ -98,8 +98,8 @@ def _sample(args: argparse.Namespace) -> int:
       args.portrait, args.audio, args.out, args.checkpoint, emotion=args.emotion,
       emotion_text=args.emotion_text, emotion_image=args.emotion_image,
       emotion_video=args.emotion_video, emotion_audio=args.emotion_audio,
-      intensity=args.intensity, steps=args.steps, resolution=args.resolution, seed=args.seed,
-      paste_back=args.paste_back, progress=not args.no_progress)
+      intensity=args.intensity, steps=args.steps, guidance=args.guidance,
+      resolution=args.resolution, seed=args.seed, paste_back=args.paste_back, progress=not args.no_progress)
   emotion = summary["emotion"] or "none (the portrait's own expression)"
   print(f"wrote {summary['out']}: {summary['frames']} frames ({summary['seconds']:.2f} s of "
         f"video) in {summary['generation_seconds']:.1f} s ({summary['generation_fps']:.2f} "
@@ -296,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="must equal the checkpoint's (default: the checkpoint's)")
   sample.add_argument("--steps", type=int, default=None,
                       help="ETHD sampling steps (default: the checkpoint's, 25)")
+  sample.add_argument("--guidance", type=float, default=None,
+                      help="classifier-free guidance on the speech, >= 1 (default: the "
+                           "checkpoint's, 1 = off; >1 costs two ETHD calls per step)")
   sample.add_argument("--seed", type=int, default=0)
   sample.add_argument("--paste-back", action="store_true",
                       help="paste the generated face into the full portrait frame")

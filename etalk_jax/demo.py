@@ -119,28 +119,35 @@ def save_frozen_encoders(workdir: Path, config) -> dict[str, Path]:
   return folders
 
 
-def fit_codec(workdir: Path, dataset_dir: str, config) -> Path:
-  """The demo's latent codec: patch PCA fitted on training frames (no pretrained VAE offline)."""
+def fit_codec(workdir: Path, dataset_dir: str, config) -> tuple[Path, float]:
+  """The demo's latent codec, patch PCA fitted on training frames (no pretrained VAE offline),
+  and the scale that brings reference-relative latents (each frame's latent minus its clip's
+  first frame's) to unit std: ETHD's diffusion target (`ETHDConfig.latent_target`)."""
   from data_pipeline.loader import data_source  # noqa: PLC0415
   from etalk_jax.svd.codec import PatchPCACodec  # noqa: PLC0415
   path = workdir / "codec.json"
-  if not path.exists():
+  scale_file = workdir / "target_scale.json"
+  if not (path.exists() and scale_file.exists()):
     source = data_source(dataset_dir, "train")
     step = max(1, len(source) // 24)
-    frames = np.concatenate([_record_clip(source[i]).frames[::4]
-                             for i in range(0, len(source), step)])
-    codec = PatchPCACodec.fit(frames, int(config.latent_channels))
+    clips = [_record_clip(source[i]).frames[::4] for i in range(0, len(source), step)]
+    codec = PatchPCACodec.fit(np.concatenate(clips), int(config.latent_channels))
+    differences = [np.asarray(codec.encode(frames[1:])) - np.asarray(codec.encode(frames[:1]))
+                   for frames in clips]
+    target_scale = 1.0 / float(np.concatenate(differences).std())
     path.write_text(json.dumps(codec.spec()))
-  return path
+    scale_file.write_text(json.dumps({"target_scale": target_scale}))
+  return path, float(json.loads(scale_file.read_text())["target_scale"])
 
 
-def train_stages(workdir: Path, dataset_dir: str, frozen: dict[str, Path], config, clock: Clock,
-                 progress: bool) -> dict[str, Path]:
-  """Every stage in dependency order; returns their export folders."""
-  from etalk_jax.train.loop import train  # noqa: PLC0415
+STAGES = ("encoders", "projector", "dicte", "ethd", "ser")  # in dependency order
+
+
+def stage_configs(workdir: Path, dataset_dir: str, frozen: dict[str, Path], config) -> dict:
+  """Each stage's training config (configs/<stage>.py:tiny with the demo's sizes, steps and the
+  folders of the frozen encoders and earlier stages' exports), by stage name."""
   runs = workdir / "runs"
-  exports = {name: runs / name / "export" for name in ("encoders", "projector", "dicte", "ethd",
-                                                       "ser")}
+  exports = {name: runs / name / "export" for name in STAGES}
   audio_features = dict(config.audio_features)
   window = int(config.video_window)
 
@@ -151,7 +158,8 @@ def train_stages(workdir: Path, dataset_dir: str, frozen: dict[str, Path], confi
     stage_config.train.checkpoint_every = stage_config.train.steps
     return stage_config
 
-  codec = {"kind": "patch_pca", "file": str(fit_codec(workdir, dataset_dir, config))}
+  codec_file, target_scale = fit_codec(workdir, dataset_dir, config)
+  codec = {"kind": "patch_pca", "file": str(codec_file)}
   channels = int(config.latent_channels)
   encoders = common(_stage_config("encoders", "encoders"), "encoders")
   encoders.encoders.vision = str(frozen["pdfgc"])
@@ -172,15 +180,24 @@ def train_stages(workdir: Path, dataset_dir: str, frozen: dict[str, Path], confi
     stage_config.codec = codec
     stage_config.ethd.unet.in_channels = 2 * channels
     stage_config.ethd.unet.out_channels = channels
+    stage_config.ethd.latent_target = str(config.latent_target)
+    stage_config.ethd.target_scale = target_scale
   ethd.vaid.projector = str(exports["projector"])
   ethd.vaid.dicte = str(exports["dicte"])
   ser = common(_stage_config("ser", "ser"), "ser")
   ser.encoders.wavlm = str(frozen["wavlm"])
   ser.encoders.audio_features = audio_features
   ser.data.window = min(int(ser.data.window), int(config.data.num_frames))
+  return {"encoders": encoders, "projector": projector, "dicte": dicte, "ethd": ethd, "ser": ser}
 
-  for name, stage_config in (("encoders", encoders), ("projector", projector), ("dicte", dicte),
-                             ("ethd", ethd), ("ser", ser)):
+
+def train_stages(workdir: Path, dataset_dir: str, frozen: dict[str, Path], config, clock: Clock,
+                 progress: bool) -> dict[str, Path]:
+  """Every stage in dependency order; returns their export folders."""
+  from etalk_jax.train.loop import train  # noqa: PLC0415
+  runs = workdir / "runs"
+  exports = {name: runs / name / "export" for name in STAGES}
+  for name, stage_config in stage_configs(workdir, dataset_dir, frozen, config).items():
     with clock.phase(f"train {name}"):
       if (exports[name] / ("renderer" if name == "encoders" else "")).exists():
         print(f"   {exports[name]} exists: already trained")

@@ -412,6 +412,7 @@ class EmotiveTalkPipeline:
     # The vision encoders' jitted, chunked encode (frames resized as in training).
     self.vision = VAIDFeaturizer(self.audio_features, encoders)
     self.projector_graphdef, self.projector_state = nnx.split(projector)
+    self.ethd_config = ethd.ethd_config  # its latent target: absolute or reference-relative
     self.denoiser, self.ethd_params = model_denoiser(ethd, call_ethd)
 
   @classmethod
@@ -513,9 +514,9 @@ class EmotiveTalkPipeline:
   def __call__(self, portrait: Any, speech: Any, *, emotion: str | None = None,
                emotion_text: str | None = None, emotion_image: Any = None,
                emotion_video: Any = None, emotion_audio: Any = None, intensity: float = 1.0,
-               steps: int | None = None, seed: int = 0, paste_back: bool = False,
-               landmarks: np.ndarray | None = None, aligned: bool = False,
-               progress: bool = True) -> Result:
+               steps: int | None = None, guidance: float | None = None, seed: int = 0,
+               paste_back: bool = False, landmarks: np.ndarray | None = None,
+               aligned: bool = False, progress: bool = True) -> Result:
     """Generates the talking-head video of `portrait` saying `speech`.
 
     portrait: image path or uint8 (H, W, 3); landmarks: its (478, 2) pixel landmarks (skips
@@ -523,7 +524,11 @@ class EmotiveTalkPipeline:
     emotion source: a keyword, a text, an image, a driving video (its per-frame expressions
     drive the face directly) or emotional speech; none -> the portrait's own expression
     ("uncond."). intensity in [0, 1.5] scales a keyword or image condition from neutral.
-    steps: ETHD Euler steps (default: pipeline.json's). seed: the noise of both diffusions.
+    steps: ETHD Euler steps (default: pipeline.json's). guidance: classifier-free guidance on
+    the speech, a constant scale (default: pipeline.json's sampler scales; 1 is off): each step
+    also denoises with the lip latents zeroed, as training's condition dropout drops them, and
+    moves the result `guidance` times as far from it (two ETHD calls per step). seed: the noise
+    of both diffusions.
     aligned: the portrait already is a training crop at the pipeline's resolution (a frame of a
     prepared dataset) with `landmarks` in its pixels: used as it is, not re-cropped.
     """
@@ -548,6 +553,12 @@ class EmotiveTalkPipeline:
       raise ValueError(f"steps must be at least 1, got {steps}.")
     sampler = self.sampler if steps is None else dataclasses.replace(self.sampler,
                                                                      steps=int(steps))
+    if guidance is not None:
+      if not float(guidance) >= 1.0:
+        raise ValueError(f"guidance must be a number of at least 1 (1 switches it off), got "
+                         f"{guidance}.")
+      sampler = dataclasses.replace(sampler, min_guidance_scale=float(guidance),
+                                    max_guidance_scale=float(guidance))
     # Word and text sources are checked before any model runs.
     keyword = None
     if emotion is not None or emotion_text is not None:
@@ -607,18 +618,22 @@ class EmotiveTalkPipeline:
       stages.set_postfix_str("denoising")
       latent_shape = reference_latent.shape[1:]
       noise = jax.random.normal(noise_key, (1, frames) + latent_shape, jnp.float32)
-      latents = sample_video(
-          self.denoiser, self.ethd_params, noise,
-          {"lip_latents": lip_latents[None], "expression": expressions[None].astype(np.float32)},
-          {"reference_latent": reference_latent,
-           "reference_expression": reference_expression[None],
-           "face_mask": face_mask[None].astype(np.float32)},
-          sampler=sampler, windows=self.windows)
+      frame_conditions = {"lip_latents": lip_latents[None],
+                          "expression": expressions[None].astype(np.float32)}
+      video_conditions = {"reference_latent": reference_latent,
+                          "reference_expression": reference_expression[None],
+                          "face_mask": face_mask[None].astype(np.float32)}
+      without_speech = ({**frame_conditions, "lip_latents": np.zeros_like(lip_latents[None])},
+                        video_conditions)
+      latents = sample_video(self.denoiser, self.ethd_params, noise, frame_conditions,
+                             video_conditions, sampler=sampler, windows=self.windows,
+                             unconditional=without_speech if sampler.guided else None)
       latents.block_until_ready()
       stages.update()
 
       stages.set_postfix_str("decoding")
-      video = to_uint8(self.codec.decode(latents[0]))
+      video = to_uint8(self.codec.decode(self.ethd_config.from_target(latents[0],
+                                                                      reference_latent)))
       if paste_back:
         video = paste_into_portrait(image, video, face.box)
       stages.update()
@@ -638,8 +653,9 @@ def sample_command(portrait: str, audio: str, out: str, checkpoint: str, *,
                    emotion: str | None = None, emotion_text: str | None = None,
                    emotion_image: str | None = None, emotion_video: str | None = None,
                    emotion_audio: str | None = None, intensity: float = 1.0,
-                   steps: int | None = None, resolution: int | None = None, seed: int = 0,
-                   paste_back: bool = False, progress: bool = True) -> dict[str, Any]:
+                   steps: int | None = None, guidance: float | None = None,
+                   resolution: int | None = None, seed: int = 0, paste_back: bool = False,
+                   progress: bool = True) -> dict[str, Any]:
   """`etalk sample`: loads the checkpoint, generates, writes `out` atomically (nothing is left
   there on failure) and returns a summary {out, frames, seconds, generation_seconds, fps}."""
   out_path = Path(out)
@@ -661,8 +677,8 @@ def sample_command(portrait: str, audio: str, out: str, checkpoint: str, *,
   start = time.perf_counter()
   result = pipeline(portrait, audio, emotion=emotion, emotion_text=emotion_text,
                     emotion_image=emotion_image, emotion_video=emotion_video,
-                    emotion_audio=emotion_audio, intensity=intensity, steps=steps, seed=seed,
-                    paste_back=paste_back, progress=progress)
+                    emotion_audio=emotion_audio, intensity=intensity, steps=steps,
+                    guidance=guidance, seed=seed, paste_back=paste_back, progress=progress)
   generation_seconds = time.perf_counter() - start
   result.write(out_path)
   frames = result.frames.shape[0]

@@ -171,6 +171,22 @@ def test_config_checks():
     ETHDConfig(unet=UNetConfig(cross_attention_dim=(1024, 1024, 1024, 1024)))
   with pytest.raises(ValueError, match="differs"):
     ethd_from_svd(unet_from_diffusers(make_unet(UNET_TWO_LEVELS)), ETHDConfig())
+  with pytest.raises(ValueError, match="latent_target must be"):
+    ETHDConfig(latent_target="relative")
+
+
+def test_reference_relative_target_round_trips():
+  config = ETHDConfig(latent_target="reference_relative", target_scale=4.0)
+  assert ETHDConfig.from_dict(config.to_dict()) == config
+  older = {name: value for name, value in config.to_dict().items()
+           if name not in ("latent_target", "target_scale")}  # saved before the field existed
+  assert ETHDConfig.from_dict(older).latent_target == "absolute"
+  rng = np.random.default_rng(0)
+  latents, reference = rng.normal(size=(2, 3, 4, 4, 4)), rng.normal(size=(2, 1, 4, 4, 4))
+  target = config.to_target(latents, reference)
+  np.testing.assert_allclose(target[:, :1], 4.0 * (latents[:, :1] - reference))
+  np.testing.assert_allclose(config.from_target(target, reference), latents, atol=1e-12)
+  assert ETHDConfig().to_target(latents, reference) is latents
 
 
 def test_rematerialisation_changes_no_gradient(svd_and_ethd):

@@ -203,6 +203,40 @@ def test_another_length_in_the_same_bucket_compiles_no_new_sampler(neutral, pipe
   assert sampling._sample_windows._cache_size() == compiled
 
 
+def test_reference_relative_ethd_adds_the_portrait_back(portrait):
+  """An ETHD denoising reference-relative latents that predicts no motion (a zero output layer:
+  the sampler shrinks the noise to ~0) gives the portrait's crop in every frame, not the codec's
+  decoding of zero latents."""
+  frame, landmarks, _, samples = portrait
+  components = tiny_components()
+  ethd = components["ethd"]
+  ethd.ethd_config = dataclasses.replace(ethd.ethd_config, latent_target="reference_relative",
+                                         target_scale=3.0)
+  for variable in (ethd.conv_out.kernel, ethd.conv_out.bias):
+    variable.set_value(np.zeros(variable.shape, np.float32))
+  relative = EmotiveTalkPipeline(**components)
+  result = relative(frame, samples[:int(0.8 * 16000)], landmarks=landmarks, progress=False)
+  crop = pipeline_module.crop_face(frame, landmarks, RESOLUTION).crop
+  difference = np.abs(result.frames.astype(np.int16) - crop[None].astype(np.int16))
+  assert difference.max() <= 1
+
+
+def test_speech_guidance_contrasts_with_zeroed_lip_latents_only(pipe, portrait, monkeypatch):
+  """Guidance's unconditional branch differs from the conditional one in the lip latents alone:
+  with l_a zero already, guided sampling gives the unguided video; with speech it changes it."""
+  frame, landmarks, _, samples = portrait
+  speech = samples[:int(0.8 * 16000)]
+  run = lambda **kw: pipe(frame, speech, landmarks=landmarks, seed=0, progress=False, **kw)
+  with pytest.raises(ValueError, match="guidance must be"):
+    run(guidance=0.5)
+  spoken = run().frames
+  assert np.abs(run(guidance=3.0).frames.astype(np.int16) - spoken).max() > 8
+  real_projection = pipe.project_lips
+  monkeypatch.setattr(pipe, "project_lips", lambda *a: np.zeros_like(real_projection(*a)))
+  silent = run().frames
+  assert np.abs(run(guidance=3.0).frames.astype(np.int16) - silent).max() <= 1
+
+
 def test_paste_back_gives_the_portrait_frame_size(pipe, portrait):
   frame, landmarks, _, samples = portrait
   big = np.pad(frame, ((10, 6), (4, 20), (0, 0)), mode="edge")

@@ -38,8 +38,16 @@ class ETHDConfig:
   window: int = 5              # ±2 frames of lip and expression tokens per frame
   # SVD's added time ids: fps - 1 = 24 as SVD's pipeline counts it, motion bucket, noise aug.
   added_time_ids: tuple[float, ...] = (24.0, 127.0, 0.02)
+  # What the diffusion denoises: the codec's latents ("absolute", SVD's and the paper's), or their
+  # difference to the reference latent times `target_scale` ("reference_relative"), which a small
+  # model trained from scratch learns far faster: the identity is given, only motion is modelled.
+  latent_target: str = "absolute"
+  target_scale: float = 1.0
 
   def __post_init__(self):
+    if self.latent_target not in ("absolute", "reference_relative"):
+      raise ValueError(f"latent_target must be 'absolute' or 'reference_relative', got "
+                       f"{self.latent_target!r}")
     if not isinstance(self.unet.cross_attention_dim, int):
       raise ValueError("ETHD needs one cross_attention_dim for all levels (the token width)")
     if self.window % 2 == 0:
@@ -52,7 +60,20 @@ class ETHDConfig:
   def to_dict(self) -> dict[str, Any]:
     return {"unet": self.unet.to_dict(), "lip_dim": self.lip_dim,
             "expression_dim": self.expression_dim, "window": self.window,
-            "added_time_ids": list(self.added_time_ids)}
+            "added_time_ids": list(self.added_time_ids), "latent_target": self.latent_target,
+            "target_scale": self.target_scale}
+
+  def to_target(self, latents, reference_latents):
+    """Codec latents -> the diffusion target; `reference_latents` broadcasts against `latents`."""
+    if self.latent_target == "absolute":
+      return latents
+    return (latents - reference_latents) * self.target_scale
+
+  def from_target(self, target, reference_latents):
+    """The inverse of `to_target`: sampled targets -> codec latents."""
+    if self.latent_target == "absolute":
+      return target
+    return target / self.target_scale + reference_latents
 
   @classmethod
   def from_dict(cls, fields: dict[str, Any]) -> "ETHDConfig":

@@ -187,7 +187,9 @@ def ethd_config(config, lip_dim: int, expression_dim: int):
             for name, value in dict(config.ethd.unet).items()}
   return ETHDConfig(unet=UNetConfig(**fields), lip_dim=lip_dim, expression_dim=expression_dim,
                     window=int(config.ethd.get("window", 5)),
-                    added_time_ids=tuple(config.ethd.get("added_time_ids", (24.0, 127.0, 0.02))))
+                    added_time_ids=tuple(config.ethd.get("added_time_ids", (24.0, 127.0, 0.02))),
+                    latent_target=str(config.ethd.get("latent_target", "absolute")),
+                    target_scale=float(config.ethd.get("target_scale", 1.0)))
 
 
 def build_ethd(config, mesh, lip_dim: int, expression_dim: int):

@@ -2,7 +2,7 @@
 reconstruction (ARCHITECTURE.md §2, §3.9) with an ETHD as the renderer that trains beside them.
 
 Data: loader windows (frames, reference, face / lip masks) -> latents through the latent codec
-on the host. Loss: `etalk_jax.ethd.objective.encoder_reconstruction_loss` (per sample: drop l_v,
+on the host (the video's as the renderer's diffusion target, `ETHDConfig.to_target`). Loss: `etalk_jax.ethd.objective.encoder_reconstruction_loss` (per sample: drop l_v,
 drop e_v, or keep both; the loss inside the face mask, the lip mask or the whole frame). Only
 the adapters and the renderer train; the PD-FGC trunk stays frozen.
 Export: export/encoders (`vision.params.load_encoders`) and export/renderer (`load_ethd`), which
@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from etalk_jax.ethd.model import save_ethd
@@ -54,8 +55,10 @@ def make_task(config, mesh) -> Task:
       **{name: float(value) for name, value in dict(config.sigma).items()})
 
   def featurize(batch):
-    return {"latents": common.encode_video(encode, batch["frames"]),
-            "reference_latents": encode(batch["reference"]),
+    reference_latents = np.asarray(encode(batch["reference"]))
+    latents = common.encode_video(encode, batch["frames"])
+    return {"latents": renderer.ethd_config.to_target(latents, reference_latents[:, None]),
+            "reference_latents": reference_latents,
             "frames": batch["frames"], "reference": batch["reference"],
             "face_mask": batch["face_mask"], "lip_mask": batch["lip_mask"]}
 
