@@ -6,10 +6,10 @@ faces, then videos of a held-out identity saying held-out speech in two emotions
 
 The goal is the generated videos' lip-sync score (correlation of the mouth opening read from the
 frames with the speech envelope) clearly above the baseline with the audio removed. Measured so
-far (WORKSPACE.md): every stage trains and the whole run takes ~10 min; ETHD, denoising each
+far (WORKSPACE.md): every stage trains and the whole run takes ~11 min; ETHD, denoising each
 frame's latent minus the portrait's, keeps the identity, but in that budget it does not learn
 to use its lip tokens (not even the true mouth opening given as tokens), so the generated videos
-score like the baseline (0.098 vs 0.099). The stage configs are configs/<stage>.py:tiny
+score like the baseline (0.066 vs 0.067). The stage configs are configs/<stage>.py:tiny
 with the overrides below.
 """
 
