@@ -99,7 +99,8 @@ def _sample(args: argparse.Namespace) -> int:
       emotion_text=args.emotion_text, emotion_image=args.emotion_image,
       emotion_video=args.emotion_video, emotion_audio=args.emotion_audio,
       intensity=args.intensity, steps=args.steps, guidance=args.guidance,
-      resolution=args.resolution, seed=args.seed, paste_back=args.paste_back, progress=not args.no_progress)
+      resolution=args.resolution, seed=args.seed, paste_back=args.paste_back,
+      progress=not args.no_progress)
   emotion = summary["emotion"] or "none (the portrait's own expression)"
   print(f"wrote {summary['out']}: {summary['frames']} frames ({summary['seconds']:.2f} s of "
         f"video) in {summary['generation_seconds']:.1f} s ({summary['generation_fps']:.2f} "

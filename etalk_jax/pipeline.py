@@ -623,11 +623,13 @@ class EmotiveTalkPipeline:
       video_conditions = {"reference_latent": reference_latent,
                           "reference_expression": reference_expression[None],
                           "face_mask": face_mask[None].astype(np.float32)}
-      without_speech = ({**frame_conditions, "lip_latents": np.zeros_like(lip_latents[None])},
-                        video_conditions)
+      without_speech = None  # guidance's unconditional branch: the lip latents zeroed
+      if sampler.guided:
+        without_speech = ({**frame_conditions, "lip_latents": np.zeros_like(lip_latents[None])},
+                          video_conditions)
       latents = sample_video(self.denoiser, self.ethd_params, noise, frame_conditions,
                              video_conditions, sampler=sampler, windows=self.windows,
-                             unconditional=without_speech if sampler.guided else None)
+                             unconditional=without_speech)
       latents.block_until_ready()
       stages.update()
 

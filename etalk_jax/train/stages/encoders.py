@@ -2,9 +2,10 @@
 reconstruction (ARCHITECTURE.md §2, §3.9) with an ETHD as the renderer that trains beside them.
 
 Data: loader windows (frames, reference, face / lip masks) -> latents through the latent codec
-on the host (the video's as the renderer's diffusion target, `ETHDConfig.to_target`). Loss: `etalk_jax.ethd.objective.encoder_reconstruction_loss` (per sample: drop l_v,
-drop e_v, or keep both; the loss inside the face mask, the lip mask or the whole frame). Only
-the adapters and the renderer train; the PD-FGC trunk stays frozen.
+on the host (the video's as the renderer's diffusion target, `ETHDConfig.to_target`). Loss:
+`etalk_jax.ethd.objective.encoder_reconstruction_loss` (per sample: drop l_v, drop e_v, or keep
+both; the loss inside the face mask, the lip mask or the whole frame). Only the adapters and the
+renderer train; the PD-FGC trunk stays frozen.
 Export: export/encoders (`vision.params.load_encoders`) and export/renderer (`load_ethd`), which
 the ETHD stage may start from (`--config.ethd.init=ethd:<workdir>/export/renderer`).
 """
