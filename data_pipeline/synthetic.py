@@ -353,10 +353,11 @@ def synthesize_speech(rng: np.random.Generator, num_frames: int, identity: Ident
 # ------------------------------------------------------------------------------------ motion and blinks
 
 def head_motion(rng: np.random.Generator, num_frames: int, stress: np.ndarray, emotion: str,
-                alpha: float) -> np.ndarray:
-  """Pose per frame (num_frames, 6): yaw, pitch, roll (degrees), tx, ty (crop fractions), scale."""
+                alpha: float, scale: float = 1.0) -> np.ndarray:
+  """Pose per frame (num_frames, 6): yaw, pitch, roll (degrees), tx, ty (crop fractions), scale.
+  `scale` multiplies the movement (sway, nods, drift, zoom), not the emotion's held head pitch."""
   prosody = PROSODY[emotion]
-  amplitude = _scaled(prosody.motion, alpha)
+  amplitude = _scaled(prosody.motion, alpha) * scale
   time = np.arange(num_frames) / FPS
   pose = np.zeros((num_frames, 6))
   for axis, degrees in enumerate((4.0, 2.5, 2.0)):
@@ -367,7 +368,7 @@ def head_motion(rng: np.random.Generator, num_frames: int, stress: np.ndarray, e
   pose[:, 1] += prosody.head_pitch * alpha
   for axis, size in ((3, 0.012), (4, 0.008)):
     pose[:, axis] = amplitude * size * np.sin(2 * np.pi * rng.uniform(0.05, 0.2) * time + rng.uniform(0, 6.3))
-  pose[:, 5] = 1.0 + 0.01 * np.sin(2 * np.pi * rng.uniform(0.05, 0.15) * time + rng.uniform(0, 6.3))
+  pose[:, 5] = 1.0 + 0.01 * scale * np.sin(2 * np.pi * rng.uniform(0.05, 0.15) * time + rng.uniform(0, 6.3))
   return pose
 
 
@@ -574,9 +575,10 @@ class SyntheticClip:
 
 
 def make_clip(identity: Identity, emotion: str, level: int, num_frames: int, resolution: int,
-              seed: int = 0, take: int = 0) -> SyntheticClip:
+              seed: int = 0, take: int = 0, head_motion_scale: float = 1.0) -> SyntheticClip:
   """One clip: `identity` speaking with `emotion` at MEAD-like `level` (1..3); `take` numbers
-  different utterances of the same person and emotion. Same arguments, same bytes."""
+  different utterances of the same person and emotion; `head_motion_scale` multiplies the head's
+  movement. Same arguments, same bytes."""
   if emotion not in EXPRESSIONS:
     raise ValueError(f"unknown emotion {emotion!r}; use one of {', '.join(EMOTIONS)}")
   if level not in LEVEL_ALPHA:
@@ -586,7 +588,7 @@ def make_clip(identity: Identity, emotion: str, level: int, num_frames: int, res
   audio, speech_opening, stress = synthesize_speech(rng, num_frames, identity, emotion, alpha)
   expression = EXPRESSIONS[emotion]
   mouth_open = np.clip(speech_opening + 0.3 * expression.jaw * alpha, 0.0, 1.0)
-  pose = head_motion(rng, num_frames, stress, emotion, alpha)
+  pose = head_motion(rng, num_frames, stress, emotion, alpha, head_motion_scale)
   lids = blinks(rng, num_frames)
   renderer = Renderer(identity, resolution)
   frames = np.empty((num_frames, resolution, resolution, 3), np.uint8)
@@ -611,6 +613,7 @@ class SyntheticSpec:
   num_frames: int = 100
   resolution: int = 64
   seed: int = 0
+  head_motion: float = 1.0  # multiplies the head's sway, nods, drift and zoom
 
   def clips(self):
     """(identity, emotion, level, take) for every clip, in a fixed order."""
@@ -620,6 +623,10 @@ class SyntheticSpec:
         for level in ((1,) if emotion == "neutral" else self.levels):
           for take in range(self.takes):
             yield identity, emotion, level, take
+
+  def make_clip(self, identity: Identity, emotion: str, level: int, take: int) -> SyntheticClip:
+    return make_clip(identity, emotion, level, self.num_frames, self.resolution, self.seed, take,
+                     self.head_motion)
 
   def __len__(self) -> int:
     per_identity = sum(1 if e == "neutral" else len(self.levels) for e in self.emotions) * self.takes
@@ -637,7 +644,7 @@ def write_mead_layout(dst: str | os.PathLike, spec: SyntheticSpec, progress: boo
   dst = Path(dst)
   written = []
   for identity, emotion, level, take in tqdm(list(spec.clips()), desc="synthetic MEAD", disable=not progress):
-    clip = make_clip(identity, emotion, level, spec.num_frames, spec.resolution, spec.seed, take)
+    clip = spec.make_clip(identity, emotion, level, take)
     folder = {"fearful": "fear"}.get(emotion, emotion)
     name = f"{take + 1:03d}"
     video = dst / identity.speaker / "video" / "front" / folder / f"level_{level}" / f"{name}.mp4"

@@ -78,3 +78,16 @@ def test_mead_layout_round_trip(tmp_path):
   assert (item.speaker, item.emotion, item.level) == ("synthetic_000", "fearful", 2) and item.audio_path
   audio, _ = media.read_audio(item.audio_path)
   assert abs(len(audio) - 30 * SAMPLES_PER_FRAME) < 2048
+
+
+def test_head_motion_scale_scales_the_movement_only():
+  identity = synthetic.make_identity(2)
+  full = synthetic.make_clip(identity, "angry", 3, num_frames=40, resolution=64)
+  calm = synthetic.make_clip(identity, "angry", 3, num_frames=40, resolution=64, head_motion_scale=0.3)
+  np.testing.assert_array_equal(full.audio, calm.audio)
+  np.testing.assert_array_equal(full.mouth_open, calm.mouth_open)
+  movement = lambda clip: clip.pose - clip.pose.mean(axis=0)  # the held head pitch is not movement
+  np.testing.assert_allclose(movement(calm), 0.3 * movement(full), atol=1e-5)
+  spec = synthetic.SyntheticSpec(identities=1, emotions=("angry",), levels=(3,), num_frames=40,
+                                 head_motion=0.3)
+  np.testing.assert_array_equal(spec.make_clip(identity, "angry", 3, 0).frames, calm.frames)

@@ -63,7 +63,7 @@ class SyntheticTalkingHeads(tfds.core.GeneratorBasedBuilder):
     config: SyntheticConfig = self.builder_config
     spec = config.spec
     for identity, emotion, level, take in items:
-      clip = synthetic.make_clip(identity, emotion, level, spec.num_frames, spec.resolution, spec.seed, take)
+      clip = spec.make_clip(identity, emotion, level, take)
       clip_id = _clip_id((identity, emotion, level, take))
       yield clip_id, {
         "clip_id": clip_id,
