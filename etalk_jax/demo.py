@@ -406,16 +406,15 @@ def fit_readers(dataset_dir: str) -> tuple[MouthReader, EmotionReader]:
   speakers: dict[str, list[HeldOutClip]] = {}
   for record_index, clip in enumerate(clips):
     speakers.setdefault(str(source[record_index]["speaker"]), []).append(clip)
-  with_portraits, with_portrait_landmarks = [], []
+  with_portraits = []  # (clip, its speaker's neutral portrait frame, the portrait's landmarks)
   for speaker_clips in speakers.values():
     neutral = next((c for c in speaker_clips if c.emotion == "neutral"), speaker_clips[0])
-    with_portraits += [(clip, neutral.frames[0]) for clip in speaker_clips]
-    with_portrait_landmarks += [(clip, neutral.frames[0], neutral.landmarks_px[0])
-                                for clip in speaker_clips]
+    with_portraits += [(clip, neutral.frames[0], neutral.landmarks_px[0])
+                       for clip in speaker_clips]
   keywords = sorted({clip.emotion for clip in clips})
   step = max(1, len(clips) // 24)
-  return (MouthReader(with_portrait_landmarks[::step]),
-          EmotionReader(with_portraits, keywords))
+  return (MouthReader(with_portraits[::step]),
+          EmotionReader([(clip, portrait) for clip, portrait, _ in with_portraits], keywords))
 
 
 # ------------------------------------------------------------------------------------- run
