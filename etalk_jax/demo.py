@@ -483,7 +483,7 @@ def run(workdir: str | Path = "demo_out", *, quick: bool = False, progress: bool
 
   report = {kind: {name: float(np.mean(values)) for name, values in scores.items()}
             for kind, scores in rows.items()}
-  # One 100-frame video's correlation moves by ~0.1 by chance: the spread shows how much.
+  # One 100-frame video's correlation moves by 0.1-0.2 by chance: the spread shows how much.
   report["lip_sync_per_video"] = {kind: dict(zip(emotions, scores["lip_sync"]))
                                   for kind, scores in rows.items()}
   later = generation[1:] or generation
