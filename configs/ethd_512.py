@@ -42,9 +42,12 @@ TINY_UNET = dict(
 def ethd_fields(full: bool) -> dict:
   # latent_target "absolute" denoises the codec's latents as SVD does; "reference_relative"
   # denoises (latent - portrait's latent) * target_scale (what `etalk demo` trains).
+  # lip_statistics_batches > 0: the stage measures the per-dimension mean / std of its lip
+  # stream (l_v in the encoder stage, l_a here) on that many batches and ETHD standardises
+  # the lip latents with them (ETHDConfig.lip_mean / lip_std); 0 leaves them as they are.
   return dict(unet=_svd_xt_unet() if full else TINY_UNET, window=5,
               added_time_ids=(24.0, 127.0, 0.02), init="", latent_target="absolute",
-              target_scale=1.0)
+              target_scale=1.0, lip_statistics_batches=0 if full else 16)
 
 
 def get_config(variant: str = "full"):

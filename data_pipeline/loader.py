@@ -10,6 +10,8 @@ A window of N frames starting at clip frame s holds:
   audio       ((N + 2c) * 640,) float32 in [-1, 1]: frames s-c .. s+N+c-1 (c = audio_context_frames,
               zero outside the clip), so audio[640 (c + i) : 640 (c + i + 1)] is frame s+i's audio,
               and the ±2-frame audio window of every frame in the window is inside
+  utterance_stats (2,) float32        mean and std of the whole clip's audio: normalise the window's
+              speech with them (`normalize(audio, stats)`), as inference normalises the utterance
   reference   (R, R, 3) uint8         another frame of the same clip (a keyframe, outside the window
               when the clip allows), with face_mask / lip_mask (R, R) uint8 from its landmarks
   landmarks   (N, 478, 2) float32     crop coordinates in [0, 1]
@@ -56,6 +58,10 @@ class LoaderConfig:
   with_frames: bool = True  # False: audio, landmarks and labels only (Di-CTE's expression targets
   #                           come from precomputed encoder outputs, not pixels)
   with_reference: bool = True
+  # Which frame is the reference: "keyframe" (a random keyframe of the clip, outside the window when
+  # the clip allows) or "first" (the clip's first frame, like a portrait before the speech starts:
+  # a closed mouth, which the window's lips are then measured against).
+  reference: str = "keyframe"
   with_masks: bool = True
   with_pdfgc: bool = False  # also the PD-FGC encoder inputs (N, 224, 224, 3) uint8, one per frame
   # Parallelism. Decoding (FFmpeg) releases the GIL, so threads in this process decode windows in
@@ -106,12 +112,13 @@ class WindowSampler:
     num_frames = int(record["num_frames"])
     window = config.window
     start = int(rng.integers(0, num_frames - window + 1))
-    reference_index = _reference_index(rng, num_frames, start, window)
+    reference_index = _reference_index(rng, num_frames, start, window, config.reference)
     landmarks = np.asarray(record["landmarks"], np.float32)
     out = {
       **_window_labels(record, start, reference_index),
       "landmarks": landmarks[start:start + window],
       "audio": _audio_window(record["audio"], start, window, config.audio_context_frames),
+      "utterance_stats": utterance_stats(record["audio"]),
     }
     for track in GROUND_TRUTH_TRACKS:
       if track in record:
@@ -156,13 +163,19 @@ def _text(value) -> str:
   return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _reference_index(rng: np.random.Generator, num_frames: int, start: int, window: int) -> int:
-  """A keyframe (decodes alone) of the clip, outside the window if there is one, else any keyframe."""
+def _reference_index(rng: np.random.Generator, num_frames: int, start: int, window: int,
+                     kind: str = "keyframe") -> int:
+  """A keyframe (decodes alone) of the clip, outside the window if there is one, else any keyframe;
+  or, for `kind` "first", frame 0. The draw happens either way, so both kinds see the same
+  windows for a seed."""
   from data_pipeline.media import KEYFRAME_INTERVAL  # noqa: PLC0415
+  if kind not in ("keyframe", "first"):
+    raise ValueError(f"reference must be 'keyframe' or 'first', got {kind!r}")
   keyframes = np.arange(0, num_frames, KEYFRAME_INTERVAL)
   outside = keyframes[(keyframes < start) | (keyframes >= start + window)]
   candidates = outside if len(outside) else keyframes
-  return int(candidates[rng.integers(len(candidates))])
+  drawn = int(candidates[rng.integers(len(candidates))])
+  return 0 if kind == "first" else drawn
 
 
 def _audio_window(audio: np.ndarray, start: int, window: int, context: int) -> np.ndarray:
@@ -174,6 +187,15 @@ def _audio_window(audio: np.ndarray, start: int, window: int, context: int) -> n
   if hi > lo:
     out[lo - begin:hi - begin] = np.asarray(audio[lo:hi], np.float32) / 32768.0
   return out
+
+
+def utterance_stats(audio: np.ndarray) -> np.ndarray:
+  """(mean, std) of a whole clip's int16 audio as float32 in [-1, 1]: a window's speech is
+  normalised with them (`etalk_jax.audio.features.normalize`) as the whole utterance is at
+  inference, not over its own span (a pause alone would be scaled up to speech level)."""
+  from etalk_jax.audio.features import NORMALIZE_EPS  # noqa: PLC0415
+  samples = np.asarray(audio, np.float32) / 32768.0
+  return np.array([samples.mean(), np.sqrt(samples.var() + NORMALIZE_EPS)], np.float32)
 
 
 class _LongEnough:
@@ -263,7 +285,7 @@ class PrecomputedWindowSampler:
     window = self.config.window
     num_frames = int(record["num_frames"])
     start = int(rng.integers(0, num_frames - window + 1))
-    reference_index = _reference_index(rng, num_frames, start, window)
+    reference_index = _reference_index(rng, num_frames, start, window, self.config.reference)
     frames = slice(start, start + window)
     latents = np.asarray(record["latents"])
     expression = np.asarray(record["expression"])

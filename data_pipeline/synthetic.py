@@ -442,12 +442,14 @@ _CROP_CENTRE = np.array([0.5, 0.5 - faces.CropConfig().shift_down])
 _FACE_BOX_CENTRE_Y = 0.2  # the template's landmark box centre (forehead -0.3 .. chin 0.7)
 
 
-def project(points: np.ndarray, pose: np.ndarray, identity: Identity) -> np.ndarray:
-  """Face-unit points (N, 3) -> crop coordinates in [0, 1] (N, 2) under a pose row (6,)."""
+def project(points: np.ndarray, pose: np.ndarray, identity: Identity, face_scale: float = 1.0
+            ) -> np.ndarray:
+  """Face-unit points (N, 3) -> crop coordinates in [0, 1] (N, 2) under a pose row (6,);
+  `face_scale` > 1 frames the face tighter than the training crop (a closer camera)."""
   yaw, pitch, roll, tx, ty, scale = pose
   rotated = (points - _HEAD_CENTRE) @ _rotation(yaw, pitch, roll).T + _HEAD_CENTRE
   xy = rotated[:, :2] - [0.0, _FACE_BOX_CENTRE_Y]
-  return _CROP_CENTRE + [tx, ty] + xy * _CROP_SCALE * identity.head_scale * scale
+  return _CROP_CENTRE + [tx, ty] + xy * _CROP_SCALE * identity.head_scale * scale * face_scale
 
 
 def _hair_points(points: np.ndarray, identity: Identity) -> tuple[np.ndarray, np.ndarray]:
@@ -479,9 +481,10 @@ def _supersampling(resolution: int) -> int:
 class Renderer:
   """Draws one identity's frames at one resolution (the static background is drawn once)."""
 
-  def __init__(self, identity: Identity, resolution: int):
+  def __init__(self, identity: Identity, resolution: int, face_scale: float = 1.0):
     self.identity = identity
     self.resolution = resolution
+    self.face_scale = face_scale
     self.size = resolution * _supersampling(resolution)
     size = self.size
     ramp = np.linspace(0, 1, size)[:, None, None]
@@ -490,7 +493,7 @@ class Renderer:
     draw = ImageDraw.Draw(image)
     # Shoulders and neck do not follow the head's sway: the body stays put as in real footage.
     neck = project(np.array([[-0.17, 0.45, 0.2], [0.17, 0.45, 0.2], [0.2, 1.3, 0.2], [-0.2, 1.3, 0.2]]),
-                   np.array([0, 0, 0, 0, 0, 1.0]), identity) * size
+                   np.array([0, 0, 0, 0, 0, 1.0]), identity, face_scale) * size
     draw.ellipse((size * -0.05, size * 0.86, size * 1.05, size * 1.6), fill=identity.shirt)
     shade = tuple(int(c * 0.85) for c in identity.skin)
     draw.polygon([tuple(p) for p in neck], fill=shade)
@@ -499,10 +502,11 @@ class Renderer:
   def __call__(self, points_3d: np.ndarray, pose: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Frame (R, R, 3) uint8 and its landmarks (478, 2) in [0, 1] crop coordinates."""
     identity, size = self.identity, self.size
-    landmarks = project(points_3d, pose, identity)
+    landmarks = project(points_3d, pose, identity, self.face_scale)
     pixels = landmarks * size
     polygon = lambda index: [tuple(p) for p in pixels[list(index)]]  # noqa: E731
-    back_hair, fringe = (project(p, pose, identity) * size for p in _hair_points(points_3d, identity))
+    back_hair, fringe = (project(p, pose, identity, self.face_scale) * size
+                         for p in _hair_points(points_3d, identity))
     image = self.background.copy()
     draw = ImageDraw.Draw(image)
     draw.polygon([tuple(p) for p in back_hair], fill=identity.hair)
@@ -575,10 +579,12 @@ class SyntheticClip:
 
 
 def make_clip(identity: Identity, emotion: str, level: int, num_frames: int, resolution: int,
-              seed: int = 0, take: int = 0, head_motion_scale: float = 1.0) -> SyntheticClip:
+              seed: int = 0, take: int = 0, head_motion_scale: float = 1.0,
+              face_scale: float = 1.0) -> SyntheticClip:
   """One clip: `identity` speaking with `emotion` at MEAD-like `level` (1..3); `take` numbers
   different utterances of the same person and emotion; `head_motion_scale` multiplies the head's
-  movement. Same arguments, same bytes."""
+  movement; `face_scale` the face's size in the frame (1: the training crop's framing, face
+  height ~0.5 of the frame). Same arguments, same bytes."""
   if emotion not in EXPRESSIONS:
     raise ValueError(f"unknown emotion {emotion!r}; use one of {', '.join(EMOTIONS)}")
   if level not in LEVEL_ALPHA:
@@ -590,7 +596,7 @@ def make_clip(identity: Identity, emotion: str, level: int, num_frames: int, res
   mouth_open = np.clip(speech_opening + 0.3 * expression.jaw * alpha, 0.0, 1.0)
   pose = head_motion(rng, num_frames, stress, emotion, alpha, head_motion_scale)
   lids = blinks(rng, num_frames)
-  renderer = Renderer(identity, resolution)
+  renderer = Renderer(identity, resolution, face_scale)
   frames = np.empty((num_frames, resolution, resolution, 3), np.uint8)
   landmarks = np.empty((num_frames, NUM_LANDMARKS, 2), np.float32)
   eye_open = np.empty(num_frames, np.float32)
@@ -614,6 +620,7 @@ class SyntheticSpec:
   resolution: int = 64
   seed: int = 0
   head_motion: float = 1.0  # multiplies the head's sway, nods, drift and zoom
+  face_scale: float = 1.0  # the face's size in the frame (> 1: framed tighter than the crop)
 
   def clips(self):
     """(identity, emotion, level, take) for every clip, in a fixed order."""
@@ -626,7 +633,7 @@ class SyntheticSpec:
 
   def make_clip(self, identity: Identity, emotion: str, level: int, take: int) -> SyntheticClip:
     return make_clip(identity, emotion, level, self.num_frames, self.resolution, self.seed, take,
-                     self.head_motion)
+                     self.head_motion, self.face_scale)
 
   def __len__(self) -> int:
     per_identity = sum(1 if e == "neutral" else len(self.levels) for e in self.emotions) * self.takes

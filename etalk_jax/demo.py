@@ -86,6 +86,8 @@ def build_dataset(workdir: Path, config, progress: bool) -> str:
   name = f"demo_{spec.identities}x{spec.num_frames}_{spec.seed}"
   if spec.head_motion != 1.0:
     name += f"_motion{spec.head_motion:g}".replace(".", "p")
+  if spec.face_scale != 1.0:
+    name += f"_face{spec.face_scale:g}".replace(".", "p")
   builder_config = SyntheticConfig(name=name, description="etalk demo: identities held out",
                                    spec=spec, split_by_speaker=True, test_fraction=test_fraction)
   del progress  # TFDS prints its own progress bars
@@ -155,6 +157,7 @@ def stage_configs(workdir: Path, dataset_dir: str, frozen: dict[str, Path], conf
 
   def common(stage_config, stage: str):
     stage_config.data.dataset_dir = dataset_dir
+    stage_config.data.reference = str(config.reference_frame)
     stage_config.train.steps = int(config.steps[stage])
     stage_config.train.log_every = max(1, min(25, stage_config.train.steps))
     stage_config.train.checkpoint_every = stage_config.train.steps
@@ -184,6 +187,7 @@ def stage_configs(workdir: Path, dataset_dir: str, frozen: dict[str, Path], conf
     stage_config.ethd.unet.out_channels = channels
     stage_config.ethd.latent_target = str(config.latent_target)
     stage_config.ethd.target_scale = target_scale
+    stage_config.ethd.lip_statistics_batches = int(config.lip_statistics_batches)
   ethd.vaid.projector = str(exports["projector"])
   ethd.vaid.dicte = str(exports["dicte"])
   ser = common(_stage_config("ser", "ser"), "ser")

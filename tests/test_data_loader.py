@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import SAMPLES_PER_FRAME, faces, loader
+from etalk_jax.audio.features import NORMALIZE_EPS
 
 WINDOW = 24
 
@@ -46,6 +47,26 @@ def test_window_contents(dataset_dir):
     face, lips = faces.face_and_lip_masks(record["landmarks"][reference].astype(np.float32) * 64, 64)
     np.testing.assert_array_equal(batch["face_mask"][row], face)
     np.testing.assert_array_equal(batch["lip_mask"][row], lips)
+
+
+def test_first_frame_references_and_utterance_stats(dataset_dir):
+  keyframe = next(iter(loader.make_dataset(dataset_dir, "train", _config())))
+  first = next(iter(loader.make_dataset(dataset_dir, "train", _config(reference="first"))))
+  source = loader.data_source(dataset_dir, "train")
+  by_id = {source[i]["clip_id"].decode(): source[i] for i in range(len(source))}
+  np.testing.assert_array_equal(first["start"], keyframe["start"])  # the same windows
+  np.testing.assert_array_equal(first["frames"], keyframe["frames"])
+  assert np.all(first["reference_index"] == 0)
+  for row in range(2):
+    record = by_id[str(first["clip_id"][row])]
+    face, lips = faces.face_and_lip_masks(record["landmarks"][0].astype(np.float32) * 64, 64)
+    np.testing.assert_array_equal(first["lip_mask"][row], lips)
+    # The whole clip's (mean, std): what inference normalises the utterance with.
+    samples = record["audio"] / 32768.0
+    np.testing.assert_allclose(first["utterance_stats"][row],
+                               [samples.mean(), np.sqrt(samples.var() + NORMALIZE_EPS)], rtol=1e-5)
+  with pytest.raises(ValueError, match="reference must be"):
+    next(iter(loader.make_dataset(dataset_dir, "train", _config(reference="last"))))
 
 
 def test_same_seed_same_batches_other_seed_other_batches(dataset_dir):

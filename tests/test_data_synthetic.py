@@ -91,3 +91,21 @@ def test_head_motion_scale_scales_the_movement_only():
   spec = synthetic.SyntheticSpec(identities=1, emotions=("angry",), levels=(3,), num_frames=40,
                                  head_motion=0.3)
   np.testing.assert_array_equal(spec.make_clip(identity, "angry", 3, 0).frames, calm.frames)
+
+
+def test_face_scale_frames_the_face_tighter():
+  identity = synthetic.make_identity(3)
+  crop = synthetic.make_clip(identity, "happy", 2, num_frames=20, resolution=64)
+  close = synthetic.make_clip(identity, "happy", 2, num_frames=20, resolution=64, face_scale=1.5)
+  np.testing.assert_array_equal(crop.mouth_open, close.mouth_open)
+  def centred(clip):
+    return clip.landmarks - clip.landmarks.mean(axis=1, keepdims=True)
+  # Landmarks move away from the face centre by the scale; frames show it.
+  np.testing.assert_allclose(centred(close), 1.5 * centred(crop), atol=1e-5)
+  assert 0.0 <= close.landmarks.min() and close.landmarks.max() <= 1.0
+  def skin(clip):  # the fraction of the first frame's pixels drawn in the skin's colour
+    return np.mean(np.all(clip.frames[0] == np.array(identity.skin, np.uint8), axis=-1))
+  assert 1.8 < skin(close) / skin(crop) < 2.7
+  spec = synthetic.SyntheticSpec(identities=1, emotions=("happy",), levels=(2,), num_frames=20,
+                                 face_scale=1.5)
+  np.testing.assert_array_equal(spec.make_clip(identity, "happy", 2, 0).frames, close.frames)

@@ -189,6 +189,56 @@ def test_reference_relative_target_round_trips():
   assert ETHDConfig().to_target(latents, reference) is latents
 
 
+def test_lip_statistics_standardise_the_lip_stream(svd_and_ethd, tmp_path):
+  import dataclasses
+  _, ethd, inputs, _ = svd_and_ethd
+  args = call_args(inputs, seed=7)
+  rng = np.random.default_rng(1)
+  mean = rng.normal(size=TINY["lip_dim"])
+  std = rng.uniform(0.01, 0.1, size=TINY["lip_dim"])
+  config = dataclasses.replace(ethd.ethd_config, lip_mean=tuple(mean), lip_std=tuple(std))
+  standardised = nnx.merge(*nnx.split(ethd))
+  standardised.ethd_config = config
+  # A lip stream with those statistics reads as the plain model reads its standardised form.
+  raw_lip = (args[2] * std + mean).astype(np.float32)
+  np.testing.assert_allclose(ethd_call(standardised, *args[:2], raw_lip, *args[3:]),
+                             ethd_call(ethd, *args), atol=2e-5)
+  assert not np.allclose(ethd_call(ethd, *args[:2], raw_lip, *args[3:]),
+                         ethd_call(ethd, *args), atol=1e-3)
+  save_ethd(standardised, tmp_path / "ethd")
+  assert load_ethd(tmp_path / "ethd").ethd_config == config
+  older = {k: v for k, v in config.to_dict().items() if k not in ("lip_mean", "lip_std")}
+  assert ETHDConfig.from_dict(older).lip_mean == ()
+  with pytest.raises(ValueError, match="lip_dim = 8 values"):
+    dataclasses.replace(config, lip_std=tuple(std[:3]))
+  with pytest.raises(ValueError, match="positive"):
+    dataclasses.replace(config, lip_std=(0.0,) * TINY["lip_dim"])
+
+
+def test_stage_lip_statistics_replace_an_inits_and_otherwise_stay(svd_and_ethd, tmp_path):
+  import dataclasses
+  from pathlib import Path
+  from etalk_jax import parallel
+  from etalk_jax.train.config import load_config
+  from etalk_jax.train.stages import common
+  _, ethd, _, _ = svd_and_ethd
+  saved = nnx.merge(*nnx.split(ethd))
+  saved.ethd_config = dataclasses.replace(ethd.ethd_config, lip_mean=(1.0,) * 8,
+                                          lip_std=(2.0,) * 8)
+  save_ethd(saved, tmp_path / "renderer")
+  config = load_config(f"{Path(__file__).parent.parent / 'configs' / 'ethd_512.py'}:tiny")
+  config.ethd.unet = {k: v for k, v in ethd.ethd_config.unet.to_dict().items() if k[0] != "_"}
+  config.ethd.init = f"ethd:{tmp_path / 'renderer'}"
+  mesh = parallel.make_mesh({"data": -1})
+  measured = common.lip_statistics(np.arange(48.0).reshape(2, 3, 8))
+  np.testing.assert_allclose(measured[0], np.arange(20.0, 28.0))
+  model = common.build_ethd(config, mesh, 8, 6, measured)
+  assert (model.ethd_config.lip_mean, model.ethd_config.lip_std) == measured
+  assert common.build_ethd(config, mesh, 8, 6).ethd_config == saved.ethd_config
+  with pytest.raises(ValueError, match="differs from config.ethd"):
+    common.build_ethd(config, mesh, 8, 7, measured)
+
+
 def test_rematerialisation_changes_no_gradient(svd_and_ethd):
   """Per-block and per-layer remat (and the activation constraints, which need a mesh and are
   no-ops without one) recompute the same gradients as keeping every activation."""

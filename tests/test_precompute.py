@@ -142,8 +142,10 @@ def test_ethd_stage_reads_precomputed_batches_like_pixel_ones(precomputed, monke
   from etalk_jax.train.config import load_config
   from etalk_jax.train.stages import common, ethd
 
-  # featurize never reads the model being trained: skip initialising ETHD (twice).
-  monkeypatch.setattr(common, "build_ethd", lambda *args: None)
+  # featurize never reads the model being trained: skip initialising ETHD (twice), keeping the
+  # lip statistics each path measured for it.
+  lip_statistics = []
+  monkeypatch.setattr(common, "build_ethd", lambda *args: lip_statistics.append(args[4]))
 
   config = load_config(f"{CONFIGS / 'ethd_512.py'}:tiny")
   config.data.dataset_dir = str(precomputed["dataset"])
@@ -154,6 +156,7 @@ def test_ethd_stage_reads_precomputed_batches_like_pixel_ones(precomputed, monke
   config.vaid.projector = str(precomputed["projector"])
   config.vaid.dicte = str(precomputed["dicte"])
   config.vaid.dicte_steps = 2
+  config.ethd.lip_statistics_batches = 3
   mesh = parallel.make_mesh({"data": -1})
 
   pixel_task = ethd.make_task(config, mesh)
@@ -165,6 +168,14 @@ def test_ethd_stage_reads_precomputed_batches_like_pixel_ones(precomputed, monke
   for name, value in pixel_batch.items():
     assert np.shape(batch[name]) == np.shape(value), name
     assert np.asarray(batch[name]).dtype == np.asarray(value).dtype, name
+  # l_a's statistics, measured on the same windows either way. Precomputed A_w is the whole
+  # clip's (speech normalised over the clip, not over the window's span) in fp16: the random
+  # projector's l_a then moves by up to 0.024 on means of 0.06-4.6, more than its std in time.
+  (pixel_mean, pixel_std), (mean, std) = (tuple(np.asarray(v) for v in stats)
+                                          for stats in lip_statistics)
+  assert mean.shape == std.shape == (precomputed["featurizer"].lip_dim,)
+  np.testing.assert_allclose(mean, pixel_mean, rtol=2e-2, atol=5e-2)
+  assert np.all((std > 0.3 * pixel_std) & (std < 3 * pixel_std))
 
   config.encoders.vision = str(precomputed["wav2vec2"])
   with pytest.raises(ValueError, match="precomputed with other encoders"):

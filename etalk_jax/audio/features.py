@@ -99,10 +99,13 @@ def resample(samples: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.nd
   return out.astype(np.float32)
 
 
-def normalize(samples: np.ndarray) -> np.ndarray:
-  """Zero mean, unit variance over the whole utterance (`Wav2Vec2FeatureExtractor`)."""
+def normalize(samples: np.ndarray, stats: np.ndarray | None = None) -> np.ndarray:
+  """Zero mean, unit variance over the whole utterance (`Wav2Vec2FeatureExtractor`). `stats`:
+  the utterance's (mean, std) when `samples` is only a window of it (the loader's
+  `utterance_stats`)."""
   x = np.asarray(samples, dtype=np.float32)
-  return ((x - x.mean()) / np.sqrt(x.var() + NORMALIZE_EPS)).astype(np.float32)
+  mean, std = (x.mean(), np.sqrt(x.var() + NORMALIZE_EPS)) if stats is None else stats
+  return ((x - mean) / std).astype(np.float32)
 
 
 def load_speech(source: Any, what: str | None = None) -> np.ndarray:

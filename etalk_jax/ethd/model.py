@@ -43,6 +43,13 @@ class ETHDConfig:
   # model trained from scratch learns far faster: the identity is given, only motion is modelled.
   latent_target: str = "absolute"
   target_scale: float = 1.0
+  # Per-dimension mean and std of the lip stream ETHD is trained on (empty: none). The lip
+  # latents are standardised with them before the token MLP: a lip encoder's l_v (and the l_a
+  # trained to match it) can vary over time by ~1% of its magnitude, which a token MLP at its
+  # initial scale passes on as a near-constant context. Data statistics, not weights: the stage
+  # that trains ETHD measures them on its own lip stream (`config.ethd.lip_statistics_batches`).
+  lip_mean: tuple[float, ...] = ()
+  lip_std: tuple[float, ...] = ()
 
   def __post_init__(self):
     if self.latent_target not in ("absolute", "reference_relative"):
@@ -52,6 +59,12 @@ class ETHDConfig:
       raise ValueError("ETHD needs one cross_attention_dim for all levels (the token width)")
     if self.window % 2 == 0:
       raise ValueError(f"window must be odd (centred on the frame), got {self.window}")
+    if len(self.lip_mean) != len(self.lip_std) or (self.lip_mean and
+                                                   len(self.lip_mean) != self.lip_dim):
+      raise ValueError(f"lip_mean and lip_std must both be empty or both hold lip_dim = "
+                       f"{self.lip_dim} values, got {len(self.lip_mean)} and {len(self.lip_std)}")
+    if any(not std > 0 for std in self.lip_std):
+      raise ValueError("lip_std must be positive in every dimension")
 
   @property
   def token_dim(self) -> int:
@@ -61,7 +74,16 @@ class ETHDConfig:
     return {"unet": self.unet.to_dict(), "lip_dim": self.lip_dim,
             "expression_dim": self.expression_dim, "window": self.window,
             "added_time_ids": list(self.added_time_ids), "latent_target": self.latent_target,
-            "target_scale": self.target_scale}
+            "target_scale": self.target_scale, "lip_mean": list(self.lip_mean),
+            "lip_std": list(self.lip_std)}
+
+  def standardize_lip(self, lip_latents):
+    """l_a / l_v `(..., lip_dim)` -> what the lip token MLP reads (unchanged without
+    statistics)."""
+    if not self.lip_mean:
+      return lip_latents
+    mean = jnp.asarray(self.lip_mean, lip_latents.dtype)
+    return (lip_latents - mean) / jnp.asarray(self.lip_std, lip_latents.dtype)
 
   def to_target(self, latents, reference_latents):
     """Codec latents -> the diffusion target; `reference_latents` broadcasts against `latents`."""
@@ -79,8 +101,9 @@ class ETHDConfig:
   def from_dict(cls, fields: dict[str, Any]) -> "ETHDConfig":
     fields = dict(fields)
     fields["unet"] = UNetConfig.from_dict(fields["unet"])
-    if "added_time_ids" in fields:
-      fields["added_time_ids"] = tuple(fields["added_time_ids"])
+    for name in ("added_time_ids", "lip_mean", "lip_std"):
+      if name in fields:
+        fields[name] = tuple(float(value) for value in fields[name])
     return cls(**fields)
 
 
@@ -122,7 +145,8 @@ class ETHD(UNetSpatioTemporal):
     batch, frames = lip_latents.shape[:2]
     window = self.ethd_config.window
     dtype = self.compute_dtype
-    lip_tokens, _ = frame_windows(self.lip_proj(lip_latents.astype(dtype)), window)
+    lip = self.ethd_config.standardize_lip(lip_latents.astype(jnp.float32))
+    lip_tokens, _ = frame_windows(self.lip_proj(lip.astype(dtype)), window)
     expression_tokens, inside = frame_windows(self.expression_proj(expression.astype(dtype)),
                                               window)
     reference = self.expression_proj(reference_expression.astype(dtype))

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from data_pipeline import SAMPLES_PER_FRAME
 from etalk_jax.audio.features import AudioFeatures, normalize
 from etalk_jax.vision.pdfgc import AdaptedPDFGC, PDFGCEncoder, resize_bilinear
 from etalk_jax.vaid.dicte import DiCTEConfig
@@ -122,16 +123,23 @@ class VAIDFeaturizer:
     """A `data_pipeline.loader` batch (`with_frames` and `with_reference` on) -> examples.
 
     Each row's audio holds `audio_context_frames` frames on each side of the window: A_w is
-    computed over the whole span (speech normalised over it), then cut to the window, so the
-    ±2-frame windows at the edges hear real audio.
+    computed over the whole span, then cut to the window, so the ±2-frame windows at the edges
+    hear real audio. The speech is normalised with the clip's `utterance_stats` (over the span
+    itself when a batch lacks them), as inference normalises the whole utterance.
     """
-    frames, num_frames = batch["frames"], batch["frames"].shape[1]
+    return self._examples(self.audio_windows(batch, audio_context_frames), batch["frames"],
+                          batch["reference"])
+
+  def audio_windows(self, batch: dict[str, Any], audio_context_frames: int = 2) -> np.ndarray:
+    """A_w `(batch, frames, window, layers, hidden)` of a loader batch (see `from_batch`)."""
     context = audio_context_frames
-    audio_windows = [
-        np.asarray(self.audio.windows(normalize(audio), num_frames + 2 * context,
+    num_frames = np.shape(batch["audio"])[1] // SAMPLES_PER_FRAME - 2 * context
+    stats = batch.get("utterance_stats", [None] * len(batch["audio"]))
+    return np.stack([
+        np.asarray(self.audio.windows(normalize(audio, utterance), num_frames + 2 * context,
                                       what=f"clip {clip_id}"))[context:context + num_frames]
-        for audio, clip_id in zip(batch["audio"], batch["clip_id"])]
-    return self._examples(audio_windows, frames, batch["reference"])
+        for audio, utterance, clip_id in zip(batch["audio"], stats, batch["clip_id"])]
+    ).astype(np.float32)
 
   def from_clip(self, clip, reference_index: int = 0) -> TrainingExamples:
     """A whole `data_pipeline.synthetic.SyntheticClip` -> examples with batch 1; x_ref is its

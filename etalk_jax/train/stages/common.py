@@ -53,6 +53,7 @@ def _loader_config(config, window: int | None = None, **switches):
   return loader.LoaderConfig(
       window=int(window or data.window), batch_size=int(data.batch_size),
       seed=int(data.get("seed", 0)), num_workers=int(data.get("num_workers", 0)),
+      reference=str(data.get("reference", "keyframe")),
       shard_index=jax.process_index(), shard_count=jax.process_count(), **switches)
 
 
@@ -192,26 +193,60 @@ def ethd_config(config, lip_dim: int, expression_dim: int):
                     target_scale=float(config.ethd.get("target_scale", 1.0)))
 
 
-def build_ethd(config, mesh, lip_dim: int, expression_dim: int):
+def lip_statistics(lip_latents: np.ndarray, floor: float = 1e-6
+                   ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-dimension (mean, std) of lip latents `(..., lip_dim)`, the std floored so that a dead
+  dimension stays finite: `ETHDConfig.lip_mean / lip_std`."""
+  flat = np.asarray(lip_latents, np.float64).reshape(-1, np.shape(lip_latents)[-1])
+  std = np.maximum(flat.std(axis=0), floor)
+  return tuple(float(v) for v in flat.mean(axis=0)), tuple(float(v) for v in std)
+
+
+def measure_lip_statistics(config, lip_of_batch: Callable[[Any], np.ndarray],
+                           iterator: Callable[[Any], Any] = loader_iterator):
+  """`lip_statistics` of the stage's own lip stream over the first
+  `config.ethd.lip_statistics_batches` batches of a fresh `iterator(config)` (the same batches
+  on every run and resume, so a resumed run rebuilds the same ETHD config); None when 0."""
+  count = int(config.ethd.get("lip_statistics_batches", 0))
+  if count <= 0:
+    return None
+  batches = iterator(config)
+  return lip_statistics(np.concatenate([
+      np.asarray(lip_of_batch(next(batches)))
+      for _ in range(count)]))
+
+
+def build_ethd(config, mesh, lip_dim: int, expression_dim: int, lip_stats=None):
   """ETHD as config.ethd.init says: "" (random, created sharded), "svd:DIR" (a converted SVD
-  UNet: `etalk convert svd`), or "ethd:DIR" (an ETHD folder, e.g. another stage's export)."""
+  UNet: `etalk convert svd`), or "ethd:DIR" (an ETHD folder, e.g. another stage's export).
+  `lip_stats` (mean, std) from `measure_lip_statistics` become the ETHD's lip statistics, also
+  of an ETHD it starts from (they describe this stage's lip stream, not weights); without them
+  such an ETHD keeps its own."""
+  import dataclasses  # noqa: PLC0415
+
   from etalk_jax.ethd import ETHD  # noqa: PLC0415
   from etalk_jax.ethd.model import ethd_from_svd, load_ethd  # noqa: PLC0415
   compute = compute_of(config)
   wanted = ethd_config(config, lip_dim, expression_dim)
+  if lip_stats is not None:
+    wanted = dataclasses.replace(wanted, lip_mean=lip_stats[0], lip_std=lip_stats[1])
   init = config.ethd.get("init", "")
   if not init:
     return build_sharded(lambda rngs: ETHD(wanted, compute=compute, rngs=rngs), mesh, config)
   kind, _, folder = init.partition(":")
   if kind == "ethd":
     model = load_ethd(folder, compute=compute)
-    if model.ethd_config != wanted:
+    if lip_stats is None:  # keep the statistics it was trained with
+      wanted = dataclasses.replace(wanted, lip_mean=model.ethd_config.lip_mean,
+                                   lip_std=model.ethd_config.lip_std)
+    statistics = dict(lip_mean=wanted.lip_mean, lip_std=wanted.lip_std)
+    if dataclasses.replace(model.ethd_config, **statistics) != wanted:
       raise ValueError(f"config.ethd.init={init}: that ETHD's config differs from config.ethd "
                        "(UNet sizes, lip / expression dims); make them match")
+    model.ethd_config = wanted
     return model
   if kind == "svd":
     from etalk_jax.svd.params import load_unet  # noqa: PLC0415
     unet_folder = Path(folder) / "unet" if (Path(folder) / "unet").is_dir() else Path(folder)
     return ethd_from_svd(load_unet(unet_folder, compute=compute), wanted, compute=compute)
   raise ValueError(f"config.ethd.init={init!r}: use '', 'svd:DIR' or 'ethd:DIR'")
-

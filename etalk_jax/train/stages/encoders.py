@@ -46,11 +46,16 @@ def encoder_inputs(frames: jnp.ndarray, size: int) -> jnp.ndarray:
 
 def make_task(config, mesh) -> Task:
   encoders = common.vision_encoders(config)
+  size = encoders.config.image_size
+  lip_of_frames = nnx.jit(lambda encoders, frames: encoders(frames).lip)
+  lip_stats = common.measure_lip_statistics(  # l_v of the untrained adapters
+      config, lambda batch: lip_of_frames(
+          encoders, encoder_inputs(batch["frames"].reshape((-1,) + batch["frames"].shape[2:]),
+                                   size)))
   renderer = common.build_ethd(config, mesh, encoders.config.feature_dim,
-                               encoders.config.expression_dim)
+                               encoders.config.expression_dim, lip_stats)
   model = EncodersWithRenderer(encoders, renderer)
   _, encode = common.latent_codec(config)
-  size = encoders.config.image_size
   options = ReconstructionConfig(
       mode_probabilities=tuple(config.get("mode_probabilities", (1 / 3, 1 / 3, 1 / 3))),
       **{name: float(value) for name, value in dict(config.sigma).items()})

@@ -53,12 +53,17 @@ def make_task(config, mesh) -> Task:
     lip_dim, expression_dim = featurizer.lip_dim, featurizer.expression_dim
     _, encode = common.latent_codec(config)
     batches = common.loader_iterator(config)
-  model = common.build_ethd(config, mesh, lip_dim, expression_dim)
-  target = common.ethd_config(config, lip_dim, expression_dim)  # = model.ethd_config
   projector = load_projector(config.vaid.projector)
   dicte = load_dicte(config.vaid.dicte)
   dicte_steps = int(config.vaid.get("dicte_steps", 10))
   project = nnx.jit(lambda projector, audio_windows: projector(audio_windows))
+  # ETHD reads l_a here (l_v in the encoder stage): standardised with l_a's own statistics.
+  lip_stats = common.measure_lip_statistics(
+      config, lambda batch: project(projector, batch["audio_windows"] if precomputed else
+                                    featurizer.audio_windows(batch)),
+      common.precomputed_iterator if precomputed else common.loader_iterator)
+  model = common.build_ethd(config, mesh, lip_dim, expression_dim, lip_stats)
+  target = common.ethd_config(config, lip_dim, expression_dim)  # its latent target is model's
   truth_probability = float(config.get("expression_from_truth", 0.6))
   dropout = float(config.get("condition_dropout", 0.05))
   lip_weight = float(config.get("lip_weight", 0.0))

@@ -30,9 +30,10 @@ def make_task(config, mesh) -> Task:
                                                               rngs=rngs), mesh, config)
 
   def featurize(batch):
-    states = np.stack([np.asarray(features.frame_states(normalize(np.asarray(audio)),
+    states = np.stack([np.asarray(features.frame_states(normalize(np.asarray(audio), stats),
                                                         what=f"clip {clip_id}"))
-                       for audio, clip_id in zip(batch["audio"], batch["clip_id"])])
+                       for audio, stats, clip_id in zip(batch["audio"], batch["utterance_stats"],
+                                                        batch["clip_id"])])
     return {"states": states, "mask": np.ones(states.shape[:2], bool),
             "labels": common.emotion_indices(batch["emotion"])}
 
