@@ -11,7 +11,9 @@ clip's first frame, closed-mouthed like the portrait (a random keyframe's mouth,
 was most of what the lips had to be measured against); l_a is standardised with its own
 statistics (its variation over time is ~5% of its size); speech is normalised over the whole
 utterance in training as at inference (not over each 12-frame window); faces fill more of the
-frame (face_scale 1.5). The stage configs are configs/<stage>.py:tiny with the overrides below.
+frame (face_scale 1.5). Measured (every stage from scratch): lip sync 0.114 generated vs -0.062
+without the audio (ground truth 0.709); emotion accuracy still 0.01. The stage configs are
+configs/<stage>.py:tiny with the overrides below.
 """
 
 import ml_collections
