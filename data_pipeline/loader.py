@@ -13,7 +13,8 @@ A window of N frames starting at clip frame s holds:
   utterance_stats (2,) float32        mean and std of the whole clip's audio: normalise the window's
               speech with them (`normalize(audio, stats)`), as inference normalises the utterance
   reference   (R, R, 3) uint8         another frame of the same clip (a keyframe, outside the window
-              when the clip allows), with face_mask / lip_mask (R, R) uint8 from its landmarks
+              when the clip allows; or its first frame, `reference="first"`), with face_mask /
+              lip_mask (R, R) uint8 from its landmarks
   landmarks   (N, 478, 2) float32     crop coordinates in [0, 1]
   emotion, level, speaker, clip_id, start, clip_start_frame (the clip's first frame in its source
   video), reference_index, and every per-frame ground-truth track
@@ -75,6 +76,10 @@ class LoaderConfig:
   decoder_threads: int = 1  # FFmpeg threads per decode (keep 1 when workers fill the cores)
   shard_index: int | None = None  # None: jax.process_index()
   shard_count: int | None = None  # None: jax.process_count()
+
+  def __post_init__(self):
+    if self.reference not in ("keyframe", "first"):
+      raise ValueError(f"reference must be 'keyframe' or 'first', got {self.reference!r}")
 
 
 def _mark_absl_flags_parsed() -> None:
@@ -169,8 +174,6 @@ def _reference_index(rng: np.random.Generator, num_frames: int, start: int, wind
   or, for `kind` "first", frame 0. The draw happens either way, so both kinds see the same
   windows for a seed."""
   from data_pipeline.media import KEYFRAME_INTERVAL  # noqa: PLC0415
-  if kind not in ("keyframe", "first"):
-    raise ValueError(f"reference must be 'keyframe' or 'first', got {kind!r}")
   keyframes = np.arange(0, num_frames, KEYFRAME_INTERVAL)
   outside = keyframes[(keyframes < start) | (keyframes >= start + window)]
   candidates = outside if len(outside) else keyframes
@@ -193,9 +196,8 @@ def utterance_stats(audio: np.ndarray) -> np.ndarray:
   """(mean, std) of a whole clip's int16 audio as float32 in [-1, 1]: a window's speech is
   normalised with them (`etalk_jax.audio.features.normalize`) as the whole utterance is at
   inference, not over its own span (a pause alone would be scaled up to speech level)."""
-  from etalk_jax.audio.features import NORMALIZE_EPS  # noqa: PLC0415
-  samples = np.asarray(audio, np.float32) / 32768.0
-  return np.array([samples.mean(), np.sqrt(samples.var() + NORMALIZE_EPS)], np.float32)
+  from data_pipeline.media import speech_stats  # noqa: PLC0415
+  return speech_stats(np.asarray(audio, np.float32) / 32768.0)
 
 
 class _LongEnough:

@@ -177,6 +177,16 @@ class H264Encoder:
     return self._buffer.getvalue()
 
 
+NORMALIZE_EPS = 1e-7  # Wav2Vec2FeatureExtractor's zero_mean_unit_var_norm
+
+
+def speech_stats(samples: np.ndarray) -> np.ndarray:
+  """(mean, std) float32 of float speech samples, the std as Wav2Vec2FeatureExtractor's
+  zero-mean unit-variance normalisation takes it (`etalk_jax.audio.features.normalize`)."""
+  x = np.asarray(samples, np.float32)
+  return np.array([x.mean(), np.sqrt(x.var() + NORMALIZE_EPS)], np.float32)
+
+
 def encode_h264(frames, **settings) -> bytes:
   """`H264Encoder` over an array (T, H, W, 3) uint8 or an iterable of frames; MP4 bytes."""
   encoder = H264Encoder(**settings)

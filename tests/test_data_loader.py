@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import SAMPLES_PER_FRAME, faces, loader
-from etalk_jax.audio.features import NORMALIZE_EPS
+from data_pipeline.media import NORMALIZE_EPS
 
 WINDOW = 24
 

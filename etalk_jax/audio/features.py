@@ -31,12 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from data_pipeline.media import speech_stats
 from etalk_jax.audio.wav2vec2 import SpeechEncoderBase, frame_mask_from_lengths
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
-NORMALIZE_EPS = 1e-7  # Wav2Vec2FeatureExtractor's zero_mean_unit_var_norm
 
 
 class AudioError(ValueError):
@@ -104,7 +104,7 @@ def normalize(samples: np.ndarray, stats: np.ndarray | None = None) -> np.ndarra
   the utterance's (mean, std) when `samples` is only a window of it (the loader's
   `utterance_stats`)."""
   x = np.asarray(samples, dtype=np.float32)
-  mean, std = (x.mean(), np.sqrt(x.var() + NORMALIZE_EPS)) if stats is None else stats
+  mean, std = speech_stats(x) if stats is None else stats
   return ((x - mean) / std).astype(np.float32)
 
 

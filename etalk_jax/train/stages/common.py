@@ -211,9 +211,8 @@ def measure_lip_statistics(config, lip_of_batch: Callable[[Any], np.ndarray],
   if count <= 0:
     return None
   batches = iterator(config)
-  return lip_statistics(np.concatenate([
-      np.asarray(lip_of_batch(next(batches)))
-      for _ in range(count)]))
+  return lip_statistics(np.concatenate([np.asarray(lip_of_batch(next(batches)))
+                                       for _ in range(count)]))
 
 
 def build_ethd(config, mesh, lip_dim: int, expression_dim: int, lip_stats=None):
@@ -239,8 +238,8 @@ def build_ethd(config, mesh, lip_dim: int, expression_dim: int, lip_stats=None):
     if lip_stats is None:  # keep the statistics it was trained with
       wanted = dataclasses.replace(wanted, lip_mean=model.ethd_config.lip_mean,
                                    lip_std=model.ethd_config.lip_std)
-    statistics = dict(lip_mean=wanted.lip_mean, lip_std=wanted.lip_std)
-    if dataclasses.replace(model.ethd_config, **statistics) != wanted:
+    if dataclasses.replace(model.ethd_config, lip_mean=wanted.lip_mean,
+                           lip_std=wanted.lip_std) != wanted:
       raise ValueError(f"config.ethd.init={init}: that ETHD's config differs from config.ethd "
                        "(UNet sizes, lip / expression dims); make them match")
     model.ethd_config = wanted

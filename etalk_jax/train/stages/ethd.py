@@ -63,7 +63,7 @@ def make_task(config, mesh) -> Task:
                                     featurizer.audio_windows(batch)),
       common.precomputed_iterator if precomputed else common.loader_iterator)
   model = common.build_ethd(config, mesh, lip_dim, expression_dim, lip_stats)
-  target = common.ethd_config(config, lip_dim, expression_dim)  # its latent target is model's
+  target = common.ethd_config(config, lip_dim, expression_dim)  # model's latent target
   truth_probability = float(config.get("expression_from_truth", 0.6))
   dropout = float(config.get("condition_dropout", 0.05))
   lip_weight = float(config.get("lip_weight", 0.0))
