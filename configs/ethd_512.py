@@ -59,7 +59,6 @@ def get_config(variant: str = "full"):
   if full:
     use_large_model_settings(config)
   config.ethd = ethd_fields(full)
-  config.data.precomputed = ""  # a folder of `etalk precompute`: read latents, not pixels
   # SVD's VAE (a folder of `etalk convert svd`), or the weight-free pixel-shuffle stand-in.
   config.codec = (dict(kind="vae", folder="") if full else
                   dict(kind="pixel_shuffle", factor=4, scale=2.0))

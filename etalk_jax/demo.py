@@ -4,8 +4,11 @@
 2. saves random tiny frozen encoders (wav2vec2, PD-FGC trunk, WavLM): no pretrained weights
    exist offline, and every stage reads them from folders as it would read converted ones;
 3. trains every stage with `etalk_jax.train.loop.train` (configs/<stage>.py:tiny): encoder
-   adapters (with the renderer ETHD), projector, Di-CTE, ETHD (from the renderer), speech-emotion
-   head; builds the emotion codebook; writes one pipeline checkpoint;
+   adapters (with the renderer ETHD); then precomputes the trained encoders' outputs for every
+   training clip (`etalk precompute`), which the projector, Di-CTE and ETHD (from the renderer)
+   read; the speech-emotion head; builds the emotion codebook; writes one pipeline checkpoint.
+   A second (spawned) process runs the phases that the next one does not wait for (module
+   `run`), so both cores work;
 4. generates, for a held-out identity and held-out speech, videos in two emotions, the same with
    the audio removed (silence), and writes them and the ground-truth renders as mp4;
 5. reports, measured on the frames: the lip-sync score (correlation between the mouth opening read
@@ -22,10 +25,13 @@ portrait (so the identity's appearance cancels).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -145,6 +151,42 @@ def fit_codec(workdir: Path, dataset_dir: str, config) -> tuple[Path, float]:
 
 
 STAGES = ("encoders", "projector", "dicte", "ethd", "ser")  # in dependency order
+PRECOMPUTED = "precomputed"  # the workdir's `etalk precompute` folder
+
+
+def _demo_ethd(stage_config, config, target_scale: float) -> None:
+  """The demo's ETHD fields in an encoder or ETHD stage config."""
+  channels = int(config.latent_channels)
+  stage_config.ethd.unet.in_channels = 2 * channels
+  stage_config.ethd.unet.out_channels = channels
+  stage_config.ethd.latent_target = str(config.latent_target)
+  stage_config.ethd.target_scale = target_scale
+  stage_config.ethd.lip_statistics_batches = int(config.lip_statistics_batches)
+
+
+def save_initial_renderer(workdir: Path, config) -> Path:
+  """The encoder stage's renderer ETHD as `build_ethd` initialises it without an init (the same
+  seeded weights), saved for that stage to start from: its jitted initialiser compiles for ~40 s,
+  which the side process spends while the dataset is built. target_scale, measured on the
+  dataset, is the stage's own (`build_ethd` takes it from the stage config)."""
+  from etalk_jax import parallel  # noqa: PLC0415
+  from etalk_jax.ethd.model import save_ethd  # noqa: PLC0415
+  from etalk_jax.train.stages.common import build_ethd  # noqa: PLC0415
+  from etalk_jax.vision.pdfgc import PDFGC_SMALL  # noqa: PLC0415
+  folder = workdir / "frozen" / "renderer_init"
+  if not folder.exists():
+    stage_config = _stage_config("encoders", "encoders")
+    _demo_ethd(stage_config, config, target_scale=1.0)
+    renderer = build_ethd(stage_config, parallel.make_mesh({"data": -1}),
+                          PDFGC_SMALL.feature_dim, PDFGC_SMALL.expression_dim)
+    save_ethd(renderer, folder)
+  return folder
+
+
+def save_frozen_models(workdir: Path, config) -> dict[str, Path]:
+  """`save_frozen_encoders` and `save_initial_renderer` (the side process's first job)."""
+  return {**save_frozen_encoders(workdir, config),
+          "renderer": save_initial_renderer(workdir, config)}
 
 
 def stage_configs(workdir: Path, dataset_dir: str, frozen: dict[str, Path], config) -> dict:
@@ -165,10 +207,10 @@ def stage_configs(workdir: Path, dataset_dir: str, frozen: dict[str, Path], conf
 
   codec_file, target_scale = fit_codec(workdir, dataset_dir, config)
   codec = {"kind": "patch_pca", "file": str(codec_file)}
-  channels = int(config.latent_channels)
   encoders = common(_stage_config("encoders", "encoders"), "encoders")
   encoders.encoders.vision = str(frozen["pdfgc"])
   encoders.data.window = window
+  encoders.ethd.init = f"ethd:{frozen['renderer']}"
   projector = common(_stage_config("projector", "vaid"), "projector")
   dicte = common(_stage_config("dicte", "dicte"), "dicte")
   for stage_config in (projector, dicte):
@@ -183,13 +225,13 @@ def stage_configs(workdir: Path, dataset_dir: str, frozen: dict[str, Path], conf
   ethd.ethd.init = f"ethd:{exports['encoders'] / 'renderer'}"
   for stage_config in (encoders, ethd):
     stage_config.codec = codec
-    stage_config.ethd.unet.in_channels = 2 * channels
-    stage_config.ethd.unet.out_channels = channels
-    stage_config.ethd.latent_target = str(config.latent_target)
-    stage_config.ethd.target_scale = target_scale
-    stage_config.ethd.lip_statistics_batches = int(config.lip_statistics_batches)
+    _demo_ethd(stage_config, config, target_scale)
   ethd.vaid.projector = str(exports["projector"])
   ethd.vaid.dicte = str(exports["dicte"])
+  # The trained encoders' outputs for every training clip, written once after the encoder stage
+  # (`precompute_features`): these stages would otherwise re-encode each window they draw.
+  for stage_config in (projector, dicte, ethd):
+    stage_config.data.precomputed = str(workdir / PRECOMPUTED)
   ser = common(_stage_config("ser", "ser"), "ser")
   ser.encoders.wavlm = str(frozen["wavlm"])
   ser.encoders.audio_features = audio_features
@@ -197,30 +239,70 @@ def stage_configs(workdir: Path, dataset_dir: str, frozen: dict[str, Path], conf
   return {"encoders": encoders, "projector": projector, "dicte": dicte, "ethd": ethd, "ser": ser}
 
 
-def train_stages(workdir: Path, dataset_dir: str, frozen: dict[str, Path], config, clock: Clock,
-                 progress: bool) -> dict[str, Path]:
-  """Every stage in dependency order; returns their export folders."""
+def train_stage(workdir: Path, name: str, stage_config, progress: bool) -> str:
+  """Trains one stage into workdir/runs/<name> unless its export exists; returns a summary line.
+  Module-level: the side process runs it too."""
   from etalk_jax.train.loop import train  # noqa: PLC0415
-  runs = workdir / "runs"
-  exports = {name: runs / name / "export" for name in STAGES}
-  for name, stage_config in stage_configs(workdir, dataset_dir, frozen, config).items():
-    with clock.phase(f"train {name}"):
-      if (exports[name] / ("renderer" if name == "encoders" else "")).exists():
-        print(f"   {exports[name]} exists: already trained")
-        continue
-      summary = train(stage_config, runs / name, progress=progress)
-      metrics = summary["final_metrics"]
-      print(f"   {name}: loss {metrics.get('loss', float('nan')):.4f} after "
-            f"{summary['steps']} steps, {metrics.get('steps_per_s', 0):.2f} steps/s, compile "
-            f"{summary['compile_seconds']:.0f} s")
-  return exports
+  run = workdir / "runs" / name
+  if (run / "export" / ("renderer" if name == "encoders" else "")).exists():
+    return f"{run / 'export'} exists: already trained"
+  summary = train(stage_config, run, progress=progress)
+  metrics = summary["final_metrics"]
+  return (f"{name}: loss {metrics.get('loss', float('nan')):.4f} after {summary['steps']} "
+          f"steps, {metrics.get('steps_per_s', 0):.2f} steps/s, compile "
+          f"{summary['compile_seconds']:.0f} s")
 
 
-def assemble_pipeline(workdir: Path, dataset_dir: str, frozen, exports, config, progress: bool):
+def _wait(clock: Clock, name: str, job) -> Any:
+  """A side-process job's result, its wait timed as phase `name`; prints the job's own time."""
+  with clock.phase(f"{name} (side process)"):
+    result, seconds = job.result()
+    if isinstance(result, str):
+      print(f"   {result}")
+    print(f"   {seconds:.1f} s in the side process", flush=True)
+  return result
+
+
+def train_here(workdir: Path, configs: dict, name: str, clock: Clock, progress: bool) -> None:
+  with clock.phase(f"train {name}"):
+    print(f"   {train_stage(workdir, name, configs[name], progress)}", flush=True)
+
+
+def precompute_features(ethd_config, progress: bool) -> None:
+  """`etalk precompute` of the training clips with the ETHD stage's codec and encoders (the
+  projector and Di-CTE stages read the same folder's encoder outputs)."""
+  from etalk_jax.train.precompute import precompute_command  # noqa: PLC0415
+  folder = Path(ethd_config.data.precomputed)
+  if folder.exists():
+    print(f"   {folder} exists: already computed")
+    return
+  summary = precompute_command(
+      ethd_config.data.dataset_dir, folder, codec_spec=dict(ethd_config.codec),
+      audio_encoder_dir=ethd_config.encoders.audio, vision_encoders_dir=ethd_config.encoders.vision,
+      audio_features=dict(ethd_config.encoders.audio_features), progress=progress)
+  print(f"   {summary['clips']} clips, {summary['frames']} frames, "
+        f"{summary['bytes'] / 2**20:.0f} MiB: {folder}")
+
+
+CODEBOOK = "codebook.json"
+
+
+def build_codebook(workdir: Path, dataset_dir: str) -> str:
+  """The emotion codebook of the training clips' labelled frames, by the trained expression
+  encoder; returns a summary line."""
+  from etalk_jax.emotion.codebook import codebook_build_command  # noqa: PLC0415
+  summary = codebook_build_command(dataset_dir, workdir / CODEBOOK,
+                                   workdir / "runs" / "encoders" / "export" / "encoders",
+                                   overwrite=True, progress=False)
+  return "codebook frames per keyword: " + ", ".join(
+      f"{keyword} {count}" for keyword, count in summary["frames"].items())
+
+
+def assemble_pipeline(workdir: Path, frozen, config):
   from etalk_jax.audio import FeatureConfig  # noqa: PLC0415
   from etalk_jax.audio.params import load_wav2vec2, load_wavlm  # noqa: PLC0415
   from etalk_jax.diffusion.sampling import SamplerConfig, WindowConfig  # noqa: PLC0415
-  from etalk_jax.emotion.codebook import Codebook, codebook_build_command  # noqa: PLC0415
+  from etalk_jax.emotion.codebook import Codebook  # noqa: PLC0415
   from etalk_jax.emotion.ser import load_ser  # noqa: PLC0415
   from etalk_jax.ethd.model import load_ethd  # noqa: PLC0415
   from etalk_jax.pipeline import EmotiveTalkPipeline, save_pipeline  # noqa: PLC0415
@@ -228,11 +310,8 @@ def assemble_pipeline(workdir: Path, dataset_dir: str, frozen, exports, config, 
   from etalk_jax.vaid.storage import load_dicte, load_projector  # noqa: PLC0415
   from etalk_jax.vision.params import load_encoders  # noqa: PLC0415
 
-  codebook_file = workdir / "codebook.json"
-  summary = codebook_build_command(dataset_dir, codebook_file, exports["encoders"] / "encoders",
-                                   overwrite=True, progress=progress)
-  print("   codebook frames per keyword: " +
-        ", ".join(f"{k} {n}" for k, n in summary["frames"].items()))
+  exports = {name: workdir / "runs" / name / "export" for name in STAGES}
+  codebook_file = workdir / CODEBOOK
   audio_features = {name: tuple(value) if isinstance(value, list) else value
                     for name, value in dict(config.audio_features).items()}
   checkpoint = workdir / "checkpoint"
@@ -424,6 +503,12 @@ def fit_readers(dataset_dir: str) -> tuple[MouthReader, EmotionReader]:
 # ------------------------------------------------------------------------------------- run
 
 
+def _timed(function, *args):
+  """(function(*args), seconds it took): what the side process returns."""
+  began = time.perf_counter()
+  return function(*args), time.perf_counter() - began
+
+
 def run(workdir: str | Path = "demo_out", *, quick: bool = False, progress: bool = True) -> int:
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
@@ -431,19 +516,38 @@ def run(workdir: str | Path = "demo_out", *, quick: bool = False, progress: bool
   clock = Clock()
   print(f"etalk demo{' --quick' if quick else ''}: EmotiveTalk end to end on synthetic talking "
         f"faces, CPU, nothing downloaded (output: {workdir})")
-  with clock.phase("synthetic dataset"):
-    dataset_dir = build_dataset(workdir, config, progress)
-    print(f"   {dataset_dir}")
-  with clock.phase("frozen encoders (random tiny wav2vec2, PD-FGC, WavLM)"):
-    frozen = save_frozen_encoders(workdir, config)
-  exports = train_stages(workdir, dataset_dir, frozen, config, clock, progress)
-  with clock.phase("emotion codebook and pipeline checkpoint"):
-    pipe = assemble_pipeline(workdir, dataset_dir, frozen, exports, config, progress)
-
-  with clock.phase("mouth and emotion readers (fitted on training identities)"):
-    reader, emotion_reader = fit_readers(dataset_dir)
-    print(f"   mouth reader fit correlation {reader.fit_correlation:.3f}, emotion reader fit "
-          f"accuracy {emotion_reader.fit_accuracy:.3f}")
+  # A second process runs what nothing waits on at once: the frozen encoders and the renderer's
+  # initialisation beside the dataset build; the speech-emotion head and the report's readers
+  # beside the encoder stage; Di-CTE beside the projector; the codebook beside ETHD. One process
+  # keeps ~1.2 of the two cores busy (the demo's user time / wall time in one process).
+  # spawn: JAX does not survive fork.
+  context = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as side:
+    frozen_job = side.submit(_timed, save_frozen_models, workdir, config)
+    with clock.phase("synthetic dataset"):
+      dataset_dir = build_dataset(workdir, config, progress)
+      print(f"   {dataset_dir}")
+    frozen = _wait(clock, "frozen encoders (random tiny wav2vec2, PD-FGC, WavLM) and the "
+                   "initial renderer", frozen_job)
+    configs = stage_configs(workdir, dataset_dir, frozen, config)
+    ser_job = side.submit(_timed, train_stage, workdir, "ser", configs["ser"], False)
+    readers_job = side.submit(_timed, fit_readers, dataset_dir)
+    train_here(workdir, configs, "encoders", clock, progress)
+    with clock.phase("precompute the trained encoders' outputs"):
+      precompute_features(configs["ethd"], progress)
+    _wait(clock, "train ser", ser_job)
+    dicte_job = side.submit(_timed, train_stage, workdir, "dicte", configs["dicte"], False)
+    train_here(workdir, configs, "projector", clock, progress)
+    _wait(clock, "train dicte", dicte_job)
+    codebook_job = side.submit(_timed, build_codebook, workdir, dataset_dir)
+    train_here(workdir, configs, "ethd", clock, progress)
+    _wait(clock, "emotion codebook", codebook_job)
+    reader, emotion_reader = _wait(clock, "mouth and emotion readers, fitted on training "
+                                   "identities,", readers_job)
+  print(f"   mouth reader fit correlation {reader.fit_correlation:.3f}, emotion reader fit "
+        f"accuracy {emotion_reader.fit_accuracy:.3f}")
+  with clock.phase("pipeline checkpoint"):
+    pipe = assemble_pipeline(workdir, frozen, config)
 
   by_speaker = held_out_clips(dataset_dir)
   speaker, clips = sorted(by_speaker.items())[0]

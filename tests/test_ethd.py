@@ -235,6 +235,9 @@ def test_stage_lip_statistics_replace_an_inits_and_otherwise_stay(svd_and_ethd, 
   model = common.build_ethd(config, mesh, 8, 6, measured)
   assert (model.ethd_config.lip_mean, model.ethd_config.lip_std) == measured
   assert common.build_ethd(config, mesh, 8, 6).ethd_config == saved.ethd_config
+  config.ethd.target_scale = 2.5  # this stage's latent scale, not the init's
+  assert common.build_ethd(config, mesh, 8, 6).ethd_config == dataclasses.replace(
+      saved.ethd_config, target_scale=2.5)
   with pytest.raises(ValueError, match="differs from config.ethd"):
     common.build_ethd(config, mesh, 8, 7, measured)
 

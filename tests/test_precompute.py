@@ -3,6 +3,7 @@ what the pixel path computes, refused when stale or in the way, and read by the 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -137,9 +138,20 @@ def test_stale_encoders_and_existing_destination_are_refused(precomputed, tmp_pa
     loader.read_precompute_info(tmp_path)
 
 
+def _stage_config(file: str, precomputed):
+  """configs/<file>:tiny reading the fixture's dataset with its frozen encoders."""
+  from etalk_jax.train.config import load_config
+  config = load_config(f"{CONFIGS / file}:tiny")
+  config.data.dataset_dir = str(precomputed["dataset"])
+  config.data.window = WINDOW
+  config.encoders.audio = str(precomputed["wav2vec2"])
+  config.encoders.vision = str(precomputed["pdfgc"])
+  config.encoders.audio_features = AUDIO_FEATURES
+  return config
+
+
 def test_ethd_stage_reads_precomputed_batches_like_pixel_ones(precomputed, monkeypatch):
   from etalk_jax import parallel
-  from etalk_jax.train.config import load_config
   from etalk_jax.train.stages import common, ethd
 
   # featurize never reads the model being trained: skip initialising ETHD (twice), keeping the
@@ -147,12 +159,7 @@ def test_ethd_stage_reads_precomputed_batches_like_pixel_ones(precomputed, monke
   lip_statistics = []
   monkeypatch.setattr(common, "build_ethd", lambda *args: lip_statistics.append(args[4]))
 
-  config = load_config(f"{CONFIGS / 'ethd_512.py'}:tiny")
-  config.data.dataset_dir = str(precomputed["dataset"])
-  config.data.window = WINDOW
-  config.encoders.audio = str(precomputed["wav2vec2"])
-  config.encoders.vision = str(precomputed["pdfgc"])
-  config.encoders.audio_features = AUDIO_FEATURES
+  config = _stage_config("ethd_512.py", precomputed)
   config.vaid.projector = str(precomputed["projector"])
   config.vaid.dicte = str(precomputed["dicte"])
   config.vaid.dicte_steps = 2
@@ -182,12 +189,63 @@ def test_ethd_stage_reads_precomputed_batches_like_pixel_ones(precomputed, monke
     ethd.make_task(config, mesh)
 
 
+def test_vaid_stages_read_precomputed_examples_like_pixel_ones(precomputed):
+  from etalk_jax import parallel
+  from etalk_jax.train.stages import dicte, projector
+
+  mesh = parallel.make_mesh({"data": -1})
+  for stage, file in ((projector, "vaid.py"), (dicte, "dicte.py")):
+    config = _stage_config(file, precomputed)
+    pixel_task = stage.make_task(config, mesh)
+    pixel_windows = next(pixel_task.batches)
+    config.data.precomputed = str(precomputed["dst"])
+    task = stage.make_task(config, mesh)
+    windows = next(task.batches)
+    # The same seed draws the same clips, windows and reference frames from either folder.
+    for name in ("clip_id", "start", "reference_index"):
+      np.testing.assert_array_equal(windows[name], pixel_windows[name], err_msg=name)
+    batch, pixel_batch = task.featurize(windows), pixel_task.featurize(pixel_windows)
+    assert set(batch) == set(pixel_batch)
+    for name, value in pixel_batch.items():
+      got = np.asarray(batch[name])
+      assert got.shape == np.shape(value) and got.dtype == np.asarray(value).dtype, name
+      if name != "audio_windows":  # the whole clip's A_w, not the window's: checked above
+        np.testing.assert_allclose(got, value, rtol=1e-3, atol=1e-3 * np.abs(value).max(),
+                                   err_msg=f"{stage.__name__} {name}")
+    # The codec is not compared (these stages read no latents); the encoders are.
+    config.encoders.audio_features = {**AUDIO_FEATURES, "window": 3}
+    with pytest.raises(ValueError, match=r"precomputed with other encoders \(audio_features"):
+      stage.make_task(config, mesh)
+
+
+def test_patch_pca_codec_is_recorded_by_its_file(tmp_path):
+  from etalk_jax.svd.codec import PatchPCACodec
+  from etalk_jax.train.precompute import encoder_record, parse_codec
+
+  frames = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+  codec_file = tmp_path / "codec.json"
+  codec_file.write_text(json.dumps(PatchPCACodec.fit(frames, 4).spec()))
+  spec = parse_codec(f"patch_pca:{codec_file}")
+  assert spec == {"kind": "patch_pca", "file": str(codec_file)}
+  folder = tmp_path / "encoder"
+  folder.mkdir()
+  (folder / "weights").write_bytes(b"0")
+  record = encoder_record(spec, folder, folder)
+  assert record["codec"]["kind"] == "patch_pca" and len(record["codec"]["sha256"]) == 64
+  refit = PatchPCACodec.fit(frames[::-1][:3], 4).spec()
+  codec_file.write_text(json.dumps(refit))  # refitted: other latents
+  assert encoder_record(spec, folder, folder)["codec"] != record["codec"]
+  assert "codec" not in encoder_record(None, folder, folder)
+  with pytest.raises(FileNotFoundError, match="patch_pca:FILE"):
+    encoder_record({"kind": "patch_pca", "file": str(tmp_path / "missing.json")}, folder, folder)
+
+
 def test_codec_flag_parses_to_the_config_spec():
   from etalk_jax.train.precompute import parse_codec
   assert parse_codec("pixel_shuffle") == CODEC
   assert parse_codec("pixel_shuffle:8") == {"kind": "pixel_shuffle", "factor": 8, "scale": 2.0}
   assert parse_codec("pixel_shuffle:4:1.5")["scale"] == 1.5
   assert parse_codec("vae:ckpt/svd_xt") == {"kind": "vae", "folder": "ckpt/svd_xt"}
-  for bad in ("vae", "pixel_shuffle:x", "jpeg:3"):
+  for bad in ("vae", "patch_pca", "pixel_shuffle:x", "jpeg:3"):
     with pytest.raises(ValueError, match="--codec"):
       parse_codec(bad)

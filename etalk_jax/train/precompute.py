@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 FORMAT = "etalk_precomputed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-frame arrays stored as raw float16 bytes (1: float lists)
 DEFAULT_CHUNK_FRAMES = 16  # frames per codec call: one compiled shape, bounded memory at 512²
 _READ_BLOCK = 1 << 22
 # The source record's fields a precomputed record keeps (all of `builders.common.clip_features`).
@@ -57,13 +57,9 @@ def _existing_folder(folder: str | Path | None, what: str, flag: str) -> Path:
   return Path(folder)
 
 
-def encoder_record(codec_spec: dict[str, Any], audio_encoder_dir: str | Path,
-                   vision_encoders_dir: str | Path,
-                   audio_features: dict[str, Any] | None = None) -> dict[str, Any]:
-  """What precomputed arrays depend on, without folder paths (moving a folder changes nothing):
-  the codec (kind, factor or the VAE folder's digest), the speech and vision encoder folders'
-  digests and every `FeatureConfig` field."""
-  from etalk_jax.train.stages.common import codec_weights_folder, feature_config  # noqa: PLC0415
+def _codec_record(codec_spec: dict[str, Any]) -> dict[str, Any]:
+  """The codec's part of `encoder_record`: kind, and factor and scale or its weights' digest."""
+  from etalk_jax.train.stages.common import codec_weights_folder  # noqa: PLC0415
   spec = dict(codec_spec)
   codec: dict[str, Any] = {"kind": spec.get("kind")}
   if codec["kind"] == "pixel_shuffle":
@@ -73,11 +69,28 @@ def encoder_record(codec_spec: dict[str, Any], audio_encoder_dir: str | Path,
     codec["sha256"] = folder_digest(_existing_folder(
         spec.get("folder") and codec_weights_folder(spec), "VAE folder",
         "--codec vae:DIR (config.codec.folder in training)"))
+  elif codec["kind"] == "patch_pca":
+    codec_file = Path(spec.get("file", ""))
+    if not codec_file.is_file():
+      raise FileNotFoundError(f"patch-PCA codec file {codec_file} does not exist; pass --codec "
+                              "patch_pca:FILE (config.codec.file in training)")
+    codec["sha256"] = hashlib.sha256(codec_file.read_bytes()).hexdigest()
   else:
-    raise ValueError(f"codec kind {codec['kind']!r}: use 'pixel_shuffle' or 'vae'")
+    raise ValueError(f"codec kind {codec['kind']!r}: use 'pixel_shuffle', 'patch_pca' or 'vae'")
+  return codec
+
+
+def encoder_record(codec_spec: dict[str, Any] | None, audio_encoder_dir: str | Path,
+                   vision_encoders_dir: str | Path,
+                   audio_features: dict[str, Any] | None = None) -> dict[str, Any]:
+  """What precomputed arrays depend on, without folder paths (moving a folder changes nothing):
+  the codec (kind, factor, or the digest of the VAE folder or patch-PCA file; left out when
+  `codec_spec` is None, for readers of the encoder outputs only), the speech and vision encoder
+  folders' digests and every `FeatureConfig` field."""
+  from etalk_jax.train.stages.common import feature_config  # noqa: PLC0415
   features = dataclasses.asdict(feature_config(audio_features or {}))
   return {
-      "codec": codec,
+      **({} if codec_spec is None else {"codec": _codec_record(codec_spec)}),
       "audio_encoder": {"sha256": folder_digest(_existing_folder(
           audio_encoder_dir, "speech encoder", "--audio-encoder DIR (config.encoders.audio)"))},
       "vision_encoders": {"sha256": folder_digest(_existing_folder(
@@ -93,19 +106,20 @@ def fingerprint(record: dict[str, Any]) -> str:
   return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
-def check_precomputed(folder: str | Path, codec_spec: dict[str, Any],
+def check_precomputed(folder: str | Path, codec_spec: dict[str, Any] | None,
                       audio_encoder_dir: str | Path, vision_encoders_dir: str | Path,
                       audio_features: dict[str, Any] | None = None) -> dict[str, Any]:
   """`precompute.json` of `folder` if it was computed with these encoders, else one ValueError
-  naming what differs."""
+  naming what differs. `codec_spec` None: the latents are not read (the V-AID stages), so the
+  codec is not compared."""
   from data_pipeline.loader import read_precompute_info  # noqa: PLC0415
   info = read_precompute_info(folder)
   if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"{folder} is not a precomputed dataset of format {FORMAT} "
                      f"v{FORMAT_VERSION}; run etalk precompute again")
   wanted = encoder_record(codec_spec, audio_encoder_dir, vision_encoders_dir, audio_features)
-  if fingerprint(wanted) != info["fingerprint"]:
-    differing = [name for name, value in wanted.items() if info["encoders"].get(name) != value]
+  differing = [name for name, value in wanted.items() if info["encoders"].get(name) != value]
+  if differing:
     raise ValueError(f"{folder} was precomputed with other encoders ({', '.join(differing)} differ "
                      "from the ones this config names); run etalk precompute again with them, or "
                      "point config.data.precomputed at a matching folder")
@@ -113,8 +127,8 @@ def check_precomputed(folder: str | Path, codec_spec: dict[str, Any],
 
 
 def parse_codec(text: str) -> dict[str, Any]:
-  """The CLI's --codec: "pixel_shuffle[:FACTOR[:SCALE]]" or "vae:DIR" -> a codec spec
-  (config.codec)."""
+  """The CLI's --codec: "pixel_shuffle[:FACTOR[:SCALE]]", "vae:DIR" or "patch_pca:FILE" -> a
+  codec spec (config.codec)."""
   kind, _, argument = text.partition(":")
   if kind == "pixel_shuffle":
     factor, _, scale = argument.partition(":")
@@ -125,8 +139,11 @@ def parse_codec(text: str) -> dict[str, Any]:
                        "scale a number") from None
   if kind == "vae" and argument:
     return {"kind": kind, "folder": argument}
-  raise ValueError(f"--codec {text}: use pixel_shuffle[:FACTOR[:SCALE]] or vae:DIR (a folder "
-                   "of `etalk convert svd`, or its vae/)")
+  if kind == "patch_pca" and argument:
+    return {"kind": kind, "file": argument}
+  raise ValueError(f"--codec {text}: use pixel_shuffle[:FACTOR[:SCALE]], vae:DIR (a folder "
+                   "of `etalk convert svd`, or its vae/) or patch_pca:FILE (a fitted codec's "
+                   "JSON)")
 
 
 def _float16(array, what: str) -> np.ndarray:
@@ -162,8 +179,8 @@ def precompute_command(dataset_dir: str | Path, dst: str | Path, *, codec_spec: 
   """`etalk precompute`: every clip of a prepared dataset's split -> one record at `dst`.
 
   dataset_dir: a prepared dataset folder (`<data_dir>/<name>/<config>/<version>`).
-  codec_spec: {"kind": "pixel_shuffle", "factor": f} or {"kind": "vae", "folder": DIR}, as
-    config.codec of the ETHD stage.
+  codec_spec: {"kind": "pixel_shuffle", "factor": f}, {"kind": "vae", "folder": DIR} or
+    {"kind": "patch_pca", "file": FILE}, as config.codec of the ETHD stage.
   audio_encoder_dir / vision_encoders_dir / audio_features: config.encoders.audio / .vision /
     .audio_features of the ETHD stage (a `save_encoders` folder or a bare PD-FGC one).
   overwrite: replace an existing, non-empty `dst` (else FileExistsError). The folder appears only

@@ -57,13 +57,42 @@ def _loader_config(config, window: int | None = None, **switches):
       shard_index=jax.process_index(), shard_count=jax.process_count(), **switches)
 
 
-def precomputed_iterator(config):
+def precomputed_iterator(config, window: int | None = None):
   """A checkpointable Grain iterator over config.data.precomputed (a folder written by `etalk
   precompute`): windows of latents and encoder outputs, `loader.PrecomputedWindowSampler`'s."""
   from data_pipeline import loader  # noqa: PLC0415
   return iter(loader.make_precomputed_dataset(config.data.precomputed,
                                               config.data.get("split", "train"),
-                                              _loader_config(config)))
+                                              _loader_config(config, window)))
+
+
+def check_precomputed(config, with_codec: bool) -> dict:
+  """precompute.json of config.data.precomputed, refused unless its encoders are the ones the
+  config names (and its codec config.codec's, when the stage reads latents)."""
+  from etalk_jax.train.precompute import check_precomputed as check  # noqa: PLC0415
+  return check(config.data.precomputed, dict(config.codec) if with_codec else None,
+               config.encoders.get("audio"), config.encoders.get("vision"),
+               config.encoders.get("audio_features", {}))
+
+
+def vaid_data(config, featurizer, window: int | None = None):
+  """(batches, batch -> `TrainingExamples`) of the V-AID stages: loader windows that the frozen
+  encoders featurise on the host, or with config.data.precomputed (`etalk precompute`) the
+  same examples read from its records: each clip's frames and speech were encoded once, not at
+  every window drawn from it (the projector stage of `etalk demo`: 375 ms of host encoding per
+  8 ms step)."""
+  if not config.data.get("precomputed"):
+    return (loader_iterator(config, with_masks=False, window=window), featurizer.from_batch)
+  from etalk_jax.vaid.data import TrainingExamples, to_unit_range  # noqa: PLC0415
+  check_precomputed(config, with_codec=False)
+
+  def examples(batch) -> TrainingExamples:
+    return TrainingExamples(audio_windows=batch["audio_windows"], lip=batch["lip_vision"],
+                            expression=batch["expression"],
+                            reference=to_unit_range(batch["reference"]),
+                            reference_expression=batch["reference_expression"])
+
+  return precomputed_iterator(config, window), examples
 
 
 def build_sharded(build: Callable[[Any], nnx.Module], mesh, config) -> nnx.Module:
@@ -220,7 +249,8 @@ def build_ethd(config, mesh, lip_dim: int, expression_dim: int, lip_stats=None):
   UNet: `etalk convert svd`), or "ethd:DIR" (an ETHD folder, e.g. another stage's export).
   `lip_stats` (mean, std) from `measure_lip_statistics` become the ETHD's lip statistics, also
   of an ETHD it starts from (they describe this stage's lip stream, not weights); without them
-  such an ETHD keeps its own."""
+  such an ETHD keeps its own. An ETHD it starts from takes config.ethd's target_scale too (the
+  scale of this stage's latents, not a weight); everything else must match."""
   import dataclasses  # noqa: PLC0415
 
   from etalk_jax.ethd import ETHD  # noqa: PLC0415
@@ -238,8 +268,8 @@ def build_ethd(config, mesh, lip_dim: int, expression_dim: int, lip_stats=None):
     if lip_stats is None:  # keep the statistics it was trained with
       wanted = dataclasses.replace(wanted, lip_mean=model.ethd_config.lip_mean,
                                    lip_std=model.ethd_config.lip_std)
-    if dataclasses.replace(model.ethd_config, lip_mean=wanted.lip_mean,
-                           lip_std=wanted.lip_std) != wanted:
+    if dataclasses.replace(model.ethd_config, lip_mean=wanted.lip_mean, lip_std=wanted.lip_std,
+                           target_scale=wanted.target_scale) != wanted:
       raise ValueError(f"config.ethd.init={init}: that ETHD's config differs from config.ethd "
                        "(UNet sizes, lip / expression dims); make them match")
     model.ethd_config = wanted

@@ -1,9 +1,9 @@
 """Stage `dicte`: Di-CTE, the expression diffusion transformer (ARCHITECTURE.md §3.4).
 
 Data: loader windows of `config.dicte.window_frames` frames; A_w and e_v from the frozen
-encoders on the host. Condition: the window's mean e_v (an utterance-level expression, what the
-emotion codebook's per-keyword means stand in for at inference) with probability
-`config.condition_from_clip`, else e_ref = ExpEncoder(x_ref) (the "uncond." case, no emotion
+encoders on the host, or read from config.data.precomputed. Condition: the window's mean e_v
+(an utterance-level expression, what the emotion codebook's per-keyword means stand in for at
+inference) with probability `config.condition_from_clip`, else e_ref = ExpEncoder(x_ref) (the "uncond." case, no emotion
 given). Loss: x0 MSE with the clean 20-frame prefix (probability 0.8) carrying no loss.
 Export: Di-CTE in our format (`etalk_jax.vaid.storage.load_dicte`).
 """
@@ -30,8 +30,10 @@ def make_task(config, mesh) -> Task:
                                mesh, config)
   from_clip = float(config.get("condition_from_clip", 0.5))
 
+  batches, examples_of = common.vaid_data(config, featurizer, window=dicte_config.window_frames)
+
   def featurize(batch):
-    examples = featurizer.from_batch(batch)
+    examples = examples_of(batch)
     return {"audio_windows": examples.audio_windows, "expression": examples.expression,
             "reference": examples.reference,
             "reference_expression": examples.reference_expression}
@@ -46,8 +48,6 @@ def make_task(config, mesh) -> Task:
     return value, {}
 
   return Task(name="dicte", model=model, trainable=nnx.Param, loss=loss,
-              batches=common.loader_iterator(config, with_masks=False,
-                                             window=dicte_config.window_frames),
-              featurize=featurize,
+              batches=batches, featurize=featurize,
               export=lambda model, folder: save_vaid_model(model, folder, overwrite=True),
               batch_size=int(config.data.batch_size))

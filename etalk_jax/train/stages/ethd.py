@@ -42,10 +42,7 @@ def _window_key(batch) -> jax.Array:
 def make_task(config, mesh) -> Task:
   precomputed = config.data.get("precomputed", "")
   if precomputed:  # latents and encoder outputs of `etalk precompute`: no codec, no encoders
-    from etalk_jax.train.precompute import check_precomputed  # noqa: PLC0415
-    info = check_precomputed(precomputed, dict(config.codec), config.encoders.get("audio"),
-                             config.encoders.get("vision"),
-                             config.encoders.get("audio_features", {}))
+    info = common.check_precomputed(config, with_codec=True)
     lip_dim, expression_dim = int(info["lip_dim"]), int(info["expression_dim"])
     batches = common.precomputed_iterator(config)
   else:

@@ -1,8 +1,9 @@
 """Stage `projector`: the audio-lip Perceiver projector (ARCHITECTURE.md §3.3).
 
 Data: loader windows of `config.data.window` frames; frozen wav2vec2 -> A_w and frozen lip
-encoder -> l_v on the host (`VAIDFeaturizer`). Loss: L1 pull of l_a = projector(A_w) to l_v (plus
-the push term when `config.projector.use_push`, which needs Di-CTE's e_a and is off by default).
+encoder -> l_v on the host (`VAIDFeaturizer`), or read from config.data.precomputed. Loss: L1
+pull of l_a = projector(A_w) to l_v (plus the push term when `config.projector.use_push`, which
+needs Di-CTE's e_a and is off by default).
 Export: the projector in our format (`etalk_jax.vaid.storage.load_projector`).
 """
 
@@ -26,8 +27,10 @@ def make_task(config, mesh) -> Task:
   model = common.build_sharded(
       lambda rngs: AudioLipProjector(projector_config, compute=compute, rngs=rngs), mesh, config)
 
+  batches, examples_of = common.vaid_data(config, featurizer)
+
   def featurize(batch):
-    examples = featurizer.from_batch(batch)
+    examples = examples_of(batch)
     return {"audio_windows": examples.audio_windows, "lip": examples.lip}
 
   def loss(model, batch, key):
@@ -35,6 +38,6 @@ def make_task(config, mesh) -> Task:
     return projector_loss(model.config, model(batch["audio_windows"]), batch["lip"])
 
   return Task(name="projector", model=model, trainable=nnx.Param, loss=loss,
-              batches=common.loader_iterator(config, with_masks=False), featurize=featurize,
+              batches=batches, featurize=featurize,
               export=lambda model, folder: save_vaid_model(model, folder, overwrite=True),
               batch_size=int(config.data.batch_size))
