@@ -9,8 +9,9 @@
   etalk synthesize --dst DIR [--config tiny|demo|res512]   synthetic talking faces dataset
   etalk train --config configs/STAGE.py[:variant] --workdir DIR [--config.key=value ...]
   etalk codebook build --data DIR --dst FILE [--encoders DIR]   emotion codebook from labelled frames
-  etalk precompute --data DIR --dst DIR --codec pixel_shuffle:4|vae:DIR|patch_pca:FILE --audio-encoder DIR
-                   --vision-encoders DIR [--split train]   latents + encoder outputs for V-AID and ETHD
+  etalk precompute --data DIR --dst DIR --codec pixel_shuffle:4|vae:DIR|patch_pca:FILE
+                   --audio-encoder DIR --vision-encoders DIR [--split train]
+                                          latents + encoder outputs for V-AID and ETHD
   etalk sample --portrait P --audio A --checkpoint DIR --out OUT.mp4 [--emotion WORD | ...]
 
 A user error (bad file, mismatched checkpoint, wrong argument, a missing optional dependency)
@@ -261,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="prepared dataset folder <dir>/<name>/<config>/<version>")
   precompute.add_argument("--dst", required=True, help="folder to write")
   precompute.add_argument("--codec", required=True,
-                          help="pixel_shuffle[:FACTOR[:SCALE]], vae:DIR (`etalk convert svd` output or "
-                               "its vae/) or patch_pca:FILE, as the ethd stage's config.codec")
+                          help="pixel_shuffle[:FACTOR[:SCALE]], vae:DIR (`etalk convert svd` "
+                               "output or its vae/) or patch_pca:FILE, as the ethd stage's "
+                               "config.codec")
   precompute.add_argument("--audio-encoder", required=True,
                           help="wav2vec2 folder (config.encoders.audio)")
   precompute.add_argument("--vision-encoders", required=True,

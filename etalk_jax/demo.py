@@ -154,6 +154,11 @@ STAGES = ("encoders", "projector", "dicte", "ethd", "ser")  # in dependency orde
 PRECOMPUTED = "precomputed"  # the workdir's `etalk precompute` folder
 
 
+def export_folder(workdir: Path, stage: str) -> Path:
+  """Where the demo's run of `stage` exports its trained component."""
+  return workdir / "runs" / stage / "export"
+
+
 def _demo_ethd(stage_config, config, target_scale: float) -> None:
   """The demo's ETHD fields in an encoder or ETHD stage config."""
   channels = int(config.latent_channels)
@@ -192,8 +197,7 @@ def save_frozen_models(workdir: Path, config) -> dict[str, Path]:
 def stage_configs(workdir: Path, dataset_dir: str, frozen: dict[str, Path], config) -> dict:
   """Each stage's training config (configs/<stage>.py:tiny with the demo's sizes, steps and the
   folders of the frozen encoders and earlier stages' exports), by stage name."""
-  runs = workdir / "runs"
-  exports = {name: runs / name / "export" for name in STAGES}
+  exports = {name: export_folder(workdir, name) for name in STAGES}
   audio_features = dict(config.audio_features)
   window = int(config.video_window)
 
@@ -243,10 +247,10 @@ def train_stage(workdir: Path, name: str, stage_config, progress: bool) -> str:
   """Trains one stage into workdir/runs/<name> unless its export exists; returns a summary line.
   Module-level: the side process runs it too."""
   from etalk_jax.train.loop import train  # noqa: PLC0415
-  run = workdir / "runs" / name
-  if (run / "export" / ("renderer" if name == "encoders" else "")).exists():
-    return f"{run / 'export'} exists: already trained"
-  summary = train(stage_config, run, progress=progress)
+  export = export_folder(workdir, name)
+  if (export / ("renderer" if name == "encoders" else "")).exists():
+    return f"{export} exists: already trained"
+  summary = train(stage_config, export.parent, progress=progress)
   metrics = summary["final_metrics"]
   return (f"{name}: loss {metrics.get('loss', float('nan')):.4f} after {summary['steps']} "
           f"steps, {metrics.get('steps_per_s', 0):.2f} steps/s, compile "
@@ -264,6 +268,7 @@ def _wait(clock: Clock, name: str, job) -> Any:
 
 
 def train_here(workdir: Path, configs: dict, name: str, clock: Clock, progress: bool) -> None:
+  """`train_stage` in this process, timed as a phase."""
   with clock.phase(f"train {name}"):
     print(f"   {train_stage(workdir, name, configs[name], progress)}", flush=True)
 
@@ -292,7 +297,7 @@ def build_codebook(workdir: Path, dataset_dir: str) -> str:
   encoder; returns a summary line."""
   from etalk_jax.emotion.codebook import codebook_build_command  # noqa: PLC0415
   summary = codebook_build_command(dataset_dir, workdir / CODEBOOK,
-                                   workdir / "runs" / "encoders" / "export" / "encoders",
+                                   export_folder(workdir, "encoders") / "encoders",
                                    overwrite=True, progress=False)
   return "codebook frames per keyword: " + ", ".join(
       f"{keyword} {count}" for keyword, count in summary["frames"].items())
@@ -310,7 +315,7 @@ def assemble_pipeline(workdir: Path, frozen, config):
   from etalk_jax.vaid.storage import load_dicte, load_projector  # noqa: PLC0415
   from etalk_jax.vision.params import load_encoders  # noqa: PLC0415
 
-  exports = {name: workdir / "runs" / name / "export" for name in STAGES}
+  exports = {name: export_folder(workdir, name) for name in STAGES}
   codebook_file = workdir / CODEBOOK
   audio_features = {name: tuple(value) if isinstance(value, list) else value
                     for name, value in dict(config.audio_features).items()}
