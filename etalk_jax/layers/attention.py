@@ -37,6 +37,8 @@ def _choose(implementation: str, query, key, mask, bias=None) -> str:
     raise ValueError(f"attention implementation {implementation!r} is unknown; choose one of "
                      f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
   backend = jax.default_backend()
+  if implementation == "auto":
+    implementation = {"gpu": "cudnn", "tpu": "splash"}.get(backend, "xla")
   if implementation == "cudnn":
     if backend != "gpu":
       _warn_once(f"attention 'cudnn' needs a CUDA GPU (backend is {backend!r}); using 'xla'.")

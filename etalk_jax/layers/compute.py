@@ -13,7 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+# "auto": the best implementation of the backend a call runs on (cuDNN flash attention on a GPU,
+# splash on a TPU, XLA on the CPU), each call falling back where its shapes do not fit;
+# "xla": XLA's own ops on every backend (blocked online-softmax for long key sequences).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 # Rematerialisation: what the backward pass keeps of the forward. "none": everything (fastest,
 # most memory); "blocks": only the inputs of each of the UNet's big blocks (down / mid / up),
 # the rest is recomputed; "blocks_save_dots": those inputs and the blocks' matmul / conv
@@ -34,7 +37,7 @@ LAYER_REMAT = ("layers",)
 class Compute:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  attention: str = "xla"
+  attention: str = "auto"
   remat: str = "none"
 
   def __post_init__(self):
@@ -45,6 +48,11 @@ class Compute:
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat policy {self.remat!r} is unknown; choose one of "
                        f"{', '.join(REMAT_POLICIES)}")
+
+  @classmethod
+  def bf16(cls, attention: str = "auto") -> "Compute":
+    """bf16 compute over fp32 master weights with `attention` (default: the backend's best)."""
+    return cls(dtype=jnp.bfloat16, param_dtype=jnp.float32, attention=attention)
 
   @classmethod
   def gpu(cls) -> "Compute":
