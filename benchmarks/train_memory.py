@@ -1,6 +1,7 @@
 """Per-device memory of one full-size ETHD training step on 8-way FSDP, from XLA's own numbers.
 
   .venv/bin/python benchmarks/train_memory.py --decompose --frames 120   # the figure (~8 min)
+  .venv/bin/python benchmarks/train_memory.py --decompose --frames 120 --backend cpu  # CPU path
   .venv/bin/python benchmarks/train_memory.py --frames 2 4              # whole-step compiles
   .venv/bin/python benchmarks/train_memory.py --levels 1 --frames 2 8   # quick, first level only
 
@@ -11,8 +12,11 @@ imported), all 8 on the `fsdp` axis: the self-driven dropout reconstruction loss
 fp32 masters sharded by the logical-axis table, compute is bf16, remat is `Compute.remat`
 ("layers" by default, as configs/ethd_512.py trains: every res block and transformer of the
 UNet keeps only its input, and inside a transformer each spatial / temporal block again).
-Attention on the CPU is `layers.attention.blocked_attention`, whose custom VJP keeps no logits
-(flash attention's memory profile; cuDNN / splash on accelerators).
+Attention is chosen as on `--backend` (default "gpu", through `attention.target_backend`) with
+attention "xla": `layers.attention.blocked_attention` from 1024 keys on, 512 keys per block on a
+GPU (128 on the CPU), whose custom VJP keeps no logits; plain attention below. That is a code
+path a GPU runs (`--config.train.attention=xla`); the default "auto" takes cuDNN flash attention
+for the bf16 calls instead, which holds less (no per-block logits) and cannot be compiled here.
 
 Two ways to measure:
 
@@ -31,7 +35,8 @@ Two ways to measure:
    whole as FSDP gathers them, its gradient whole before the reduce-scatter). Every remat'd
    layer call the UNet makes is recorded while tracing and compiled.
 
-Measured (2-core CPU, jax 0.10.2), `--decompose --frames 120`, per device:
+Measured before the choice per backend (blocks of 128 keys, the CPU's), `--decompose --frames
+120`, per device:
   params 0.79 + gradients 0.79 + 8-bit Adam 0.41 GB + residuals 11.85 GB (126 arrays)
   + largest layer (the first level's ETHDTransformer, 120 x 64² x 320: 45.68 GB)
   = 59.5 GB: fits 80 GB. Holding every parameter's fp32 gradient unsharded as well (an XLA that
@@ -69,6 +74,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from etalk_jax import parallel  # noqa: E402
 from etalk_jax.ethd.model import ETHD, ETHDConfig  # noqa: E402
 from etalk_jax.ethd.objective import reconstruction_loss  # noqa: E402
+from etalk_jax.layers import attention  # noqa: E402
 from etalk_jax.layers.compute import REMAT_POLICIES, Compute  # noqa: E402
 from etalk_jax.svd import UNetConfig  # noqa: E402
 from etalk_jax.train.optim import adam_8bit  # noqa: E402
@@ -275,7 +281,17 @@ def main(argv=None):
   parser.add_argument("--json", help="append each row as a JSON line to this file")
   parser.add_argument("--decompose", action="store_true",
                       help="per-device peak at the given frame counts, part by part (see above)")
+  parser.add_argument("--backend", default="gpu", choices=("cpu", "gpu", "tpu"),
+                      help="choose attention kernels as on this backend (default: gpu)")
   args = parser.parse_args(argv)
+  print(f"attention as on {args.backend!r}: xla path, blocked from "
+        f"{attention.BLOCKED_MIN_LENGTH} keys on, {attention.KEY_BLOCK[args.backend]} keys per "
+        "block", flush=True)
+  with attention.target_backend(args.backend):
+    return run(args)
+
+
+def run(args):
   devices = jax.device_count()
   if args.decompose:
     for frames in args.frames:

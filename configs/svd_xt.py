@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
       in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
       block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
       sample_size=768, scaling_factor=0.18215, force_upcast=True)
-  # How the models compute: "xla" everywhere, "cudnn" on GPUs (with bf16), "splash" on TPUs.
-  config.attention = "xla"
+  # How the models compute: "auto" = cuDNN on GPUs (bf16 calls), splash on TPUs, XLA elsewhere
+  # (see etalk_jax/layers/attention.py); "xla" everywhere.
+  config.attention = "auto"
   return config

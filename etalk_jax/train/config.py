@@ -31,7 +31,7 @@ def base_config(stage: str, *, steps: int, lr: float, batch_size: int, window: i
       steps=steps, seed=0, log_every=10, checkpoint_every=500, keep=3,
       compute_dtype="float32",  # bfloat16: bf16 compute over fp32 master weights
       remat="none",  # none | blocks | blocks_save_dots | layers (layers/compute.py REMAT_POLICIES)
-      attention="xla",  # xla | cudnn | splash
+      attention="auto",  # auto (the backend's best) | xla | cudnn | splash
       peak_tflops=0.0)  # per device, for MFU where the device kind is unknown
   config.mesh = dict(data=-1, fsdp=1)
   config.rules = tuple(DEFAULT_RULES)

@@ -24,7 +24,7 @@ def compute_of(config) -> Compute:
   if dtype not in COMPUTE_DTYPES:
     raise ValueError(f"config.train.compute_dtype={dtype!r}: use float32 or bfloat16")
   return Compute(dtype=jax.numpy.dtype(dtype), param_dtype=jax.numpy.float32,
-                 attention=train.get("attention", "xla"), remat=train.get("remat", "none"))
+                 attention=train.get("attention", "auto"), remat=train.get("remat", "none"))
 
 
 def loader_iterator(config, *, with_frames: bool = True, with_reference: bool = True,
