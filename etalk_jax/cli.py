@@ -13,6 +13,7 @@
                    --audio-encoder DIR --vision-encoders DIR [--split train]
                                           latents + encoder outputs for V-AID and ETHD
   etalk sample --portrait P --audio A --checkpoint DIR --out OUT.mp4 [--emotion WORD | ...]
+               [--dtype float32|bfloat16] [--attention auto|xla|cudnn|splash]
 
 A user error (bad file, mismatched checkpoint, wrong argument, a missing optional dependency)
 prints one message and exits 2 (with --verbose, its traceback too); anything else is a bug and
@@ -26,6 +27,7 @@ import json
 import logging
 import sys
 
+from etalk_jax.layers.compute import ATTENTION_IMPLEMENTATIONS
 from etalk_jax.weights import ConversionError
 
 USER_ERRORS = (ConversionError, ValueError, FileNotFoundError, FileExistsError,
@@ -101,11 +103,11 @@ def _sample(args: argparse.Namespace) -> int:
       emotion_video=args.emotion_video, emotion_audio=args.emotion_audio,
       intensity=args.intensity, steps=args.steps, guidance=args.guidance,
       resolution=args.resolution, seed=args.seed, paste_back=args.paste_back,
-      progress=not args.no_progress)
+      progress=not args.no_progress, dtype=args.dtype, attention=args.attention)
   emotion = summary["emotion"] or "none (the portrait's own expression)"
   print(f"wrote {summary['out']}: {summary['frames']} frames ({summary['seconds']:.2f} s of "
         f"video) in {summary['generation_seconds']:.1f} s ({summary['generation_fps']:.2f} "
-        f"frames/s), emotion: {emotion}")
+        f"frames/s, {summary['dtype']} on {summary['devices']} device(s)), emotion: {emotion}")
   return 0
 
 
@@ -304,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="classifier-free guidance on the speech, >= 1 (default: the "
                            "checkpoint's, 1 = off; >1 costs two ETHD calls per step)")
   sample.add_argument("--seed", type=int, default=0)
+  sample.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                      help="compute dtype of every model; bfloat16 computes in bf16 over the "
+                           "fp32 weights (default: bfloat16 on a GPU or TPU, float32 on the CPU)")
+  sample.add_argument("--attention", choices=list(ATTENTION_IMPLEMENTATIONS), default="auto",
+                      help="attention implementation: auto (default: cuDNN flash on a GPU, "
+                           "splash on a TPU, XLA on the CPU), xla, cudnn or splash")
   sample.add_argument("--paste-back", action="store_true",
                       help="paste the generated face into the full portrait frame")
   sample.add_argument("--no-progress", action="store_true")

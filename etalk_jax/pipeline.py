@@ -23,6 +23,10 @@ Compiles: AudioFeatures buckets audio lengths, Di-CTE runs fixed-size windows, t
 runs on the frame count of the sampler's window bucket, and the ETHD sampler compiles once per
 window-count bucket (`sample_video`'s design): a second call of another length in the same
 bucket compiles nothing new for ETHD.
+
+Hardware: `load(folder, compute=Compute.bf16())` builds every model to compute in bf16 over its
+fp32 weights (default fp32, the CPU's parity setting); with several local devices ETHD's windows
+are split over them (`sample_video`'s `devices`), its weights replicated on each.
 """
 
 from __future__ import annotations
@@ -39,10 +43,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from data_pipeline import FPS, SAMPLE_RATE
 from etalk_jax.diffusion.sampling import (SamplerConfig, WindowConfig, model_denoiser,
-                                          plan_windows, sample_video)
+                                          plan_windows, sample_video, window_sharding,
+                                          windows_for_devices)
+from etalk_jax.layers.compute import FP32, Compute
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,7 @@ COMPONENT_FOLDERS = {"ethd": "ethd", "projector": "projector", "dicte": "dicte",
                      "encoders": "encoders", "audio_encoder": "wav2vec2",
                      "codebook": "codebook.json"}
 OPTIONAL_FOLDERS = {"wavlm": "wavlm", "ser": "ser", "vae": "vae"}
+DTYPES = ("float32", "bfloat16")  # `etalk sample --dtype`
 EMOTION_OPTIONS = ("emotion", "emotion_text", "emotion_image", "emotion_video", "emotion_audio")
 MISMATCH = "a checkpoint that does not match the config"
 
@@ -389,7 +397,9 @@ class EmotiveTalkPipeline:
   def __init__(self, *, ethd, projector, dicte, encoders, audio_encoder, codebook, codec,
                resolution: int, feature_config=None, sampler: SamplerConfig = SamplerConfig(),
                windows: WindowConfig | None = None, dicte_steps: int | None = None,
-               wavlm=None, ser=None, name: str = "the pipeline"):
+               wavlm=None, ser=None, name: str = "the pipeline", devices=None):
+    """devices: what ETHD's windows are split over (`sample_video`'s `devices`); None: every
+    local device (one: no sharding)."""
     from etalk_jax.audio.features import AudioFeatures, FeatureConfig  # noqa: PLC0415
     from etalk_jax.vaid.data import VAIDFeaturizer  # noqa: PLC0415
     feature_config = FeatureConfig() if feature_config is None else feature_config
@@ -414,11 +424,23 @@ class EmotiveTalkPipeline:
     self.projector_graphdef, self.projector_state = nnx.split(projector)
     self.ethd_config = ethd.ethd_config  # its latent target: absolute or reference-relative
     self.denoiser, self.ethd_params = model_denoiser(ethd, call_ethd)
+    self.devices = list(jax.local_devices() if devices is None else devices)
+    sharding = window_sharding(self.devices)
+    # The windows as the sampler runs them (more per group on several devices), so that the
+    # projector pads to the sampler's bucket.
+    self.sample_windows = windows_for_devices(self.windows, len(self.devices))
+    if sharding is not None:
+      # Replicated once here: sample_video's own placement is then a no-op, not a copy per call.
+      self.ethd_params = jax.device_put(self.ethd_params,
+                                        NamedSharding(sharding.mesh, PartitionSpec()))
 
   @classmethod
-  def load(cls, folder: str | Path) -> "EmotiveTalkPipeline":
+  def load(cls, folder: str | Path, compute: Compute = FP32, devices=None
+           ) -> "EmotiveTalkPipeline":
     """A checkpoint folder written by `save_pipeline` -> the pipeline (mismatches raise one
-    ValueError naming the components)."""
+    ValueError naming the components). compute: how every model computes (default fp32;
+    `Compute.bf16()`: bf16 activations over the fp32 weights, the backend's best attention);
+    devices: as the constructor's."""
     from etalk_jax.audio.features import FeatureConfig  # noqa: PLC0415
     from etalk_jax.audio.params import load_wav2vec2, load_wavlm  # noqa: PLC0415
     from etalk_jax.emotion.codebook import Codebook  # noqa: PLC0415
@@ -434,36 +456,39 @@ class EmotiveTalkPipeline:
     wavlm = ser = None
     if parts.get("wavlm") and parts.get("ser"):
       from etalk_jax.emotion.ser import load_ser  # noqa: PLC0415
-      wavlm, ser = load_wavlm(path("wavlm")), load_ser(path("ser"))
-    codec = codec_from_spec(record["codec"], folder)  # a VAE loads from folder/vae
+      wavlm, ser = load_wavlm(path("wavlm"), compute), load_ser(path("ser"), compute)
+    codec = codec_from_spec(record["codec"], folder, compute)  # a VAE loads from folder/vae
     feature_fields = dict(record["audio_features"])
     if "bucket_frames" in feature_fields:
       feature_fields["bucket_frames"] = tuple(feature_fields["bucket_frames"])
     return cls(
-        ethd=load_ethd(path("ethd")), projector=load_projector(path("projector")),
-        dicte=load_dicte(path("dicte")), encoders=load_encoders(path("encoders")),
-        audio_encoder=load_wav2vec2(path("audio_encoder")),
+        ethd=load_ethd(path("ethd"), compute),
+        projector=load_projector(path("projector"), compute),
+        dicte=load_dicte(path("dicte"), compute), encoders=load_encoders(path("encoders"), compute),
+        audio_encoder=load_wav2vec2(path("audio_encoder"), compute),
         codebook=Codebook.load(path("codebook")), codec=codec,
         resolution=int(record["resolution"]),
         feature_config=_config(FeatureConfig, feature_fields, "audio_features"),
         sampler=_config(SamplerConfig, record["sampler"], "sampler"),
         windows=_config(WindowConfig, record["windows"], "windows"),
-        dicte_steps=record.get("dicte_steps"), wavlm=wavlm, ser=ser, name=str(folder))
+        dicte_steps=record.get("dicte_steps"), wavlm=wavlm, ser=ser, name=str(folder),
+        devices=devices)
 
   # ------------------------------------------------------------------------------ stages
 
   def encode_expressions(self, crops: np.ndarray) -> np.ndarray:
     """uint8 face crops (n, R, R, 3) -> e_v (n, expression_dim) through the encoders."""
-    return self.vision.encode_frames(crops)[1]
+    # float32 whatever the encoders compute in: later stages and Result hold fp32 arrays.
+    return self.vision.encode_frames(crops)[1].astype(np.float32)
 
   def project_lips(self, audio_windows: np.ndarray, frames: int) -> np.ndarray:
     """A_w (n, ...) -> l_a (n, lip_dim), run on the sampler bucket's frame count so that every
     length of one bucket reuses the projector's program."""
-    buffer_frames = plan_windows(frames, self.windows).buffer_frames
+    buffer_frames = plan_windows(frames, self.sample_windows).buffer_frames
     padded = np.zeros((buffer_frames,) + audio_windows.shape[1:], np.float32)
     padded[:frames] = audio_windows
     return np.asarray(apply_model(self.projector_graphdef, self.projector_state,
-                                  padded))[:frames]
+                                  padded), np.float32)[:frames]
 
   def image_condition(self, emotion_image: Any, intensity: float) -> np.ndarray:
     """e_cond of a face photo: its e_v scaled from the codebook's neutral latent,
@@ -587,11 +612,12 @@ class EmotiveTalkPipeline:
         face = crop_face(image, landmarks, self.resolution)
       samples, what = read_speech(speech)
       frames = max(1, int(round(samples.shape[0] / SAMPLE_RATE * FPS)))
-      audio_windows = self.audio_features.windows(normalize(samples), frames, what=what)
+      audio_windows = np.asarray(self.audio_features.windows(normalize(samples), frames,
+                                                             what=what), np.float32)
       lip_latents = self.project_lips(audio_windows, frames)
       reference_expression = self.encode_expressions(face.crop[None])[0]
       face_mask, _ = face_and_lip_masks(face.landmarks, self.resolution)
-      reference_latent = np.asarray(self.codec.encode(face.crop[None]))
+      reference_latent = np.asarray(self.codec.encode(face.crop[None]), np.float32)
       stages.update()
 
       stages.set_postfix_str("expressions")
@@ -612,7 +638,7 @@ class EmotiveTalkPipeline:
         expressions = np.asarray(generate_expressions(
             self.dicte, dicte_key, jnp.asarray(audio_windows)[None],
             to_unit_range(face.crop)[None], jnp.asarray(condition, jnp.float32)[None],
-            sample_steps=self.dicte_steps))[0]
+            sample_steps=self.dicte_steps), np.float32)[0]
       stages.update()
 
       stages.set_postfix_str("denoising")
@@ -629,13 +655,14 @@ class EmotiveTalkPipeline:
                           video_conditions)
       latents = sample_video(self.denoiser, self.ethd_params, noise, frame_conditions,
                              video_conditions, sampler=sampler, windows=self.windows,
-                             unconditional=without_speech)
+                             unconditional=without_speech, devices=self.devices)
       latents.block_until_ready()
       stages.update()
 
       stages.set_postfix_str("decoding")
-      video = to_uint8(self.codec.decode(self.ethd_config.from_target(latents[0],
-                                                                      reference_latent)))
+      # float32 before the rounding to pixels: a bf16 VAE's output has 8 significant bits.
+      video = to_uint8(self.codec.decode(self.ethd_config.from_target(
+          latents[0], reference_latent)).astype(jnp.float32))
       if paste_back:
         video = paste_into_portrait(image, video, face.box)
       stages.update()
@@ -657,9 +684,12 @@ def sample_command(portrait: str, audio: str, out: str, checkpoint: str, *,
                    emotion_audio: str | None = None, intensity: float = 1.0,
                    steps: int | None = None, guidance: float | None = None,
                    resolution: int | None = None, seed: int = 0, paste_back: bool = False,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, dtype: str | None = None, attention: str = "auto"
+                   ) -> dict[str, Any]:
   """`etalk sample`: loads the checkpoint, generates, writes `out` atomically (nothing is left
-  there on failure) and returns a summary {out, frames, seconds, generation_seconds, fps}."""
+  there on failure) and returns a summary {out, frames, seconds, generation_seconds, fps}.
+  dtype: "float32" or "bfloat16" (bf16 compute over the fp32 weights); None: the backend's
+  default (`default_dtype`). attention: a `Compute` attention implementation."""
   out_path = Path(out)
   if out_path.suffix.lower() != ".mp4":
     raise ValueError(f"--out {out}: the output is an H.264 mp4; give a path ending in .mp4.")
@@ -675,7 +705,7 @@ def sample_command(portrait: str, audio: str, out: str, checkpoint: str, *,
                       ("--emotion-audio", emotion_audio)):
     if path is not None and not Path(path).is_file():
       raise FileNotFoundError(f"{label} {path} does not exist.")
-  pipeline = EmotiveTalkPipeline.load(checkpoint)
+  pipeline = EmotiveTalkPipeline.load(checkpoint, compute_for(dtype, attention))
   start = time.perf_counter()
   result = pipeline(portrait, audio, emotion=emotion, emotion_text=emotion_text,
                     emotion_image=emotion_image, emotion_video=emotion_video,
@@ -687,4 +717,21 @@ def sample_command(portrait: str, audio: str, out: str, checkpoint: str, *,
   return {"out": str(out_path), "frames": frames, "seconds": frames / result.fps,
           "generation_seconds": generation_seconds,
           "generation_fps": frames / max(generation_seconds, 1e-9), "emotion": result.emotion,
-          "size": list(result.frames.shape[1:3])}
+          "size": list(result.frames.shape[1:3]), "dtype": dtype or default_dtype(),
+          "devices": len(pipeline.devices)}
+
+
+def default_dtype() -> str:
+  """`etalk sample`'s default compute dtype: bfloat16 on a GPU or TPU (their fast matmul type),
+  float32 on the CPU (where bf16 is emulated and slower)."""
+  return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
+
+
+def compute_for(dtype: str | None, attention: str = "auto") -> Compute:
+  """The `Compute` of `etalk sample --dtype D --attention A`."""
+  dtype = default_dtype() if dtype is None else dtype
+  if dtype not in DTYPES:
+    raise ValueError(f"--dtype {dtype} is not supported; give one of {', '.join(DTYPES)}.")
+  if dtype == "bfloat16":
+    return Compute.bf16(attention)
+  return Compute(attention=attention)

@@ -14,6 +14,7 @@ import dataclasses
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -27,6 +28,7 @@ from etalk_jax.diffusion import sampling
 from etalk_jax.diffusion.sampling import SamplerConfig, WindowConfig
 from etalk_jax.emotion.codebook import Codebook
 from etalk_jax.ethd import ETHD, ETHDConfig
+from etalk_jax.layers.compute import Compute
 from etalk_jax.pipeline import EmotiveTalkPipeline, save_pipeline
 from etalk_jax.svd.codec import PixelShuffleCodec
 from etalk_jax.vaid.dicte import DiCTE, DiCTEConfig
@@ -290,3 +292,54 @@ def test_sample_command(checkpoint, portrait, tmp_path, monkeypatch, capsys):
     assert cli.main(base + ["--out", str(bad)] + wrong) == 2
     assert "etalk sample: error:" in capsys.readouterr().err
   assert not bad.exists() and not list(tmp_path.glob(".bad.mp4*"))
+
+
+def test_bf16_compute_runs_ethd_in_bf16_over_fp32_weights(checkpoint, pipe, portrait):
+  frame, landmarks, _, samples = portrait
+  bf16 = EmotiveTalkPipeline.load(checkpoint, compute=Compute.bf16())
+  assert {leaf.dtype for leaf in jax.tree.leaves(bf16.ethd_params)} == {np.dtype(np.float32)}
+  # An activation: ETHD's output on the sampler's window, traced (nothing compiled).
+  window = (1, WINDOWS.frames, 16, 16, CODEC.latent_channels)
+  inputs = (jax.ShapeDtypeStruct(window, np.float32), np.float32(0.5),
+            {"lip_latents": np.zeros((1, WINDOWS.frames, 32), np.float32),
+             "expression": np.zeros((1, WINDOWS.frames, 30), np.float32)},
+            {"reference_latent": np.zeros(window[:1] + window[2:], np.float32),
+             "reference_expression": np.zeros((1, 30), np.float32),
+             "face_mask": np.ones((1, RESOLUTION, RESOLUTION), np.float32)})
+  assert jax.eval_shape(bf16.denoiser, bf16.ethd_params, *inputs).dtype == jnp.bfloat16
+  assert jax.eval_shape(pipe.denoiser, pipe.ethd_params, *inputs).dtype == jnp.float32
+  speech = samples[:int(0.8 * 16000)]
+  fast = bf16(frame, speech, landmarks=landmarks, seed=0, progress=False)
+  exact = pipe(frame, speech, landmarks=landmarks, seed=0, progress=False)
+  assert fast.frames.shape == exact.frames.shape == (20, RESOLUTION, RESOLUTION, 3)
+  assert fast.expressions.dtype == fast.lip_latents.dtype == np.float32
+  assert np.isfinite(fast.expressions).all() and np.isfinite(fast.lip_latents).all()
+  difference = np.abs(fast.frames.astype(np.int16) - exact.frames)
+  print(f"bf16 vs fp32 video: mean {difference.mean():.2f}, max {difference.max()} levels")
+  # bf16 really ran (its rounding moves pixels), and gave the fp32 video up to that rounding:
+  # NaN or diverged latents would decode to black or saturated frames, far from fp32's.
+  assert difference.max() > 0 and difference.mean() < 3
+
+
+def test_sample_command_dtype_and_attention(checkpoint, portrait, tmp_path, monkeypatch, capsys):
+  frame, landmarks, wav, _ = portrait
+  from PIL import Image
+  image = tmp_path / "portrait.png"
+  Image.fromarray(frame).save(image)
+  monkeypatch.setattr(pipeline_module, "detect_face", lambda image, name: landmarks)
+  base = ["sample", "--portrait", str(image), "--audio", str(wav), "--checkpoint",
+          str(checkpoint), "--no-progress", "--out", str(tmp_path / "talk.mp4")]
+  args = cli.build_parser().parse_args(base + ["--dtype", "bfloat16", "--attention", "xla"])
+  assert (args.dtype, args.attention) == ("bfloat16", "xla")
+  assert pipeline_module.compute_for("bfloat16", "xla") == Compute.bf16("xla")
+  # The CPU's default is fp32, the accelerators' bf16.
+  assert cli.build_parser().parse_args(base).dtype is None
+  assert pipeline_module.default_dtype() == "float32"
+  assert pipeline_module.compute_for(None) == Compute()
+  assert cli.main(base + ["--dtype", "bfloat16", "--attention", "xla"]) == 0
+  assert "25 frames" in (out := capsys.readouterr().out) and "bfloat16 on 1 device" in out
+  assert probe(tmp_path / "talk.mp4").width == RESOLUTION
+  for wrong in (["--dtype", "float16"], ["--attention", "flash"]):
+    with pytest.raises(SystemExit) as exit_info:
+      cli.main(base + wrong)
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err

@@ -25,6 +25,14 @@ window count falls into the same bucket runs the same executable; with the defau
 of one window that is every 512² video from 121 to 792 frames. A video no longer than one
 window is sampled as a single window of its own length (the temporal layers see the frame
 count, so padding it would change the result): one compile per such length.
+
+Sharding over devices (`sample_video(..., devices=...)`): the windows of a group are split over a
+1-D mesh (axis "windows") of the given devices, the parameters, noise and conditions replicated.
+`windows_for_devices` rounds `windows_per_call` up to a multiple of the device count and scales
+`min_window_groups` down so the smallest bucket holds about as many windows as before; padded
+windows inside a group have zero blend weight, so the devices that hold them compute harmlessly.
+With guidance the doubled (unconditional + conditional) batch is split the same way. The mesh's
+`NamedSharding` is a static argument: one compile per bucket and device set, as on one device.
 """
 
 from __future__ import annotations
@@ -39,10 +47,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from etalk_jax.diffusion.edm import denoised_from_v, noise_conditioning, scale_model_input
 
 Denoiser = Callable[[Any, jax.Array, jax.Array, Any, Any], jax.Array]
+
+WINDOW_AXIS = "windows"  # the mesh axis the windows of a group (their batch axis) split over
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +90,47 @@ class WindowConfig:
 
 WINDOWS_512 = WindowConfig(frames=120, overlap=24)
 WINDOWS_1024 = WindowConfig(frames=32, overlap=12)
+
+
+def windows_for_devices(config: WindowConfig, devices: int) -> WindowConfig:
+  """`config` for windows split over `devices`: `windows_per_call` rounded up to a multiple of
+  the device count (every device gets whole windows of each group) and `min_window_groups`
+  scaled down so that the smallest bucket holds about as many windows as `config`'s (8 groups of
+  1 window on 8 devices -> 1 group of 8). One device: `config` unchanged."""
+  if devices < 1:
+    raise ValueError(f"windows_for_devices: {devices} devices; give at least 1.")
+  if devices == 1:
+    return config
+  per_call = -(-config.windows_per_call // devices) * devices
+  capacity = config.windows_per_call * config.min_window_groups
+  return dataclasses.replace(config, windows_per_call=per_call,
+                             min_window_groups=max(1, -(-capacity // per_call)))
+
+
+def window_sharding(devices) -> NamedSharding | None:
+  """The sharding of a window group's batch axis over a 1-D mesh of `devices`; None (no
+  sharding) for None or a single device."""
+  if devices is None:
+    return None
+  devices = list(devices)
+  if not devices:
+    raise ValueError("sample_video: `devices` is empty; give None (one device) or the devices "
+                     "to split the windows over, e.g. jax.local_devices().")
+  if len(set(devices)) != len(devices):
+    raise ValueError(f"sample_video: `devices` lists a device twice ({devices}); give each "
+                     "device once.")
+  if len(devices) == 1:
+    return None
+  return NamedSharding(Mesh(np.asarray(devices), (WINDOW_AXIS,)), P(WINDOW_AXIS))
+
+
+def _constrain(tree, sharding: NamedSharding | None, leading: int = 0):
+  """Every leaf of `tree` split over `sharding`'s mesh on axis `leading` (the axes before it
+  replicated); no-op without a sharding."""
+  if sharding is None:
+    return tree
+  spec = NamedSharding(sharding.mesh, P(*(None,) * leading, *sharding.spec))
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec), tree)
 
 
 class Guidance(NamedTuple):
@@ -159,16 +212,24 @@ def _concat_batch(unconditional, conditional):
 
 
 def _model_output(denoiser: Denoiser, params, noisy: jax.Array, sigma: jax.Array,
-                  frame_conditions, video_conditions, guidance: Guidance | None) -> jax.Array:
+                  frame_conditions, video_conditions, guidance: Guidance | None,
+                  batch_sharding: NamedSharding | None = None) -> jax.Array:
   """The denoiser's output at `sigma`, guided when `guidance` is given: the unconditional and
-  conditional halves go through one batched call, out = u + scale * (c - u) (SVD's order)."""
+  conditional halves go through one batched call, out = u + scale * (c - u) (SVD's order).
+  batch_sharding: splits the denoiser's batch (the doubled one with guidance) over its mesh."""
   scaled = scale_model_input(noisy, sigma)
   c_noise = noise_conditioning(sigma)
   if guidance is None:
     return denoiser(params, scaled, c_noise, frame_conditions, video_conditions)
-  both = denoiser(params, jnp.concatenate([scaled, scaled], axis=0), c_noise,
-                  _concat_batch(guidance.frame_conditions, frame_conditions),
-                  _concat_batch(guidance.video_conditions, video_conditions))
+  # The concatenation is placed like its halves only if told: without the constraint XLA may
+  # run the doubled batch replicated, every device computing every window.
+  both = denoiser(params,
+                  _constrain(jnp.concatenate([scaled, scaled], axis=0), batch_sharding),
+                  c_noise,
+                  _constrain(_concat_batch(guidance.frame_conditions, frame_conditions),
+                             batch_sharding),
+                  _constrain(_concat_batch(guidance.video_conditions, video_conditions),
+                             batch_sharding))
   unconditional, conditional = jnp.split(both, 2, axis=0)
   scale = guidance.scale.reshape((1, -1) + (1,) * (noisy.ndim - 2))
   return unconditional + scale * (conditional - unconditional)
@@ -285,35 +346,41 @@ def blend_windows(windows: jax.Array, starts: jax.Array, weights: jax.Array,
   return _blend(windows, frame_index, jnp.asarray(weights), buffer_frames)
 
 
-@functools.partial(jax.jit, static_argnames=("denoiser", "windows_per_call"))
+@functools.partial(jax.jit, static_argnames=("denoiser", "windows_per_call", "sharding"))
 def _sample_windows(denoiser: Denoiser, params, noise: jax.Array, sigmas: jax.Array,
                     frame_conditions, video_conditions, guidance: Guidance | None,
                     starts: jax.Array, weights: jax.Array, active_groups: jax.Array, *,
-                    windows_per_call: int) -> jax.Array:
+                    windows_per_call: int, sharding: NamedSharding | None = None) -> jax.Array:
+  """sharding: splits each group's batch axis (windows x batch) over its mesh; None: one
+  device."""
   batch, buffer_frames = noise.shape[:2]
   groups = active_groups.shape[0]
   frame_index = starts[:, None] + jnp.arange(weights.shape[1])  # (windows, window_frames)
   repeat = lambda tree: jax.tree.map(lambda x: jnp.concatenate([x] * windows_per_call), tree)
-  window_conditions = jax.tree.map(lambda x: _gather_windows(x, frame_index, groups),
-                                   frame_conditions)
-  shared_conditions = repeat(video_conditions)
+  # Stacked per group (groups, windows_per_call * batch, ...): split on axis 1, each device
+  # holding its windows of every group.
+  gather = lambda tree: _constrain(
+      jax.tree.map(lambda x: _gather_windows(x, frame_index, groups), tree), sharding, 1)
+  window_conditions = gather(frame_conditions)
+  shared_conditions = _constrain(repeat(video_conditions), sharding)
   if guidance is not None:
-    guidance_frames = jax.tree.map(lambda x: _gather_windows(x, frame_index, groups),
-                                   guidance.frame_conditions)
-    guidance_video = repeat(guidance.video_conditions)
+    guidance_frames = gather(guidance.frame_conditions)
+    guidance_video = _constrain(repeat(guidance.video_conditions), sharding)
 
   def denoise_group(sigma, group):
-    active, latents, conditions = group[0], group[1], group[2]
+    active, latents, conditions = group[0], _constrain(group[1], sharding), group[2]
+    conditions = _constrain(conditions, sharding)
     group_guidance = None
     if guidance is not None:
-      group_guidance = Guidance(group[3], guidance_video, guidance.scale)
-    run = lambda: _model_output(denoiser, params, latents, sigma, conditions, shared_conditions,
-                                group_guidance).astype(jnp.float32)
+      group_guidance = Guidance(_constrain(group[3], sharding), guidance_video, guidance.scale)
+    run = lambda: _constrain(_model_output(
+        denoiser, params, latents, sigma, conditions, shared_conditions, group_guidance,
+        sharding).astype(jnp.float32), sharding)
     # Padded groups hold no real window: skip the network (a real branch inside lax.map).
     return jax.lax.cond(active, run, lambda: jnp.zeros_like(latents))
 
   def step(i, video):
-    windows = _gather_windows(video, frame_index, groups)
+    windows = _constrain(_gather_windows(video, frame_index, groups), sharding, 1)
     group_inputs = (active_groups, windows, window_conditions)
     if guidance is not None:
       group_inputs += (guidance_frames,)
@@ -328,8 +395,8 @@ def _sample_windows(denoiser: Denoiser, params, noise: jax.Array, sigmas: jax.Ar
 
 def sample_video(denoiser: Denoiser, params, noise: jax.Array, frame_conditions=None,
                  video_conditions=None, *, sampler: SamplerConfig = SamplerConfig(),
-                 windows: WindowConfig = WINDOWS_512, unconditional: tuple | None = None
-                 ) -> jax.Array:
+                 windows: WindowConfig = WINDOWS_512, unconditional: tuple | None = None,
+                 devices=None) -> jax.Array:
   """Samples latents of a video of any length with overlapping windows.
 
   noise: standard normal `(batch, frames, h, w, c)`; frame_conditions: pytree of
@@ -338,10 +405,16 @@ def sample_video(denoiser: Denoiser, params, noise: jax.Array, frame_conditions=
   video_conditions)` for classifier-free guidance, used when `sampler` asks for guidance (SVD's
   per-frame linear scale over each window). All windows are denoised together at every step and
   re-blended after it; returns `(batch, frames, h, w, c)` float32 latents.
+  devices: None (or one device): as today, on the default device; several: each group's
+  windows (`windows_for_devices(windows, len(devices))` of them) split over a 1-D mesh of
+  them, everything else replicated (`params` already replicated on that mesh are not copied).
   """
   frame_conditions = {} if frame_conditions is None else frame_conditions
   video_conditions = {} if video_conditions is None else video_conditions
   frames = noise.shape[1]
+  sharding = window_sharding(devices)
+  if sharding is not None:
+    windows = windows_for_devices(windows, sharding.mesh.size)
   plan = plan_windows(frames, windows)
   guidance = None
   if sampler.guided:
@@ -351,8 +424,13 @@ def sample_video(denoiser: Denoiser, params, noise: jax.Array, frame_conditions=
     guidance = Guidance(_pad_frames(unconditional[0], plan.buffer_frames), unconditional[1],
                         guidance_scales(plan.window_frames, sampler.min_guidance_scale,
                                         sampler.max_guidance_scale))
-  latents = _sample_windows(
-      denoiser, params, _pad_frames(noise, plan.buffer_frames), sampler_sigmas(sampler),
-      _pad_frames(frame_conditions, plan.buffer_frames), video_conditions, guidance,
-      plan.starts, plan.weights, plan.active_groups, windows_per_call=windows.windows_per_call)
+  inputs = (params, _pad_frames(noise, plan.buffer_frames), sampler_sigmas(sampler),
+            _pad_frames(frame_conditions, plan.buffer_frames), video_conditions, guidance,
+            plan.starts, plan.weights, plan.active_groups)
+  if sharding is not None:
+    # Every input on every device of the mesh (a no-op for arrays already placed so): the jitted
+    # loop then runs on the mesh and the constraints inside split the windows.
+    inputs = jax.device_put(inputs, NamedSharding(sharding.mesh, P()))
+  latents = _sample_windows(denoiser, *inputs, windows_per_call=windows.windows_per_call,
+                            sharding=sharding)
   return latents[:, :frames]

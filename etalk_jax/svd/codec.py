@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from etalk_jax.layers.compute import FP32, Compute
 from etalk_jax.svd.vae import TemporalVAE, decode_in_chunks
 
 
@@ -139,8 +140,10 @@ class VAECodec:
     return decode_in_chunks(self.vae, latents, self.decode_chunk_frames)
 
 
-def codec_from_spec(spec: dict[str, Any], folder: str | Path | None = None):
-  """The codec a `pipeline.json` names; a VAE codec loads its weights from `folder/vae`."""
+def codec_from_spec(spec: dict[str, Any], folder: str | Path | None = None,
+                    compute: Compute = FP32):
+  """The codec a `pipeline.json` names; a VAE codec loads its weights from `folder/vae` and
+  computes as `compute` says (the weight-free codecs ignore it)."""
   kind = spec.get("kind")
   if kind == "pixel_shuffle":
     return PixelShuffleCodec(int(spec.get("factor", 4)), float(spec.get("scale", 2.0)))
@@ -154,6 +157,7 @@ def codec_from_spec(spec: dict[str, Any], folder: str | Path | None = None):
     if folder is None:
       raise ValueError("a VAE codec needs the checkpoint folder holding vae/")
     from etalk_jax.svd.params import load_vae  # noqa: PLC0415
-    return VAECodec(load_vae(Path(folder) / "vae"), int(spec.get("decode_chunk_frames", 14)))
+    return VAECodec(load_vae(Path(folder) / "vae", compute),
+                    int(spec.get("decode_chunk_frames", 14)))
   raise ValueError(f"unknown latent codec {kind!r} in pipeline.json; use 'vae', "
                    f"'pixel_shuffle' or 'patch_pca'")
