@@ -93,7 +93,8 @@ def sampler_memory(config: ETHDConfig, compute: Compute, frames: int, pixels: in
   compiled = lowered.compile()
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
-  return {"params_gb": tree_bytes(params) / GB, "argument_gb": memory.argument_size_in_bytes / GB,
+  return {"params_gb": tree_bytes(params) / GB,
+          "argument_gb": memory.argument_size_in_bytes / GB,
           "temp_gb": memory.temp_size_in_bytes / GB, "peak_gb": peak_bytes(memory) / GB,
           "compile_s": seconds, "latents_gb": plan.buffer_frames * latent * latent * 4 * 4 / GB}
 

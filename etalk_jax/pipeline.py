@@ -449,6 +449,9 @@ class EmotiveTalkPipeline:
     from etalk_jax.vaid.storage import load_dicte, load_projector  # noqa: PLC0415
     from etalk_jax.vision.params import load_encoders  # noqa: PLC0415
 
+    # Sampling keeps no residuals for a backward pass: a training Compute's remat would only
+    # wrap every layer in a checkpoint (and nnx.remat does not nest in the sampler's lax.map).
+    compute = dataclasses.replace(compute, remat="none")
     folder = Path(folder)
     record = read_pipeline_record(folder)
     parts = record["components"]

@@ -5,7 +5,6 @@ subprocess whose XLA_FLAGS ask for 8 host devices; prints one JSON line of resul
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 

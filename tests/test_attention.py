@@ -29,7 +29,7 @@ from etalk_jax.ethd.objective import reconstruction_loss
 from etalk_jax.layers import attention
 from etalk_jax.layers.compute import Compute
 from etalk_jax.pipeline import call_ethd
-from etalk_jax.svd import TemporalVAE, UNetConfig, VAEConfig
+from etalk_jax.svd import TemporalVAE, UNetConfig, UNetSpatioTemporal, VAEConfig
 from etalk_jax.vaid import DICTE_FULL, PROJECTOR_FULL, AudioLipProjector, DiCTE
 
 
@@ -227,7 +227,7 @@ def _trace_calls(build, *input_specs, call=lambda model, *inputs: model(*inputs)
 @pytest.fixture(scope="module")
 def full_size_calls():
   """{model: [AttentionCall]} at the shapes the paper runs: ETHD at 512² x 120 frames and
-  1024² x 32 (SVD's UNet inside), the VAE on 512² frames, wav2vec2 and WavLM on 60 s of speech
+  1024² x 32, SVD-XT's UNet at its own 576x1024 x 25, the VAE on 512² frames, wav2vec2 and WavLM on 60 s of speech
   with a padding mask, the projector and Di-CTE on a 120-frame clip."""
   bf16 = Compute.bf16()
   spec = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
@@ -240,6 +240,12 @@ def full_size_calls():
         spec(1, frames, latent, latent, 8), spec(1), spec(1, frames, ethd_config.lip_dim),
         spec(1, frames, ethd_config.expression_dim), spec(1, ethd_config.expression_dim),
         spec(1, pixels, pixels))
+  unet_config = UNetConfig()  # SVD-XT's own setting: 25 frames at 576x1024 (72x128 latents)
+  time_ids = unet_config.projection_class_embeddings_input_dim // unet_config.addition_time_embed_dim
+  calls["svd_unet_576x1024x25"] = _trace_calls(
+      lambda rngs: UNetSpatioTemporal(unet_config, compute=bf16, rngs=rngs),
+      spec(1, 25, 72, 128, unet_config.in_channels), spec(1),
+      spec(1, 1, unet_config.cross_attention_dim), spec(1, time_ids))
   vae = lambda rngs: TemporalVAE(VAEConfig(), compute=bf16, rngs=rngs)  # noqa: E731
   calls["vae_encode"] = _trace_calls(vae, spec(1, 512, 512, 3),
                                      call=lambda model, image: model.encode(image).mean)
@@ -284,7 +290,8 @@ def test_every_model_call_is_memory_safe_and_cudnn_calls_pass_jax_checks(full_si
               None if call.bias_shape is None else jax.ShapeDtypeStruct(call.bias_shape,
                                                                          call.dtype))
           assert_cudnn_accepts(*operands)
-  for model in ("ethd_512x120", "ethd_1024x32", "wav2vec2_60s", "wavlm_60s", "dicte"):
+  for model in ("ethd_512x120", "ethd_1024x32", "svd_unet_576x1024x25", "wav2vec2_60s",
+                "wavlm_60s", "dicte"):
     assert "cudnn" in routed[model, "gpu"], model
   assert "splash" in routed["ethd_512x120", "tpu"] and "splash" in routed["ethd_1024x32", "tpu"]
   assert routed["vae_decode", "gpu"] == {"blocked"}  # one 512-wide head: no cuDNN

@@ -124,7 +124,8 @@ def _as_4d(shape: Sequence[int] | None) -> tuple[int, ...] | None:
 
 def _cudnn_refusal(query_shape, key_shape, dtype, mask_shape, bias_shape) -> str | None:
   if np.dtype(dtype) not in (np.dtype(jnp.bfloat16), np.dtype(jnp.float16)):
-    return f"cuDNN needs bf16/fp16 inputs, got {np.dtype(dtype).name} (Compute.bf16() computes in bf16)"
+    return (f"cuDNN needs bf16/fp16 inputs, got {np.dtype(dtype).name} (Compute.bf16() computes "
+            "in bf16)")
   head_dim = query_shape[-1]
   if head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM:
     return (f"cuDNN needs a head size that is a multiple of 8 up to {CUDNN_MAX_HEAD_DIM}, "
@@ -187,7 +188,7 @@ def cudnn_operands(query, key, value, mask=None, bias=None):
   mask = full(jnp.ones((1, 1, 1, 1), bool) if mask is None else
               jnp.reshape(mask, _as_4d(mask.shape)))
   if bias is not None:
-    bias = full(jnp.reshape(bias, _as_4d(bias.shape)))
+    bias = full(jnp.reshape(bias, _as_4d(bias.shape))).astype(query.dtype)
   if pad_q or pad_kv:
     pad_rows = ((0, 0), (0, pad_q), (0, 0), (0, 0))
     pad_keys = ((0, 0), (0, pad_kv), (0, 0), (0, 0))
@@ -260,8 +261,9 @@ def blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   An online softmax over key blocks (as flash attention does) never materialises the
   (heads, q, kv) logits: on an accelerator it bounds memory (ETHD's top-level spatial attention
   at 512² x 120 frames would hold 120·5·4096² fp32 logits, ~40 GB, in one call), and on the CPU
-  it makes long self-attention (wav2vec2 over a minute of speech: 3000 steps) 2-3x faster. Same masking rule as jax.nn: masked logits get a large
-  finite negative, so a fully masked row averages all keys as it does there.
+  it makes long self-attention (wav2vec2 over a minute of speech: 3000 steps) 2-3x faster. Same
+  masking rule as jax.nn: masked logits get a large finite negative, so a fully masked row
+  averages all keys as it does there.
 
   The gradient is flash attention's too (a custom VJP): the backward pass keeps only q, k, v,
   the output and each row's log-sum-exp, and recomputes one key block's logits at a time, so
