@@ -72,13 +72,33 @@ def unet_inputs(fields: dict, batch: int = 2, frames: int | None = None, context
   }
 
 
-def run_torch_unet(model, inputs: dict[str, np.ndarray]) -> np.ndarray:
-  with torch.no_grad():
-    out = model(torch.from_numpy(inputs["sample"]).permute(0, 1, 4, 2, 3),
-                torch.tensor(inputs["timestep"]),
-                torch.from_numpy(inputs["encoder_hidden_states"]),
-                torch.from_numpy(inputs["added_time_ids"])).sample
-  return out.permute(0, 1, 3, 4, 2).numpy()
+def run_torch_unet(model, inputs: dict[str, np.ndarray], *, autocast_bf16: bool = False
+                   ) -> np.ndarray:
+  """The diffusers UNet on the device its parameters are on (channels-last in and out), in
+  fp32 or under bf16 autocast."""
+  device = next(model.parameters()).device
+  to_device = lambda x: torch.as_tensor(x).to(device)
+  with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=autocast_bf16):
+    out = model(to_device(inputs["sample"]).permute(0, 1, 4, 2, 3),
+                to_device(inputs["timestep"]),
+                to_device(inputs["encoder_hidden_states"]),
+                to_device(inputs["added_time_ids"])).sample
+  return out.permute(0, 1, 3, 4, 2).float().cpu().numpy()
+
+
+def svd_context_as_tokens(inputs, window=5, reference=None):
+  """SVD's one context embedding per clip as ETHD's lip, expression and reference tokens."""
+  batch, frames = inputs["sample"].shape[:2]
+  embedding = inputs["encoder_hidden_states"]  # (batch, 1, dim)
+  per_frame = np.repeat(embedding[:, None], frames, axis=1).reshape(batch * frames, 1, -1)
+  tokens = np.repeat(per_frame, window, axis=1)
+  conditions = {
+      "expression_tokens": tokens,
+      "expression_mask": np.ones((batch * frames, 1, 1, window), bool),
+      "reference_tokens": per_frame if reference is None else reference,
+      "face_mask": np.ones((batch,) + inputs["sample"].shape[2:4], np.float32),
+  }
+  return tokens, conditions
 
 
 def relative_error(ours, reference) -> float:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from svd_reference import UNET_TWO_LEVELS, make_unet, relative_error, unet_inputs
+from svd_reference import (UNET_TWO_LEVELS, make_unet, relative_error,
+                           svd_context_as_tokens, unet_inputs)
 from etalk_jax import model_io
 from etalk_jax.ethd import (ETHD, ETHDConfig, TemporalBlockWithExpression, ethd_from_svd,
                             frame_windows, load_ethd, save_ethd)
@@ -29,21 +30,6 @@ def svd_and_ethd():
   inputs = unet_inputs(UNET_TWO_LEVELS, context_len=1)
   ethd = ethd_from_svd(unet, ETHDConfig(unet=unet.config, **TINY))
   return unet, ethd, inputs, np.asarray(svd_forward(unet, inputs))
-
-
-def svd_context_as_tokens(inputs, window=5, reference=None):
-  """SVD's one context embedding per clip as ETHD's lip, expression and reference tokens."""
-  batch, frames = inputs["sample"].shape[:2]
-  embedding = inputs["encoder_hidden_states"]  # (batch, 1, dim)
-  per_frame = np.repeat(embedding[:, None], frames, axis=1).reshape(batch * frames, 1, -1)
-  tokens = np.repeat(per_frame, window, axis=1)
-  conditions = {
-      "expression_tokens": tokens,
-      "expression_mask": np.ones((batch * frames, 1, 1, window), bool),
-      "reference_tokens": per_frame if reference is None else reference,
-      "face_mask": np.ones((batch,) + inputs["sample"].shape[2:4], np.float32),
-  }
-  return tokens, conditions
 
 
 def test_ethd_from_svd_computes_what_svd_computes(svd_and_ethd):
