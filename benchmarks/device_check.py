@@ -89,11 +89,10 @@ from etalk_jax.diffusion.sampling import (WINDOWS_512, SamplerConfig, model_deno
 from etalk_jax.ethd import ETHD, ETHDConfig, ethd_from_svd
 from etalk_jax.layers.attention import blocked_attention
 from etalk_jax.layers.compute import Compute
-from etalk_jax.parallel.logical import key_names
 from etalk_jax.pipeline import call_ethd
 from etalk_jax.svd import UNetConfig, unet_from_diffusers, vae_from_diffusers
 from etalk_jax.train.loop import Task, make_step, peak_flops_per_device
-from etalk_jax.train.optim import adam_8bit
+from etalk_jax.train.optim import Optimizer, adam_8bit
 # Siblings in benchmarks/ (this script's folder, first on sys.path when it runs).
 from flops import xla_flops  # XLA's FLOP count of a lowered function
 from svd_vs_torch import MEDIUM_UNET
@@ -472,28 +471,6 @@ def ethd_stage_loss(model, batch, key):
   return denoising_loss(render, clean, key), {}
 
 
-def state_after_update(graphdef: nnx.GraphDef, state: nnx.State):
-  """The abstract `nnx.state((model, optimizer))` after one optimizer update (no model call)."""
-  def update(state):
-    model, optimizer = nnx.merge(graphdef, state)
-    optimizer.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
-    return nnx.state((model, optimizer))
-  return jax.eval_shape(update, state)
-
-
-def as_structure_of(template, tree):
-  """`tree`'s leaves in `template`'s pytree structure, matched by key names.
-
-  Works around a mismatch in `train.loop`: before the first update `nnx.split` holds each 8-bit
-  Adam moment as a `QuantizedTensor` (a NamedTuple), after it `nnx.state` holds an `nnx.State`
-  (keys sorted), so a step compiled for the first structure rejects its own output (and the
-  loop's `out_shardings`, built from the first, do not fit the second)."""
-  names = lambda path: tuple(key_names(path))
-  leaves = {names(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-  paths, treedef = jax.tree_util.tree_flatten_with_path(template)
-  return jax.tree_util.tree_unflatten(treedef, [leaves[names(path)] for path, _ in paths])
-
-
 def train_row(sizes: Sizes, peak: float | None, figures: dict) -> None:
   config = ETHDConfig(unet=sizes.ethd_unet)
   frames = sizes.train_frames
@@ -503,12 +480,11 @@ def train_row(sizes: Sizes, peak: float | None, figures: dict) -> None:
   start = time.perf_counter()
   model = random_ethd(config, compute)
   schedule = optax.constant_schedule(1e-5)
-  optimizer = nnx.Optimizer(model, adam_8bit(schedule), wrt=nnx.Param)
+  optimizer = Optimizer(model, adam_8bit(schedule), wrt=nnx.Param)
   figures["init_s"] = time.perf_counter() - start
   task = Task(name="ethd", model=model, trainable=nnx.Param, loss=ethd_stage_loss,
               batches=iter(()), export=lambda model, folder: None)
   graphdef, state = nnx.split((model, optimizer))
-  state = as_structure_of(state_after_update(graphdef, state), state)
   del model, optimizer  # the step owns (and donates) the state from here on
   batch = jax.device_put(ethd_inputs(config, frames, sizes.latent))
   key = jax.random.key(0)

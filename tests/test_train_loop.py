@@ -1,5 +1,6 @@
 """The training loop (etalk_jax/train/loop.py): optimizer pieces, gradient accumulation, and a
-real stage (the projector on the tiny synthetic set) run through `etalk train`, resumed, exported.
+real stage (the projector on the tiny synthetic set, 8-bit Adam as the full configs train) run
+through `etalk train`, resumed, exported.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def _train_args(inputs, workdir, steps: int) -> list[str]:
           f"--config.encoders.audio={inputs['wav2vec2']}",
           f"--config.encoders.vision={inputs['pdfgc']}", f"--config.train.steps={steps}",
           "--config.train.log_every=2", "--config.train.checkpoint_every=2",
-          "--config.optim.ema_decay=0.5",
+          "--config.optim.ema_decay=0.5", "--config.optim.name=adam8bit",
           '--config.encoders.audio_features={"chunk_frames": 100, "context_frames": 10, '
           '"bucket_frames": [60, 100]}']
 

@@ -148,3 +148,33 @@ def test_nnx_optimizer_under_jit():
   assert int(optimizer.step[...]) == 20
   codes = [leaf for leaf in jax.tree.leaves(nnx.state(optimizer)) if leaf.dtype == jnp.uint8]
   assert {c.shape for c in codes} == {(16, 512)}  # mu and nu of the only large kernel
+
+
+
+def test_optimizer_state_keeps_its_structure_through_a_jitted_step_and_a_checkpoint():
+  """The train loop's pure step over `nnx.state((model, optimizer))`: with 8-bit moments
+  (a 16x512 kernel) the state a step returns has the structure it was given, so one compiled
+  step runs again on its own output, and the stepped state's pure dict (what a checkpoint
+  stores) goes back into a fresh optimizer. Plain `nnx.Optimizer` turns the moments'
+  QuantizedTensor into nnx.State on the first update and fails both."""
+  x = jax.random.normal(jax.random.key(0), (8, 16))
+  for cls, keeps in ((optim.Optimizer, True), (nnx.Optimizer, False)):
+    model = _Mlp(nnx.Rngs(0))
+    graphdef, state = nnx.split((model, cls(model, optim.adam_8bit(1e-2), wrt=nnx.Param)))
+
+    def step(state):
+      model, optimizer = nnx.merge(graphdef, state)
+      optimizer.update(model, nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model))
+      return nnx.state((model, optimizer))
+
+    after = jax.eval_shape(step, state)
+    assert (jax.tree.structure(after) == jax.tree.structure(state)) is keeps
+    if keeps:
+      compiled = jax.jit(step).lower(state).compile()
+      stepped = compiled(compiled(state))  # a structure mismatch raises here
+      fresh_model = _Mlp(nnx.Rngs(1))
+      fresh = nnx.state(optim.Optimizer(fresh_model, optim.adam_8bit(1e-2), wrt=nnx.Param))
+      _, stepped_optimizer = nnx.merge(graphdef, stepped)
+      nnx.replace_by_pure_dict(fresh, nnx.to_pure_dict(nnx.state(stepped_optimizer)))
+      codes = [leaf for leaf in jax.tree.leaves(fresh) if leaf.dtype == jnp.uint8]
+      assert len(codes) == 2 and int(fresh["step"][...]) == 2

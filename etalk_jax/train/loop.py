@@ -40,7 +40,7 @@ from flax import nnx
 
 from etalk_jax import parallel
 from etalk_jax.train.checkpoint import StopRequest, TrainCheckpointer
-from etalk_jax.train.optim import adam_8bit
+from etalk_jax.train.optim import Optimizer, adam_8bit
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, task: Task 
   tx, schedule = make_optimizer(config.optim, total_steps)
 
   model = task.model
-  optimizer = nnx.Optimizer(model, tx, wrt=task.trainable)
+  optimizer = Optimizer(model, tx, wrt=task.trainable)
   graphdef, state = nnx.split((model, optimizer))
   # Logical axis names per parameter (etalk_jax.parallel.logical); the optimizer's moments
   # follow their parameters.

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 BLOCK_SIZE = 256
 MIN_8BIT_SIZE = 4096
@@ -160,3 +161,32 @@ def adam_8bit(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float 
     parts.append(optax.add_decayed_weights(weight_decay))
   parts.append(optax.scale_by_learning_rate(learning_rate))
   return optax.chain(*parts)
+
+
+
+class Optimizer(nnx.Optimizer):
+  """`nnx.Optimizer` whose state keeps the structure `tx.init` gave it through every update.
+
+  `nnx.Optimizer.update` stores the new optax state through `nnx.state`, which turns NamedTuple
+  nodes inside it (8-bit Adam's `QuantizedTensor` moments) into `nnx.State`s. The state after
+  the first update would then be another pytree than the initial one: a step compiled for the
+  first rejects its own output, shardings derived from it do not fit, and `nnx.to_pure_dict` of
+  it cannot be put back with `nnx.replace_by_pure_dict` (checkpoint restore). Each update here
+  puts the moments back as `QuantizedTensor`s.
+  """
+
+  def update(self, model, grads, /, **kwargs):
+    updates = super().update(model, grads, **kwargs)
+    for variable in jax.tree.leaves(self.opt_state,
+                                    is_leaf=lambda x: isinstance(x, nnx.Variable)):
+      value = variable.get_value()
+      if not isinstance(value, QuantizedTensor) and _is_quantized_mapping(value):
+        variable.set_value(_as_quantized(value))
+    return updates
+
+
+def _is_quantized_mapping(value: Any) -> bool:
+  try:
+    return set(value.keys()) == set(QuantizedTensor._fields)
+  except AttributeError:
+    return False
