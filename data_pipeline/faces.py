@@ -138,15 +138,18 @@ def to_crop_coordinates(landmarks_px: np.ndarray, box: np.ndarray) -> np.ndarray
 
 # ---------------------------------------------------------------------------------- PD-FGC encoder crop
 
+# Every l_v / e_v is computed on `etalk_jax.vision.alignment.pdfgc_inputs` (per-frame alignment,
+# upstream's two resamplings, on device), which reads the template and crop below. The host functions
+# here (one resampling, a clip's rotation and smoothed shifts) serve only the loader's `with_pdfgc`.
 PDFGC_SIZE = 224
 # PD-FGC's loader crops rows 0..192 and columns 16..208 of the aligned 224² face and resizes that back
 # to 224² (../shared/reference/pdfgc-encoder.md).
-_PDFGC_INNER = (16.0, 0.0, 208.0, 192.0)
+PDFGC_INNER = (16.0, 0.0, 208.0, 192.0)
 # PC-AVS's alignment (scripts/align_68.py, which PD-FGC's readme names for new footage): a similarity
 # transform taking the eye centres and the mouth centre to these points of the aligned 224² image.
 # Given there in pixel indices; here +0.5, as all coordinates in this module are continuous (pixel
 # centres at .5, as MediaPipe's normalised landmarks and PIL's transforms have them).
-_PDFGC_TEMPLATE = np.array([[87.5, 59.5], [137.5, 59.5], [112.5, 120.5]])  # right eye, left eye, mouth
+PDFGC_TEMPLATE = np.array([[87.5, 59.5], [137.5, 59.5], [112.5, 120.5]])  # right eye, left eye, mouth
 _PDFGC_SHIFT_MEMORY = 0.2  # PC-AVS smooths the per-frame shift: 0.2 of the previous one, 0.8 of this frame's
 
 
@@ -177,13 +180,13 @@ def pdfgc_affines(track_px: np.ndarray) -> np.ndarray:
   mouth centre on the template's, smoothed over time. Then PD-FGC's inner crop, resized back to 224².
   """
   points = _pdfgc_points(np.asarray(track_px, np.float64))
-  forward = _similarity(points.mean(axis=0), _PDFGC_TEMPLATE)  # source -> aligned 224²
+  forward = _similarity(points.mean(axis=0), PDFGC_TEMPLATE)  # source -> aligned 224²
   linear, offset = forward[:, :2], forward[:, 2]
-  shifts = _PDFGC_TEMPLATE[2] - (points[:, 2] @ linear.T + offset)
+  shifts = PDFGC_TEMPLATE[2] - (points[:, 2] @ linear.T + offset)
   for t in range(1, len(shifts)):
     shifts[t] = _PDFGC_SHIFT_MEMORY * shifts[t - 1] + (1 - _PDFGC_SHIFT_MEMORY) * shifts[t]
   # Encoder pixel e -> aligned pixel s * e + o (the inner crop) -> source L^-1 (aligned - offset - shift).
-  u0, v0, u1, v1 = _PDFGC_INNER
+  u0, v0, u1, v1 = PDFGC_INNER
   scale = np.diag([(u1 - u0) / PDFGC_SIZE, (v1 - v0) / PDFGC_SIZE])
   inverse = np.linalg.inv(linear)
   matrices = np.empty((len(shifts), 2, 3))

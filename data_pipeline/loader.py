@@ -14,7 +14,8 @@ A window of N frames starting at clip frame s holds:
               speech with them (`normalize(audio, stats)`), as inference normalises the utterance
   reference   (R, R, 3) uint8         another frame of the same clip (a keyframe, outside the window
               when the clip allows; or its first frame, `reference="first"`), with face_mask /
-              lip_mask (R, R) uint8 from its landmarks
+              lip_mask (R, R) uint8 from its landmarks, and reference_landmarks (478, 2) float32
+              in [0, 1] (PD-FGC aligns the reference on them for e_ref)
   landmarks   (N, 478, 2) float32     crop coordinates in [0, 1]
   emotion, level, speaker, clip_id, start, clip_start_frame (the clip's first frame in its source
   video), reference_index, and every per-frame ground-truth track
@@ -137,6 +138,7 @@ class WindowSampler:
       resolution = reference.shape[0]
       if config.with_reference:
         out["reference"] = reference
+        out["reference_landmarks"] = landmarks[reference_index]
       if config.with_masks:
         out["face_mask"], out["lip_mask"] = faces.face_and_lip_masks(landmarks[reference_index] * resolution,
                                                                      resolution)

@@ -419,7 +419,7 @@ class EmotiveTalkPipeline:
     self.windows = _default_windows(resolution) if windows is None else windows
     self.dicte_steps = dicte.config.sample_steps if dicte_steps is None else int(dicte_steps)
     self.expression_dim = encoders.config.expression_dim
-    # The vision encoders' jitted, chunked encode (frames resized as in training).
+    # The vision encoders' jitted, chunked encode (frames aligned as in training).
     self.vision = VAIDFeaturizer(self.audio_features, encoders)
     self.projector_graphdef, self.projector_state = nnx.split(projector)
     self.ethd_config = ethd.ethd_config  # its latent target: absolute or reference-relative
@@ -479,10 +479,12 @@ class EmotiveTalkPipeline:
 
   # ------------------------------------------------------------------------------ stages
 
-  def encode_expressions(self, crops: np.ndarray) -> np.ndarray:
-    """uint8 face crops (n, R, R, 3) -> e_v (n, expression_dim) through the encoders."""
+  def encode_expressions(self, crops: np.ndarray, landmarks_px: np.ndarray) -> np.ndarray:
+    """uint8 face crops (n, R, R, 3) and each crop's own landmarks (n, 478, 2) in its pixels ->
+    e_v (n, expression_dim) through the encoders, each crop aligned as PD-FGC reads faces (the
+    training crops, at the training resolution, as the targets Di-CTE learned were encoded)."""
     # float32 whatever the encoders compute in: later stages and Result hold fp32 arrays.
-    return self.vision.encode_frames(crops)[1].astype(np.float32)
+    return self.vision.encode_frames(crops, landmarks_px)[1].astype(np.float32)
 
   def project_lips(self, audio_windows: np.ndarray, frames: int) -> np.ndarray:
     """A_w (n, ...) -> l_a (n, lip_dim), run on the sampler bucket's frame count so that every
@@ -498,7 +500,7 @@ class EmotiveTalkPipeline:
     e_neutral + intensity (e_image - e_neutral)."""
     image, name = read_image(emotion_image, "the emotion image")
     face = crop_face(image, detect_face(image, name), self.resolution)
-    expression = self.encode_expressions(face.crop[None])[0]
+    expression = self.encode_expressions(face.crop[None], face.landmarks[None])[0]
     neutral = self.codebook.latent("neutral")
     return (neutral + np.float32(intensity) * (expression - neutral)).astype(np.float32)
 
@@ -517,7 +519,8 @@ class EmotiveTalkPipeline:
 
   def video_expressions(self, emotion_video: Any, frames: int) -> np.ndarray:
     """e_v of every frame of a driving video's face crops, cut or stretched to `frames`."""
-    from data_pipeline.faces import FaceLandmarker, clip_crop_box, crop_frame  # noqa: PLC0415
+    from data_pipeline.faces import (  # noqa: PLC0415
+        FaceLandmarker, clip_crop_box, crop_frame, to_crop_coordinates)
     from data_pipeline.media import iter_video_frames  # noqa: PLC0415
     path = Path(emotion_video)
     if not path.is_file():
@@ -533,9 +536,11 @@ class EmotiveTalkPipeline:
     if not landmarks:
       raise ValueError(f"no face found in the emotion video {path}; use a video with one "
                        "clearly visible, frontal face")
-    box = clip_crop_box(np.stack(landmarks))
+    landmarks = np.stack(landmarks)
+    box = clip_crop_box(landmarks)
     crops = np.stack([crop_frame(frame, box, self.resolution) for frame in video])
-    return resample_frames(self.encode_expressions(crops), frames)
+    crop_landmarks = to_crop_coordinates(landmarks, box) * self.resolution
+    return resample_frames(self.encode_expressions(crops, crop_landmarks), frames)
 
   # ------------------------------------------------------------------------------ the call
 
@@ -618,7 +623,7 @@ class EmotiveTalkPipeline:
       audio_windows = np.asarray(self.audio_features.windows(normalize(samples), frames,
                                                              what=what), np.float32)
       lip_latents = self.project_lips(audio_windows, frames)
-      reference_expression = self.encode_expressions(face.crop[None])[0]
+      reference_expression = self.encode_expressions(face.crop[None], face.landmarks[None])[0]
       face_mask, _ = face_and_lip_masks(face.landmarks, self.resolution)
       reference_latent = np.asarray(self.codec.encode(face.crop[None]), np.float32)
       stages.update()

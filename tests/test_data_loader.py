@@ -47,6 +47,11 @@ def test_window_contents(dataset_dir):
     face, lips = faces.face_and_lip_masks(record["landmarks"][reference].astype(np.float32) * 64, 64)
     np.testing.assert_array_equal(batch["face_mask"][row], face)
     np.testing.assert_array_equal(batch["lip_mask"][row], lips)
+    # The reference's own landmarks (PD-FGC aligns it on them), the window's frames' their own.
+    np.testing.assert_array_equal(batch["reference_landmarks"][row],
+                                  record["landmarks"][reference].astype(np.float32))
+    np.testing.assert_array_equal(batch["landmarks"][row],
+                                  record["landmarks"][start:start + WINDOW].astype(np.float32))
 
 
 def test_first_frame_references_and_utterance_stats(dataset_dir):

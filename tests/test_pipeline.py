@@ -148,6 +148,34 @@ def test_text_and_image_sources(pipe, portrait, monkeypatch):
   assert from_image.emotion == "image" and from_image.frames.shape == (20, 64, 64, 3)
 
 
+def test_expressions_are_pd_fgcs_on_the_aligned_crops(checkpoint, pipe, portrait, monkeypatch):
+  """e_ref of the portrait and e_v of an emotion image are the encoders' outputs on PD-FGC's
+  aligned crop of the training crop (`pdfgc_inputs` on its landmarks), as in training."""
+  from etalk_jax.vaid import dicte as dicte_module
+  from etalk_jax.vision.alignment import pdfgc_inputs
+  from etalk_jax.vision.params import load_encoders
+  frame, landmarks, _, samples = portrait
+  face = pipeline_module.crop_face(frame, landmarks, RESOLUTION)
+  parts = pipeline_module.read_pipeline_record(checkpoint)["components"]
+  encoders = load_encoders(checkpoint / parts["encoders"])
+  aligned = pdfgc_inputs(face.crop[None], face.landmarks[None], PDFGC_SMALL.image_size)
+  want = np.asarray(nnx.jit(lambda model, images: model(images).expression)(encoders, aligned))[0]
+  close = lambda got: np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+  # The image source at intensity 1 is its e_v itself.
+  monkeypatch.setattr(pipeline_module, "detect_face", lambda image, name: landmarks)
+  close(pipe.image_condition(frame, 1.0))
+  # No emotion source: Di-CTE's condition is the portrait's e_ref.
+  seen, generate = {}, dicte_module.generate_expressions
+
+  def spy(model, key, audio_windows, reference, condition, **options):
+    seen["condition"] = np.asarray(condition)[0]
+    return generate(model, key, audio_windows, reference, condition, **options)
+
+  monkeypatch.setattr(dicte_module, "generate_expressions", spy)
+  pipe(frame, samples[:int(0.8 * 16000)], landmarks=landmarks, progress=False)
+  close(seen["condition"])
+
+
 class FakeLandmarker:
   """Stands in for MediaPipe on synthetic faces: the same known landmarks for every frame."""
 

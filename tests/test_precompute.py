@@ -105,8 +105,11 @@ def test_records_are_fp16_and_equal_the_pixel_path(precomputed):
   close(window["latents"], np.asarray(codec.encode(pixels["frames"])), "latents")
   close(window["reference_latents"], np.asarray(codec.encode(pixels["reference"])),
         "reference_latents")
-  lip, expression = featurizer.encode_frames(np.concatenate([pixels["frames"],
-                                                             pixels["reference"][None]]))
+  # Each frame aligned on its own landmarks, the reference on its own.
+  size = pixels["frames"].shape[2]
+  lip, expression = featurizer.encode_frames(
+      np.concatenate([pixels["frames"], pixels["reference"][None]]),
+      np.concatenate([pixels["landmarks"], pixels["reference_landmarks"][None]]) * size)
   close(window["lip_vision"], lip[:WINDOW], "lip_vision")
   close(window["expression"], expression[:WINDOW], "expression")
   close(window["reference_expression"], expression[WINDOW], "reference_expression")
@@ -249,3 +252,14 @@ def test_codec_flag_parses_to_the_config_spec():
   for bad in ("vae", "patch_pca", "pixel_shuffle:x", "jpeg:3"):
     with pytest.raises(ValueError, match="--codec"):
       parse_codec(bad)
+
+
+def test_records_from_before_the_alignment_are_refused(tmp_path):
+  """Format 2 records hold l_v / e_v of unaligned crops: a run must not mix them in."""
+  import json
+
+  from data_pipeline.loader import PRECOMPUTE_FILE
+  from etalk_jax.train.precompute import FORMAT, check_precomputed
+  (tmp_path / PRECOMPUTE_FILE).write_text(json.dumps({"format": FORMAT, "format_version": 2}))
+  with pytest.raises(ValueError, match="v2; before v3 its l_v / e_v were computed on unaligned"):
+    check_precomputed(tmp_path, CODEC, tmp_path, tmp_path, AUDIO_FEATURES)

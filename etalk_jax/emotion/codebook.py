@@ -9,8 +9,9 @@ generation an emotion keyword and an intensity alpha in [0, 1.5] give Di-CTE's c
 so alpha = 0 is the neutral face, 1 the keyword's mean face, and up to 1.5 exaggerates it.
 `Codebook.nearest` reads the emotion back from expression codes (of generated frames, say).
 
-Frames are encoded exactly as V-AID's training targets are (`VAIDFeaturizer.encode_frames`: the
-loader's face crops resized to the encoder's input), so `e_cond` lives in the space Di-CTE learned.
+Frames are encoded exactly as V-AID's training targets are (`VAIDFeaturizer.encode_frames`: each
+frame aligned on its own landmarks as PD-FGC reads faces), so `e_cond` lives in the space Di-CTE
+learned.
 
 A dataset need not hold all eight keywords (the tiny synthetic set has four): `etalk codebook
 build` then writes the keywords it found and logs a warning naming the missing ones, and
@@ -244,19 +245,21 @@ def codebook_build_command(data_dir: str | Path, dst: str | Path,
                        "saved by the encoder pre-training stage).")
     from etalk_jax.vision.params import load_encoders  # noqa: PLC0415
     encoders = load_encoders(encoders_dir)
-  # Only the vision half of the featurizer is used: the same resize and jitted encoder as
+  # Only the vision half of the featurizer is used: the same alignment and jitted encoder as
   # V-AID's training targets.
   featurizer = VAIDFeaturizer(audio=None, vision=encoders)
 
   records = loader.data_source(data_dir, split)
   label_names = records.dataset_info.features["emotion"].names  # EMOTION_LABELS when written
-  expressions, labels, pending = [], [], []
+  expressions, labels, pending, pending_landmarks = [], [], [], []
   clips, skipped = 0, {}
 
   def encode_pending():  # frames of several clips per call: short clips fill one encoder batch
     if pending:
-      expressions.append(featurizer.encode_frames(np.concatenate(pending))[1])
+      expressions.append(featurizer.encode_frames(np.concatenate(pending),
+                                                  np.concatenate(pending_landmarks))[1])
       pending.clear()
+      pending_landmarks.clear()
 
   for index in tqdm(range(len(records)), desc="codebook", unit="clip", disable=not progress):
     record = records[index]
@@ -265,7 +268,10 @@ def codebook_build_command(data_dir: str | Path, dst: str | Path,
       skipped[label] = skipped.get(label, 0) + 1
       continue
     frames = media.decode_frames(record["video"])
-    pending.append(frames[_frame_indices(len(frames), max_frames_per_clip)])
+    chosen = _frame_indices(len(frames), max_frames_per_clip)
+    pending.append(frames[chosen])
+    # Each frame's own landmarks, [0, 1] crop coordinates -> its pixels.
+    pending_landmarks.append(np.asarray(record["landmarks"], np.float32)[chosen] * frames.shape[2])
     labels.extend([label] * len(pending[-1]))
     clips += 1
     if sum(map(len, pending)) >= VISION_CHUNK_FRAMES:

@@ -28,7 +28,9 @@ import jax
 import numpy as np
 
 FORMAT = "etalk_precomputed"
-FORMAT_VERSION = 2  # 2: per-frame arrays stored as raw float16 bytes (1: float lists)
+# 3: l_v / e_v of PD-FGC's aligned crops (`vision.alignment`; 2 and before: of the loose crops
+# resized, which the pretrained trunk never saw); 2: per-frame arrays stored as raw float16 bytes.
+FORMAT_VERSION = 3
 DEFAULT_CHUNK_FRAMES = 16  # frames per codec call: one compiled shape, bounded memory at 512²
 _READ_BLOCK = 1 << 22
 # The source record's fields a precomputed record keeps (all of `builders.common.clip_features`).
@@ -116,7 +118,9 @@ def check_precomputed(folder: str | Path, codec_spec: dict[str, Any] | None,
   info = read_precompute_info(folder)
   if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"{folder} is not a precomputed dataset of format {FORMAT} "
-                     f"v{FORMAT_VERSION}; run etalk precompute again")
+                     f"v{FORMAT_VERSION} (it says {info.get('format')} "
+                     f"v{info.get('format_version')}; before v3 its l_v / e_v were computed on "
+                     "unaligned crops); run etalk precompute again")
   wanted = encoder_record(codec_spec, audio_encoder_dir, vision_encoders_dir, audio_features)
   differing = [name for name, value in wanted.items() if info["encoders"].get(name) != value]
   if differing:
@@ -224,7 +228,9 @@ def precompute_command(dataset_dir: str | Path, dst: str | Path, *, codec_spec: 
         if frames.shape[1:3] != (resolution, resolution):
           raise ValueError(f"clip {clip_id} is {frames.shape[2]}x{frames.shape[1]} px, the first "
                            f"clip {resolution}² px; precompute one resolution at a time")
-        lip, expression = featurizer.encode_frames(frames)
+        # Each frame aligned on its own landmarks (the record's, in [0, 1] crop coordinates).
+        lip, expression = featurizer.encode_frames(
+            frames, np.asarray(record["landmarks"], np.float32) * resolution)
         speech = normalize(np.asarray(record["audio"], np.float32) / INT16_SCALE)
         states = featurizer.audio.frame_states(speech, num_frames, what=f"clip {clip_id}")
         totals["frames"] += num_frames

@@ -4,9 +4,10 @@ The projector learns `A_w -> l_v` and Di-CTE learns `A_w, x_ref -> e_v`; both ta
 the lip / expression encoders on the ground-truth frames. `VAIDFeaturizer` holds a frozen speech
 encoder (`AudioFeatures`) and the vision encoders (`AdaptedPDFGC` or a bare `PDFGCEncoder`) and
 turns either a Grain loader batch (`from_batch`) or a whole synthetic clip (`from_clip`) into
-`TrainingExamples`. Frames are resized to the encoder's input size as they are (no face
-alignment: loader crops are already face-centred). `concatenate` batches examples and
-`random_windows` cuts Di-CTE training windows out of longer clips.
+`TrainingExamples`. Every frame reaches the encoder as PD-FGC's own input, aligned on that frame's
+landmarks (`etalk_jax.vision.alignment.pdfgc_inputs`), as the pretrained trunk was trained.
+`concatenate` batches examples and `random_windows` cuts Di-CTE training windows out of longer
+clips.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from data_pipeline import SAMPLES_PER_FRAME
+from data_pipeline import NUM_LANDMARKS, SAMPLES_PER_FRAME
 from etalk_jax.audio.features import AudioFeatures, normalize
-from etalk_jax.vision.pdfgc import AdaptedPDFGC, PDFGCEncoder, resize_bilinear
+from etalk_jax.vision.alignment import pdfgc_inputs
+from etalk_jax.vision.pdfgc import AdaptedPDFGC, PDFGCEncoder
 from etalk_jax.vaid.dicte import DiCTEConfig
 from etalk_jax.vaid.projector import ProjectorConfig
 
@@ -56,8 +58,8 @@ class VAIDFeaturizer:
     graphdef, self._vision_state = nnx.split(vision)
     size = vision.config.image_size
 
-    def encode(state, images):
-      codes = nnx.merge(graphdef, state)(resize_bilinear(images, size, size))
+    def encode(state, frames, landmarks_px):
+      codes = nnx.merge(graphdef, state)(pdfgc_inputs(frames, landmarks_px, size))
       return codes.lip, codes.expression
 
     # The weights are an argument, not constants baked into the program.
@@ -93,24 +95,37 @@ class VAIDFeaturizer:
                                expression_dim=self.expression_dim,
                                condition_dim=self.expression_dim)
 
-  def encode_frames(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 frames `(n, h, w, 3)` -> (l_v `(n, lip_dim)`, e_v `(n, expression_dim)`)."""
-    images = to_unit_range(frames)
-    count = images.shape[0]
+  def encode_frames(self, frames: np.ndarray, landmarks_px: np.ndarray | None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 frames `(n, h, w, 3)` and each frame's own landmarks `(n, 478, 2)` in its pixels ->
+    (l_v `(n, lip_dim)`, e_v `(n, expression_dim)`), every frame aligned as PD-FGC reads it."""
+    frames = np.asarray(frames)
+    count = frames.shape[0]
+    if landmarks_px is None or np.shape(landmarks_px) != (count, NUM_LANDMARKS, 2):
+      raise ValueError(
+          f"the vision encoders need each frame's own landmarks, shape ({count}, {NUM_LANDMARKS}, "
+          f"2) in its pixels, to align it as PD-FGC does; got "
+          f"{None if landmarks_px is None else np.shape(landmarks_px)}. Pass the record's or the "
+          "detector's landmarks (crop coordinates times the frame size).")
+    landmarks_px = np.asarray(landmarks_px, np.float32)
     padded = -(-count // VISION_CHUNK_FRAMES) * VISION_CHUNK_FRAMES
-    images = np.concatenate([images, np.zeros((padded - count,) + images.shape[1:], np.float32)])
+    frames = np.concatenate([frames, np.zeros((padded - count,) + frames.shape[1:], frames.dtype)])
+    # Padding rows repeat the last landmarks: all-zero ones would make a degenerate alignment.
+    landmarks_px = np.pad(landmarks_px, ((0, padded - count), (0, 0), (0, 0)), mode="edge")
     lips, expressions = [], []
     for start in range(0, padded, VISION_CHUNK_FRAMES):
-      lip, expression = self._encode(self._vision_state,
-                                     images[start:start + VISION_CHUNK_FRAMES])
+      chunk = slice(start, start + VISION_CHUNK_FRAMES)
+      lip, expression = self._encode(self._vision_state, frames[chunk], landmarks_px[chunk])
       lips.append(np.asarray(lip))
       expressions.append(np.asarray(expression))
     return np.concatenate(lips)[:count], np.concatenate(expressions)[:count]
 
-  def _examples(self, audio_windows, frames, references) -> TrainingExamples:
+  def _examples(self, audio_windows, frames, landmarks_px, references,
+                reference_landmarks_px) -> TrainingExamples:
     batch, num_frames = frames.shape[:2]
-    lip, expression = self.encode_frames(np.concatenate([frames.reshape(-1, *frames.shape[2:]),
-                                                         references]))
+    lip, expression = self.encode_frames(
+        np.concatenate([frames.reshape(-1, *frames.shape[2:]), references]),
+        np.concatenate([np.reshape(landmarks_px, (-1, NUM_LANDMARKS, 2)), reference_landmarks_px]))
     split = batch * num_frames
     return TrainingExamples(
         audio_windows=np.stack(audio_windows).astype(np.float32),
@@ -125,10 +140,17 @@ class VAIDFeaturizer:
     Each row's audio holds `audio_context_frames` frames on each side of the window: A_w is
     computed over the whole span, then cut to the window, so the ±2-frame windows at the edges
     hear real audio. The speech is normalised with the clip's `utterance_stats` (over the span
-    itself when a batch lacks them), as inference normalises the whole utterance.
+    itself when a batch lacks them), as inference normalises the whole utterance. Each frame is
+    aligned on its own landmarks, the reference on `reference_landmarks`.
     """
-    return self._examples(self.audio_windows(batch, audio_context_frames), batch["frames"],
-                          batch["reference"])
+    if "reference_landmarks" not in batch:
+      raise ValueError("the batch has no reference_landmarks (the reference frame's own "
+                       "landmarks, which align it for the expression encoder); read it with "
+                       "data_pipeline.loader's WindowSampler and with_reference on.")
+    frames, references = batch["frames"], batch["reference"]
+    return self._examples(self.audio_windows(batch, audio_context_frames), frames,
+                          np.asarray(batch["landmarks"]) * frames.shape[-2], references,
+                          np.asarray(batch["reference_landmarks"]) * references.shape[-2])
 
   def audio_windows(self, batch: dict[str, Any], audio_context_frames: int = 2) -> np.ndarray:
     """A_w `(batch, frames, window, layers, hidden)` of a loader batch (see `from_batch`)."""
@@ -148,7 +170,9 @@ class VAIDFeaturizer:
     audio_windows = np.asarray(self.audio.windows(
         normalize(clip.audio.astype(np.float32) / INT16_SCALE), frames.shape[0],
         what=f"clip {clip.clip_id}"))
-    return self._examples([audio_windows], frames[None], frames[reference_index][None])
+    landmarks_px = clip.landmarks * frames.shape[-2]  # crop coordinates -> the frames' pixels
+    return self._examples([audio_windows], frames[None], landmarks_px[None],
+                          frames[reference_index][None], landmarks_px[reference_index][None])
 
 
 def concatenate(examples: list[TrainingExamples]) -> TrainingExamples:

@@ -1,5 +1,8 @@
 """Vision encoders: PD-FGC's motion encoder in Flax NNX, its lip / expression adapters, and the
-converter from PD-FGC's `motion_model.pth` (ARCHITECTURE.md section 3.2)."""
+converter from PD-FGC's `motion_model.pth` (ARCHITECTURE.md section 3.2), and PD-FGC's own input
+preprocessing (`pdfgc_inputs`: aligned, cropped and resized on each frame's landmarks)."""
+
+from etalk_jax.vision.alignment import pdfgc_inputs
 
 from etalk_jax.vision.params import (config_from_checkpoint, convert_pdfgc_command, load_pdfgc,
                                      pdfgc_from_torch, to_torch)
@@ -9,5 +12,5 @@ from etalk_jax.vision.pdfgc import (ADAPTER_PARAMS, PDFGC_FULL, PDFGC_SMALL, Ada
 __all__ = [
     "ADAPTER_PARAMS", "AdaptedPDFGC", "MotionCodes", "PDFGCConfig", "PDFGCEncoder", "PDFGC_FULL",
     "PDFGC_SMALL", "ResidualAdapter", "config_from_checkpoint", "convert_pdfgc_command",
-    "load_pdfgc", "pdfgc_from_torch", "to_torch",
+    "load_pdfgc", "pdfgc_from_torch", "pdfgc_inputs", "to_torch",
 ]

@@ -288,7 +288,8 @@ class PDFGCEncoder(nnx.Module):
     size, channels = self.config.image_size, self.config.in_channels
     if images.ndim != 4 or tuple(images.shape[1:]) != (size, size, channels):
       raise ValueError(f"PD-FGC expects images of shape (batch, {size}, {size}, {channels}) in "
-                       f"[-1, 1]; got {tuple(images.shape)}. Crop and resize the faces first.")
+                       f"[-1, 1]; got {tuple(images.shape)}. Align and crop the faces first "
+                       "(`etalk_jax.vision.pdfgc_inputs`: frames and their landmarks).")
 
   def features(self, images: jax.Array) -> jax.Array:
     """The shared motion feature (b, feature_dim) that every head (and adapter) reads."""

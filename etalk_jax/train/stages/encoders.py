@@ -23,7 +23,8 @@ from etalk_jax.ethd.objective import ReconstructionConfig, encoder_reconstructio
 from etalk_jax.train.loop import Task
 from etalk_jax.train.stages import common
 from etalk_jax.vision.params import save_encoders
-from etalk_jax.vision.pdfgc import ADAPTER_PARAMS, resize_bilinear
+from etalk_jax.vision.alignment import pdfgc_inputs
+from etalk_jax.vision.pdfgc import ADAPTER_PARAMS
 
 
 class EncodersWithRenderer(nnx.Module):
@@ -37,11 +38,11 @@ class EncodersWithRenderer(nnx.Module):
 TRAINABLE = nnx.Any(ADAPTER_PARAMS, nnx.All(nnx.Param, nnx.PathContains("renderer")))
 
 
-def encoder_inputs(frames: jnp.ndarray, size: int) -> jnp.ndarray:
-  """uint8 frames `(..., H, W, 3)` -> the encoders' [-1, 1] input at `size` pixels."""
-  lead = frames.shape[:-3]
-  images = frames.reshape((-1,) + frames.shape[-3:]).astype(jnp.float32) / 127.5 - 1.0
-  return resize_bilinear(images, size, size).reshape(lead + (size, size, 3))
+def encoder_inputs(frames: jnp.ndarray, landmarks: jnp.ndarray, size: int) -> jnp.ndarray:
+  """uint8 frames `(..., R, R, 3)` and each frame's own landmarks `(..., 478, 2)` in [0, 1] crop
+  coordinates (the loader's) -> the encoders' [-1, 1] input at `size` pixels: PD-FGC's alignment
+  and crop (`pdfgc_inputs`), on device inside the step."""
+  return pdfgc_inputs(frames, landmarks * frames.shape[-2], size)
 
 
 def make_task(config, mesh) -> Task:
@@ -51,6 +52,7 @@ def make_task(config, mesh) -> Task:
   lip_stats = common.measure_lip_statistics(  # l_v of the untrained adapters
       config, lambda batch: lip_of_frames(
           encoders, encoder_inputs(batch["frames"].reshape((-1,) + batch["frames"].shape[2:]),
+                                   batch["landmarks"].reshape((-1,) + batch["landmarks"].shape[2:]),
                                    size)))
   renderer = common.build_ethd(config, mesh, encoders.config.feature_dim,
                                encoders.config.expression_dim, lip_stats)
@@ -66,12 +68,14 @@ def make_task(config, mesh) -> Task:
     return {"latents": renderer.ethd_config.to_target(latents, reference_latents[:, None]),
             "reference_latents": reference_latents,
             "frames": batch["frames"], "reference": batch["reference"],
+            "landmarks": batch["landmarks"], "reference_landmarks": batch["reference_landmarks"],
             "face_mask": batch["face_mask"], "lip_mask": batch["lip_mask"]}
 
   def loss(model, batch, key):
     value, info = encoder_reconstruction_loss(
         model.encoders, model.renderer, batch["latents"], batch["reference_latents"],
-        encoder_inputs(batch["frames"], size), encoder_inputs(batch["reference"], size),
+        encoder_inputs(batch["frames"], batch["landmarks"], size),
+        encoder_inputs(batch["reference"], batch["reference_landmarks"], size),
         batch["face_mask"], batch["lip_mask"], key, config=options)
     return value, {"sigma_mean": jnp.mean(info["sigma"])}
 
