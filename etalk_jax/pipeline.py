@@ -65,6 +65,7 @@ OPTIONAL_FOLDERS = {"wavlm": "wavlm", "ser": "ser", "vae": "vae"}
 DTYPES = ("float32", "bfloat16")  # `etalk sample --dtype`
 EMOTION_OPTIONS = ("emotion", "emotion_text", "emotion_image", "emotion_video", "emotion_audio")
 MISMATCH = "a checkpoint that does not match the config"
+REFERENCE_NOISE_STREAM = 2  # the reference's noise augmentation: fold_in(seed key, 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,15 +73,22 @@ MISMATCH = "a checkpoint that does not match the config"
 # ----------------------------------------------------------------------------------------------
 
 
+def with_reference_latent(scaled_noisy: jax.Array, reference_latent: jax.Array) -> jax.Array:
+  """ETHD's input: the scaled noisy latents `(batch, frames, h, w, c)` ⊕ the reference latent
+  `(batch, h, w, c)` on every frame, on the channels (SVD's image-latent concatenation)."""
+  reference = jnp.broadcast_to(reference_latent[:, None],
+                               scaled_noisy.shape[:-1] + reference_latent.shape[-1:])
+  return jnp.concatenate([scaled_noisy, reference.astype(scaled_noisy.dtype)], axis=-1)
+
+
 def call_ethd(ethd, scaled_noisy: jax.Array, c_noise: jax.Array, frame_conditions: dict,
               video_conditions: dict) -> jax.Array:
   """ETHD as `sample_video`'s denoiser call. frame_conditions: `lip_latents` l_a and
   `expression` e_dri, `(batch, frames, d)`; video_conditions: `reference_latent` z_ref
-  `(batch, h, w, c)` (broadcast over the frames and concatenated unscaled after input scaling,
-  as in training), `reference_expression` e_ref `(batch, d)` and `face_mask` `(batch, H, W)`."""
-  reference = video_conditions["reference_latent"]
-  reference = jnp.broadcast_to(reference[:, None], scaled_noisy.shape[:-1] + reference.shape[-1:])
-  sample = jnp.concatenate([scaled_noisy, reference.astype(scaled_noisy.dtype)], axis=-1)
+  `(batch, h, w, c)` (the codec's `encode_reference`: for the VAE SVD's unscaled mode of the
+  noise-augmented frame; broadcast over the frames and concatenated after input scaling, as in
+  training), `reference_expression` e_ref `(batch, d)` and `face_mask` `(batch, H, W)`."""
+  sample = with_reference_latent(scaled_noisy, video_conditions["reference_latent"])
   return ethd(sample, c_noise, frame_conditions["lip_latents"], frame_conditions["expression"],
               video_conditions["reference_expression"], video_conditions["face_mask"])
 
@@ -568,7 +576,7 @@ class EmotiveTalkPipeline:
     from tqdm.auto import tqdm  # noqa: PLC0415
     from data_pipeline.faces import face_and_lip_masks  # noqa: PLC0415
     from etalk_jax.audio.features import normalize  # noqa: PLC0415
-    from etalk_jax.svd.codec import to_uint8, to_unit_range  # noqa: PLC0415
+    from etalk_jax.svd.codec import reference_noise, to_uint8, to_unit_range  # noqa: PLC0415
     from etalk_jax.vaid.dicte import generate_expressions  # noqa: PLC0415
 
     sources = {name: value for name, value in zip(EMOTION_OPTIONS, (
@@ -625,12 +633,18 @@ class EmotiveTalkPipeline:
       lip_latents = self.project_lips(audio_windows, frames)
       reference_expression = self.encode_expressions(face.crop[None], face.landmarks[None])[0]
       face_mask, _ = face_and_lip_masks(face.landmarks, self.resolution)
-      reference_latent = np.asarray(self.codec.encode(face.crop[None]), np.float32)
+      key = jax.random.key(seed)
+      dicte_key, noise_key = jax.random.split(key)
+      # SVD's conditioning: the frame noise-augmented as the added time ids say (the VAE; the
+      # weight-free codecs encode it plainly). Its own stream of the seed, so the two
+      # diffusions draw what they drew before.
+      reference_latent = np.asarray(self.codec.encode_reference(
+          face.crop[None], reference_noise(jax.random.fold_in(key, REFERENCE_NOISE_STREAM),
+                                           face.crop[None]),
+          self.ethd_config.noise_aug_strength), np.float32)
       stages.update()
 
       stages.set_postfix_str("expressions")
-      key = jax.random.key(seed)
-      dicte_key, noise_key = jax.random.split(key)
       used = None
       if emotion_video is not None:
         expressions, used = self.video_expressions(emotion_video, frames), "video"

@@ -55,6 +55,16 @@ def make_vae(fields: dict, seed: int = 0):
   return perturb(AutoencoderKLTemporalDecoder(**fields), seed)
 
 
+def svd_scheduler():
+  """SVD-XT's scheduler_config.json, field for field."""
+  from diffusers import EulerDiscreteScheduler
+  return EulerDiscreteScheduler(
+      beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+      prediction_type="v_prediction", timestep_spacing="leading", steps_offset=1,
+      use_karras_sigmas=True, sigma_min=0.002, sigma_max=700.0, interpolation_type="linear",
+      timestep_type="continuous", num_train_timesteps=1000)
+
+
 def unet_inputs(fields: dict, batch: int = 2, frames: int | None = None, context_len: int = 2,
                 seed: int = 0) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)

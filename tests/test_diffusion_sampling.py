@@ -9,19 +9,9 @@ import pytest
 import torch
 
 from etalk_jax.diffusion import edm, sampling
-from svd_reference import UNET_TWO_LEVELS, make_unet, relative_error
+from svd_reference import UNET_TWO_LEVELS, make_unet, relative_error, svd_scheduler
 
 STEPS = 25
-
-
-def svd_scheduler():
-  """SVD-XT's scheduler_config.json, field for field."""
-  from diffusers import EulerDiscreteScheduler
-  return EulerDiscreteScheduler(
-      beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-      prediction_type="v_prediction", timestep_spacing="leading", steps_offset=1,
-      use_karras_sigmas=True, sigma_min=0.002, sigma_max=700.0, interpolation_type="linear",
-      timestep_type="continuous", num_train_timesteps=1000)
 
 
 def scaled_error(ours, reference) -> float:

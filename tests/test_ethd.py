@@ -43,12 +43,45 @@ def test_ethd_from_svd_computes_what_svd_computes(svd_and_ethd):
   assert relative_error(got, expected) < 1e-5
 
 
-def _perturb_edi(ethd):
+def test_ethd_at_init_is_svd_with_its_unconditional_context(svd_and_ethd):
+  """Through `ETHD.__call__` with the real token projections, random l_a, e_dri and e_ref and a
+  face mask that is neither 0 nor 1 at the attention levels: at init ETHD is the SVD UNet fed
+  a zero image embedding (SVD's unconditional context)."""
+  unet, ethd, inputs, _ = svd_and_ethd
+  batch, frames, size = inputs["sample"].shape[:3]
+  rng = np.random.default_rng(11)
+  face_mask = np.zeros((batch, 2 * size, 2 * size), np.float32)
+  face_mask[:, 3:13, 2:11] = 1.0  # a face that cuts through latents at every level
+  face_mask[1] *= rng.uniform(0.2, 1.0, face_mask.shape[1:]).astype(np.float32)
+  args = (inputs["sample"], inputs["timestep"],
+          rng.standard_normal((batch, frames, TINY["lip_dim"])).astype(np.float32),
+          rng.standard_normal((batch, frames, TINY["expression_dim"])).astype(np.float32),
+          rng.standard_normal((batch, TINY["expression_dim"])).astype(np.float32), face_mask)
+  got = ethd_call(ethd, *args)
+  unconditional = dict(inputs, encoder_hidden_states=np.zeros_like(
+      inputs["encoder_hidden_states"][:, :1]))
+  unconditional["added_time_ids"] = np.broadcast_to(
+      np.asarray(ethd.ethd_config.added_time_ids, np.float32), (batch, 3)).copy()
+  expected = np.asarray(svd_forward(unet, unconditional))
+  assert relative_error(got, expected) < 1e-5
+  # The face mask matters once the tokens are no longer zero: the test above is not vacuous.
+  moved = nnx.merge(*nnx.split(ethd))
+  kernel = moved.expression_proj.linear_2.kernel
+  kernel.set_value(rng.standard_normal(kernel.get_value().shape).astype(np.float32))
+  assert relative_error(ethd_call(moved, *args), expected) > 1e-3
+
+
+def _perturb_edi(ethd, parts=("edi",)):
+  """Moves the new layers named in `parts` off their (partly zero) initial values, as training
+  would; the token projections' output layers start at zero."""
   rng = np.random.default_rng(1)
   for path, variable in nnx.to_flat_state(nnx.state(ethd)):
-    if "edi" in path:
+    if any(part in path for part in parts):
       value = variable.get_value()
       variable.set_value(value + 0.05 * rng.standard_normal(value.shape).astype(np.float32))
+
+
+TRAINED_PARTS = ("edi", "lip_proj", "expression_proj")
 
 
 def test_edi_cancels_when_driving_expression_equals_reference(svd_and_ethd):
@@ -68,7 +101,7 @@ def test_edi_cancels_when_driving_expression_equals_reference(svd_and_ethd):
 def test_outside_the_face_mask_expression_has_no_say(svd_and_ethd):
   unet, _, inputs, _ = svd_and_ethd
   ethd = ethd_from_svd(unet, ETHDConfig(unet=unet.config, **TINY))
-  _perturb_edi(ethd)
+  _perturb_edi(ethd, TRAINED_PARTS)
   batch, frames = inputs["sample"].shape[:2]
   size = inputs["sample"].shape[2]
   rng = np.random.default_rng(2)
@@ -178,6 +211,8 @@ def test_reference_relative_target_round_trips():
 def test_lip_statistics_standardise_the_lip_stream(svd_and_ethd, tmp_path):
   import dataclasses
   _, ethd, inputs, _ = svd_and_ethd
+  ethd = nnx.merge(*nnx.split(ethd))
+  _perturb_edi(ethd, TRAINED_PARTS)  # a lip projection that reads its input (zero at init)
   args = call_args(inputs, seed=7)
   rng = np.random.default_rng(1)
   mean = rng.normal(size=TINY["lip_dim"])

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -170,10 +171,12 @@ def test_ethd_stage_reads_precomputed_batches_like_pixel_ones(precomputed, monke
   mesh = parallel.make_mesh({"data": -1})
 
   pixel_task = ethd.make_task(config, mesh)
-  pixel_batch = pixel_task.featurize(next(pixel_task.batches))
+  key = jax.random.key(0)  # the step key's featurize stream (the reference's augmentation)
+  assert pixel_task.featurize_key
+  pixel_batch = pixel_task.featurize(next(pixel_task.batches), key)
   config.data.precomputed = str(precomputed["dst"])
   task = ethd.make_task(config, mesh)
-  batch = task.featurize(next(task.batches))
+  batch = task.featurize(next(task.batches), key)
   assert set(batch) == set(pixel_batch)
   for name, value in pixel_batch.items():
     assert np.shape(batch[name]) == np.shape(value), name

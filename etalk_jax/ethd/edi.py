@@ -1,15 +1,19 @@
 """EDI (expression decoupling injection) and the ETHD transformer blocks that carry it.
 
-ARCHITECTURE.md §3.5. In every spatial transformer block, right after the lip cross-attention:
+ARCHITECTURE.md §3.5. In every spatial transformer block, after the lip cross-attention (the
+paper's Fig. 2(c) order: lip CA, then EDI on its output):
 
-    Δ = CA(h, E_dri) − CA(h, E_ref),    h ← h + face_mask · Δ
+    h ← h + CA_lip(norm2(h), L)
+    Δ = CA(norm2(h), E_dri) − CA(norm2(h), E_ref),    h ← h + face_mask · Δ
 
 with ONE cross-attention shared by both terms (so Δ = 0 whenever the driving expression equals
-the reference one) whose output projection starts at zero. Its queries are the block's `norm2`
-output, the same normalised features the lip cross-attention reads (no extra norm: the paper's
-1.58 G parameters leave room for the shared CA alone). In every temporal block, each frame
-cross-attends to the driving expression tokens of its own ±2-frame window (a banded mask), and
-the result is multiplied by the face mask.
+the reference one) whose output projection starts at zero. Its queries are the lip-conditioned
+stream normalised by the block's `norm2` (shared with the lip CA: no extra norm, as the paper's
+1.58 G parameters leave room for the shared CA alone, and checkpoints keep their shapes).
+In every temporal block, each frame cross-attends to the driving expression tokens of its own
+±2-frame window (a banded mask) inside the face mask; outside it the block adds what SVD's
+temporal cross-attention gives for SVD's unconditional (zero) context, so expression has no say
+there and SVD's behaviour without an image embedding is kept.
 """
 
 from __future__ import annotations
@@ -48,15 +52,25 @@ class SpatialBlockWithEDI(BasicTransformerBlock):
     driving: `(batch * frames, 5, ctx)` with driving_mask `(batch * frames, 1, 1, 5)`;
     reference: `(batch * frames, 1, ctx)`; face_mask: `(batch * frames, tokens, 1)`."""
     x = x + self.attn1(self.norm1(x))
-    normed = self.norm2(x)
-    x = x + self.attn2(normed, context)
-    delta = self.edi(normed, driving, mask=driving_mask) - self.edi(normed, reference)
+    x = x + self.attn2(self.norm2(x), context)
+    lip_conditioned = self.norm2(x)  # EDI reads the lip CA's output stream (Fig. 2(c))
+    delta = (self.edi(lip_conditioned, driving, mask=driving_mask)
+             - self.edi(lip_conditioned, reference))
     x = x + face_mask * delta
     return x + self.ff(self.norm3(x))
 
 
+def attention_to_zero_context(attention: Attention, dtype) -> jax.Array:
+  """`(1, dim)`: what `attention` outputs for a context of zero tokens, whatever the queries:
+  every key is the same, so the softmax is uniform and the output is to_out(to_v(0)) (with
+  SVD's bias-free to_v, to_out's bias)."""
+  zero = jnp.zeros((1, attention.to_v.in_features), dtype)
+  return attention.to_out(attention.to_v(zero))
+
+
 class TemporalBlockWithExpression(TemporalBasicTransformerBlock):
-  """SVD's temporal block whose cross-attention reads each frame's expression-token window."""
+  """SVD's temporal block whose cross-attention reads each frame's expression-token window
+  inside the face mask, and SVD's zero-context cross-attention outside it."""
 
   def cross_attention(self, normed: jax.Array, batch: int, tokens: int, num_frames: int,
                       context: jax.Array, *, context_mask: jax.Array, face_mask: jax.Array
@@ -69,7 +83,8 @@ class TemporalBlockWithExpression(TemporalBasicTransformerBlock):
     """
     per_frame = normed.reshape(batch, tokens, num_frames, -1).swapaxes(1, 2)
     queries = per_frame.reshape(batch * num_frames, tokens, -1)
-    out = self.attn2(queries, context, mask=context_mask) * face_mask
+    outside = attention_to_zero_context(self.attn2, queries.dtype)
+    out = self.attn2(queries, context, mask=context_mask) * face_mask + outside * (1 - face_mask)
     return out.reshape(batch, num_frames, tokens, -1).swapaxes(1, 2).reshape(normed.shape)
 
 

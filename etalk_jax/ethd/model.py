@@ -12,6 +12,12 @@ Each frame's lip tokens are the projected l_a of its ±2-frame window (edge fram
 driving expression tokens are the projected e_dri of the same window, with frames past the clip
 masked out (a banded mask), and the reference token is the projected e_ref. SVD's added time ids
 stay, fixed by the config.
+
+At initialisation from SVD (`ethd_from_svd`) the token projections' output layers are zero, so
+every token is a zero vector: each cross-attention over them returns what it returns for SVD's
+unconditional (all-zero) image embedding, EDI's Δ is 0, and outside the face mask the temporal
+blocks add that same zero-context term. ETHD then equals the SVD UNet run with a zero image
+embedding, for any lip and expression latents and any face mask (tests/test_ethd.py).
 """
 
 from __future__ import annotations
@@ -69,6 +75,15 @@ class ETHDConfig:
   @property
   def token_dim(self) -> int:
     return self.unet.cross_attention_dim
+
+  @property
+  def noise_aug_strength(self) -> float:
+    """The pixel noise the reference frame is augmented with before the VAE encodes it: the
+    third added time id, so what the UNet is told and what it is given cannot disagree."""
+    if len(self.added_time_ids) < 3:
+      raise ValueError(f"added_time_ids {self.added_time_ids} hold no noise augmentation "
+                       "strength (SVD's third id)")
+    return float(self.added_time_ids[2])
 
   def to_dict(self) -> dict[str, Any]:
     return {"unet": self.unet.to_dict(), "lip_dim": self.lip_dim,
@@ -164,9 +179,15 @@ class ETHD(UNetSpatioTemporal):
   def __call__(self, sample: jax.Array, timestep: jax.Array, lip_latents: jax.Array,
                expression: jax.Array, reference_expression: jax.Array, face_mask: jax.Array
                ) -> jax.Array:
-    batch = sample.shape[0]
     lip_tokens, conditions = self.tokens(lip_latents, expression, reference_expression,
                                          face_mask)
+    return self.forward_tokens(sample, timestep, lip_tokens, conditions)
+
+  def forward_tokens(self, sample: jax.Array, timestep: jax.Array, lip_tokens: jax.Array,
+                     conditions: dict) -> jax.Array:
+    """The UNet pass on tokens already made (`tokens`' outputs, or any context of that form:
+    the SVD parity test feeds SVD's image embedding), with the config's added time ids."""
+    batch = sample.shape[0]
     added_time_ids = jnp.broadcast_to(
         jnp.asarray(self.ethd_config.added_time_ids, jnp.float32),
         (batch, len(self.ethd_config.added_time_ids)))
@@ -180,10 +201,17 @@ class ETHD(UNetSpatioTemporal):
 
 
 def _initial_value(path: tuple, leaf, key: jax.Array) -> jax.Array:
-  """A new (non-SVD) leaf's start: EDI's output projection zero, as its design needs; other
-  kernels as flax initialises them (LeCun normal), biases zero."""
+  """A new (non-SVD) leaf's start:
+    edi.to_out.*                        zero: Δ = 0 exactly, as EDI's design needs
+    lip_proj / expression_proj.linear_2.*  zero: untrained tokens are zero vectors, so every
+                                        cross-attention over them gives what SVD gives for its
+                                        unconditional (zero) image embedding
+    other kernels                       LeCun normal (flax's default)
+    other biases                        zero"""
   names = [str(p) for p in path]
   if "edi" in names and "to_out" in names:
+    return jnp.zeros(leaf.shape, leaf.dtype)
+  if names[0] in ("lip_proj", "expression_proj") and names[1] == "linear_2":
     return jnp.zeros(leaf.shape, leaf.dtype)
   if names[-1] == "kernel":
     return nnx.initializers.lecun_normal()(key, leaf.shape, leaf.dtype)
@@ -195,8 +223,11 @@ def _initial_value(path: tuple, leaf, key: jax.Array) -> jax.Array:
 def ethd_from_svd(unet: UNetSpatioTemporal, config: ETHDConfig | None = None, *, seed: int = 0,
                   compute: Compute = FP32) -> ETHD:
   """ETHD whose SVD part IS `unet`'s weights (shared, not copied) and whose new layers (token
-  projections, EDI) start as `_initial_value` says. With EDI's output at zero, ETHD fed SVD's
-  context as its lip and expression tokens computes what the SVD UNet computes."""
+  projections, EDI) start as `_initial_value` says. So at this start, for any lip and
+  expression latents, reference expression and face mask, `ETHD.__call__` computes what the SVD
+  UNet computes with a zero image embedding (SVD's unconditional context); and
+  `ETHD.forward` fed SVD's context as its lip and expression tokens under a full face mask
+  computes what the SVD UNet computes with that context."""
   config = config or ETHDConfig(unet=unet.config)
   if config.unet != unet.config:
     raise ValueError("the ETHD config's UNet differs from the SVD UNet it starts from")

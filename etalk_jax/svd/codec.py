@@ -10,6 +10,17 @@ It is what the CPU demo trains on, because no pretrained VAE can be downloaded t
 random-weight VAE would not reconstruct a face. Both take uint8 or [-1, 1] float frames
 `(frames, H, W, 3)` and give float32 latents `(frames, H / f, W / f, channels)`.
 
+Two encodings per codec: `encode` gives the latents the diffusion denoises (the clip's frames:
+for the VAE the posterior mode times `scaling_factor`, SVD's training target), and
+`encode_reference` gives what is concatenated beside them on the channels (the reference frame).
+For the VAE that is SVD's image conditioning exactly (ARCHITECTURE.md §3.12): the *unscaled*
+posterior mode of the frame after `noise_aug_strength x noise` is added in pixel space ([-1, 1]),
+as diffusers' `StableVideoDiffusionPipeline` makes it; the strength is the one the added time ids
+announce (`ETHDConfig.noise_aug_strength`). Callers draw `noise` (standard normal, the frames'
+shape) from their RNG: training from the step's key, inference from the seed
+(`reference_noise`). The weight-free codecs keep their own convention: the reference is encoded
+as the clip is, without noise (a model trained from scratch on them needs nothing else).
+
 The pipeline's `pipeline.json` names the codec as `{"kind": "vae"}` (weights in `vae/`) or
 `{"kind": "pixel_shuffle", "factor": 4}`; `codec_from_spec` builds either.
 """
@@ -37,6 +48,12 @@ def to_unit_range(frames: Any) -> jax.Array:
   return frames.astype(jnp.float32)
 
 
+def reference_noise(key: jax.Array, frames: Any) -> jax.Array:
+  """Standard normal pixel noise of `frames`' shape `(..., H, W, 3)`: the noise `encode_reference`
+  augments a reference frame with, drawn from `key`."""
+  return jax.random.normal(key, jnp.shape(frames), jnp.float32)
+
+
 def to_uint8(frames: Any) -> np.ndarray:
   """[-1, 1] float frames -> uint8 pixels (clipped, rounded)."""
   return np.asarray(jnp.clip(jnp.round((jnp.asarray(frames) + 1.0) * 127.5), 0, 255), np.uint8)
@@ -44,6 +61,8 @@ def to_uint8(frames: Any) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class PixelShuffleCodec:
+  """Space-to-depth times `scale` (see the module docstring). The reference latent is the frame's
+  `encode`, un-noised: `encode_reference` ignores the noise (the demo's convention, unchanged)."""
   factor: int = 4
   scale: float = 2.0
 
@@ -66,6 +85,12 @@ class PixelShuffleCodec:
                        f"{self.factor} patches; use a resolution divisible by {self.factor}")
     return self.scale * einops.rearrange(pixels, "... (h p) (w q) c -> ... h w (p q c)",
                                          p=self.factor, q=self.factor)
+
+  def encode_reference(self, frames: Any, noise: Any = None, noise_aug_strength: float = 0.0
+                       ) -> jax.Array:
+    """The reference latent: `encode(frames)`; `noise` and its strength are not used."""
+    del noise, noise_aug_strength
+    return self.encode(frames)
 
   def decode(self, latents: Any) -> jax.Array:
     return einops.rearrange(jnp.asarray(latents, jnp.float32) / self.scale,
@@ -109,6 +134,12 @@ class PatchPCACodec:
     patches = PixelShuffleCodec(self.factor, 1.0).encode(frames)
     return (patches - jnp.asarray(self.mean)) @ jnp.asarray(self.basis).T / self.scale
 
+  def encode_reference(self, frames: Any, noise: Any = None, noise_aug_strength: float = 0.0
+                       ) -> jax.Array:
+    """The reference latent: `encode(frames)`; `noise` and its strength are not used."""
+    del noise, noise_aug_strength
+    return self.encode(frames)
+
   def decode(self, latents: Any) -> jax.Array:
     patches = jnp.asarray(latents, jnp.float32) * self.scale @ jnp.asarray(self.basis)
     return PixelShuffleCodec(self.factor, 1.0).decode(patches + jnp.asarray(self.mean))
@@ -116,6 +147,8 @@ class PatchPCACodec:
 
 @dataclasses.dataclass(frozen=True)
 class VAECodec:
+  """SVD's temporal VAE: `encode` for the clip (scaled mode), `encode_reference` for the
+  conditioning frame (unscaled mode of the noise-augmented frame, as SVD's pipeline)."""
   vae: TemporalVAE
   decode_chunk_frames: int = 14  # frames decoded as one clip (diffusers' decode_chunk_size)
 
@@ -131,9 +164,18 @@ class VAECodec:
     return {"kind": "vae", "decode_chunk_frames": self.decode_chunk_frames}
 
   def encode(self, frames: Any) -> jax.Array:
-    """Frames `(frames, H, W, 3)` -> scaled latents (the posterior's mode, as SVD encodes the
-    conditioning frame)."""
+    """Frames `(frames, H, W, 3)` -> the posterior's mode times `scaling_factor`: the latents
+    SVD denoises (its training targets)."""
     return self.vae.encode(to_unit_range(frames)).mode() * self.vae.config.scaling_factor
+
+  def encode_reference(self, frames: Any, noise: Any, noise_aug_strength: float) -> jax.Array:
+    """Conditioning frames `(n, H, W, 3)` -> SVD's image latents: the posterior's mode, NOT
+    scaled, of `frames + noise_aug_strength * noise` in [-1, 1] pixels (diffusers'
+    `_encode_vae_image(image + noise_aug_strength * randn)`); `noise` standard normal of the
+    frames' shape (`reference_noise`)."""
+    pixels = to_unit_range(frames)
+    noisy = pixels + noise_aug_strength * jnp.asarray(noise, jnp.float32)
+    return self.vae.encode(noisy).mode()
 
   def decode(self, latents: Any) -> jax.Array:
     latents = jnp.asarray(latents, jnp.float32) / self.vae.config.scaling_factor

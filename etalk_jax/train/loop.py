@@ -19,7 +19,8 @@ and an `export` that writes the trained component. Everything else is here, read
                        peak) to TensorBoard event files and metrics.jsonl; a progress bar
 
 The step's RNG key is `fold_in(run key, step)`, so a resumed run draws what the uninterrupted
-one would have.
+one would have; a `featurize` that draws (`Task.featurize_key`) gets `fold_in(fold_in(step key,
+FEATURIZE_STREAM), process index)`, reproducible the same way.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 Batch = Mapping[str, Any]
 LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+FEATURIZE_STREAM = 1  # featurize's key: fold_in(step key, FEATURIZE_STREAM), not the loss's
 
 
 @dataclasses.dataclass
@@ -57,7 +59,10 @@ class Task:
   loss: LossFn  # (model, batch, key) -> (scalar loss, {name: scalar metric})
   batches: Iterator[Batch]  # host batches; a Grain iterator, so its position checkpoints
   export: Callable[[nnx.Module, Path], Any]  # writes the trained component(s) to a folder
-  featurize: Callable[[Batch], Batch] = lambda batch: batch  # host side, before the step
+  featurize: Callable[..., Batch] = lambda batch: batch  # host side, before the step
+  # featurize draws random numbers (e.g. the reference frame's noise augmentation): it is
+  # called as featurize(batch, key) with a key of the step's RNG.
+  featurize_key: bool = False
   batch_size: int = 1  # examples per step (for examples/s)
 
 
@@ -298,8 +303,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, task: Task 
   try:
     with StopRequest() as stop:
       for step in range(start + 1, total_steps + 1):
-        batch = _global_batch(task.featurize(next(task.batches)), mesh)
         key = jax.random.fold_in(rng, step)
+        host_batch = next(task.batches)
+        if task.featurize_key:  # each host draws for its own examples
+          host_batch = task.featurize(host_batch, jax.random.fold_in(
+              jax.random.fold_in(key, FEATURIZE_STREAM), jax.process_index()))
+        else:
+          host_batch = task.featurize(host_batch)
+        batch = _global_batch(host_batch, mesh)
         if compiled is None:
           # Compiled once, ahead of time, so that its cost analysis gives the FLOPs for MFU;
           # every step's batch has the same shapes.

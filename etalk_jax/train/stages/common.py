@@ -12,6 +12,7 @@ from flax import nnx
 
 from etalk_jax import parallel
 from etalk_jax.layers.compute import Compute
+from etalk_jax.svd.codec import VAECodec, reference_noise
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -200,6 +201,24 @@ def latent_codec_from_spec(spec: dict):
     return codec, lambda frames: encode(state, frames)
   raise ValueError(f"config.codec.kind={spec.get('kind')!r}: use 'pixel_shuffle', 'patch_pca' "
                    "or 'vae'")
+
+
+def reference_encoder(codec, noise_aug_strength: float):
+  """Jitted `(uint8 frames (n, H, W, 3), key) -> reference latents` of `codec`
+  (`encode_reference`): for the VAE, SVD's unscaled mode of the frame noise-augmented by
+  `noise_aug_strength` with noise drawn from `key` (the step's); the weight-free codecs ignore
+  the key."""
+  if isinstance(codec, VAECodec):
+    graphdef, state = nnx.split(codec.vae)
+
+    @jax.jit
+    def encode(state, frames, key):
+      return VAECodec(nnx.merge(graphdef, state)).encode_reference(
+          frames, reference_noise(key, frames), noise_aug_strength)
+
+    return lambda frames, key: encode(state, frames, key)
+  return jax.jit(lambda frames, key: codec.encode_reference(
+      frames, reference_noise(key, frames), noise_aug_strength))
 
 
 def encode_video(encode, frames: np.ndarray) -> np.ndarray:

@@ -2,7 +2,9 @@
 reconstruction (ARCHITECTURE.md §2, §3.9) with an ETHD as the renderer that trains beside them.
 
 Data: loader windows (frames, reference, face / lip masks) -> latents through the latent codec
-on the host (the video's as the renderer's diffusion target, `ETHDConfig.to_target`). Loss:
+on the host (the video's as the renderer's diffusion target, `ETHDConfig.to_target`; the
+reference's by `encode_reference`, SVD's noise-augmented conditioning for the VAE, its noise from
+the step's key). Loss:
 `etalk_jax.ethd.objective.encoder_reconstruction_loss` (per sample: drop l_v, drop e_v, or keep
 both; the loss inside the face mask, the lip mask or the whole frame). Only the adapters and the
 renderer train; the PD-FGC trunk stays frozen.
@@ -57,13 +59,15 @@ def make_task(config, mesh) -> Task:
   renderer = common.build_ethd(config, mesh, encoders.config.feature_dim,
                                encoders.config.expression_dim, lip_stats)
   model = EncodersWithRenderer(encoders, renderer)
-  _, encode = common.latent_codec(config)
+  codec, encode = common.latent_codec(config)
+  # The reference as SVD conditions on it, augmented as the renderer's added time ids announce.
+  encode_reference = common.reference_encoder(codec, renderer.ethd_config.noise_aug_strength)
   options = ReconstructionConfig(
       mode_probabilities=tuple(config.get("mode_probabilities", (1 / 3, 1 / 3, 1 / 3))),
       **{name: float(value) for name, value in dict(config.sigma).items()})
 
-  def featurize(batch):
-    reference_latents = np.asarray(encode(batch["reference"]))
+  def featurize(batch, key):
+    reference_latents = np.asarray(encode_reference(batch["reference"], key))
     latents = common.encode_video(encode, batch["frames"])
     return {"latents": renderer.ethd_config.to_target(latents, reference_latents[:, None]),
             "reference_latents": reference_latents,
@@ -84,5 +88,5 @@ def make_task(config, mesh) -> Task:
     save_ethd(model.renderer, Path(folder) / "renderer", overwrite=True)
 
   return Task(name="encoders", model=model, trainable=TRAINABLE, loss=loss,
-              batches=common.loader_iterator(config), featurize=featurize, export=export,
-              batch_size=int(config.data.batch_size))
+              batches=common.loader_iterator(config), featurize=featurize, featurize_key=True,
+              export=export, batch_size=int(config.data.batch_size))
