@@ -181,6 +181,12 @@ def test_paper_configs_ethd_1024_windows_dicte_steps_and_references():
       f"{CONFIGS / 'ethd_512.py'}").ethd.unet.block_out_channels  # the same SVD-XT weights
   tiny = load_config(f"{CONFIGS / 'ethd_1024.py'}:tiny")
   assert tiny.ethd.unet.sample_size * tiny.codec.factor == 64 and tiny.data.window == 2
+  # The tiny ETHD takes its codec's latents (12 channels of 2x2 pixel shuffle, + the reference's).
+  from etalk_jax import model_io
+  from etalk_jax.ethd import ETHD
+  from etalk_jax.train.stages.common import ethd_config
+  abstract = model_io.abstract(lambda rngs: ETHD(ethd_config(tiny, 32, 30), rngs=rngs))
+  assert abstract.ethd_config.unet.in_channels == 2 * 2 * 2 * 3 == 2 * tiny.ethd.unet.out_channels
   ethd_512 = load_config(f"{CONFIGS / 'ethd_512.py'}")
   assert (ethd_512.windows.frames, ethd_512.windows.overlap) == (WINDOWS_512.frames,
                                                                   WINDOWS_512.overlap)
