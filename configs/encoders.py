@@ -7,7 +7,9 @@ trunk, pre-trained by self-driven dropout reconstruction with an ETHD renderer.
 
 writes runs/encoders/export/encoders (`vision.params.load_encoders`: the lip and expression
 encoders every later stage reads) and export/renderer (an ETHD the `ethd` stage may start from).
-`configs/encoders.py:tiny` is the CPU size `etalk demo` trains.
+Without `--config.ethd.init` the full config refuses to start (its renderer starts from SVD-XT).
+References always come from the window's own clip (self-driven reconstruction).
+`configs/encoders.py:tiny` is the CPU size `etalk demo` trains; it runs without an initialisation.
 """
 
 from etalk_jax.train.config import base_config, use_large_model_settings
@@ -33,6 +35,7 @@ def get_config(variant: str = "full"):
   # Training noise levels, ln sigma ~ N(p_mean, p_std²): SVD's (0.7, 1.6) for 512² video
   # latents; lower for the demo's 16x16 ones of std ~0.8, where the mouth is decided.
   config.sigma = dict(p_mean=0.7, p_std=1.6) if full else dict(p_mean=0.3, p_std=1.2)
+  config.data.cross_clip_reference = 0.0  # same speaker, same clip: the reconstruction is self-driven
   config.encoders = dict(vision="")
   # Drop lip / drop expression / keep both (the paper gives no probabilities: equal).
   config.mode_probabilities = (1 / 3, 1 / 3, 1 / 3)

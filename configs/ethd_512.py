@@ -11,8 +11,11 @@ starts from the converted SVD-XT UNet (1,577,631,658 parameters with ETHD's laye
 FSDP over every device, computes in bf16 over fp32 master weights with every res block and
 transformer block rematerialised (~60 GB per device at 120 frames: benchmarks/train_memory.py),
 and writes runs/ethd/export (`etalk_jax.ethd.model.load_ethd`).
+Without `--config.ethd.init` the full config refuses to start (a random 1.58 G ETHD is not what
+the paper trains). Half the references come from another clip of the same identity in another
+emotion (`config.data.cross_clip_reference`, ARCHITECTURE.md §3.11).
 `configs/ethd_512.py:tiny` is the CPU size `etalk demo` trains: a two-level UNet on 16x16
-pixel-shuffle latents of 64 px frames, 8-frame windows.
+pixel-shuffle latents of 64 px frames, 8-frame windows; it runs without an initialisation.
 """
 
 import importlib.util
@@ -21,12 +24,12 @@ from pathlib import Path
 from etalk_jax.train.config import base_config, use_large_model_settings
 
 
-def _svd_xt_unet() -> dict:
-  """configs/svd_xt.py's UNet at 512² (64x64 latents) and 120-frame windows."""
+def _svd_xt_unet(resolution: int = 512, frames: int = 120) -> dict:
+  """configs/svd_xt.py's UNet at `resolution`² (latents 8x smaller) and `frames`-frame windows."""
   spec = importlib.util.spec_from_file_location("svd_xt", Path(__file__).with_name("svd_xt.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return dict(module.get_config().unet, sample_size=64, num_frames=120)
+  return dict(module.get_config().unet, sample_size=resolution // 8, num_frames=frames)
 
 
 # 64 px frames as 16x16x48 pixel-shuffle latents; one cross-attention level and one plain one.
@@ -39,15 +42,18 @@ TINY_UNET = dict(
     transformer_layers_per_block=1, num_attention_heads=2, num_frames=8)
 
 
-def ethd_fields(full: bool) -> dict:
+def ethd_fields(full: bool, resolution: int = 512, frames: int = 120) -> dict:
   # latent_target "absolute" denoises the codec's latents as SVD does; "reference_relative"
   # denoises (latent - portrait's latent) * target_scale (what `etalk demo` trains).
   # lip_statistics_batches > 0: the stage measures the per-dimension mean / std of its lip
   # stream (l_v in the encoder stage, l_a here) on that many batches and ETHD standardises
   # the lip latents with them (ETHDConfig.lip_mean / lip_std); 0 leaves them as they are.
-  return dict(unet=_svd_xt_unet() if full else TINY_UNET, window=5,
-              added_time_ids=(24.0, 127.0, 0.02), init="", latent_target="absolute",
-              target_scale=1.0, lip_statistics_batches=0 if full else 16)
+  # require_init: refuse to start without `init` (the full sizes start from SVD-XT's UNet; a
+  # random one there is a silent waste of the budget); the tiny sizes train from random.
+  return dict(unet=_svd_xt_unet(resolution, frames) if full else TINY_UNET, window=5,
+              added_time_ids=(24.0, 127.0, 0.02), init="", require_init=full,
+              latent_target="absolute", target_scale=1.0,
+              lip_statistics_batches=0 if full else 16)
 
 
 def get_config(variant: str = "full"):
@@ -65,9 +71,23 @@ def get_config(variant: str = "full"):
   # Training noise levels, ln sigma ~ N(p_mean, p_std²): SVD's (0.7, 1.6) for 512² video
   # latents; lower for the demo's 16x16 ones of std ~0.8, where the mouth is decided.
   config.sigma = dict(p_mean=0.7, p_std=1.6) if full else dict(p_mean=0.3, p_std=1.2)
+  add_ethd_stage_fields(config, full, windows=(120, 24))
+  return config
+
+
+def add_ethd_stage_fields(config, full: bool, windows: tuple[int, int]) -> None:
+  """What the ETHD stage reads besides the model, the codec and sigma (shared with
+  configs/ethd_1024.py); `windows` (frames, overlap): the inference windows of this resolution
+  (`etalk_jax.diffusion.sampling.WINDOWS_512` / `WINDOWS_1024`), recorded with the run."""
+  # Half the references from another clip of the identity (another emotion where there is one):
+  # EDI then learns to swap E_ref for E_dri (§3.11), and half stay same-clip, the case of a
+  # portrait already in the wanted emotion, where EDI's Δ must stay near 0.
+  config.data.cross_clip_reference = 0.5
   config.encoders = dict(audio="", vision="", audio_features={})
-  config.vaid = dict(projector="", dicte="", dicte_steps=10)  # frozen V-AID exports
+  # Frozen V-AID exports. dicte_steps: Di-CTE's DDIM steps for the driving e_a; 0 takes the
+  # export's own sample_steps (25, what inference samples with); the tiny size 10 for CPU time.
+  config.vaid = dict(projector="", dicte="", dicte_steps=0 if full else 10)
   config.expression_from_truth = 0.6  # the paper: ground-truth e with 0.6, else Di-CTE's
   config.condition_dropout = 0.05  # each of lip / expression / reference, for optional guidance
   config.lip_weight = 0.0 if full else 20.0  # extra loss weight inside the lip mask
-  return config
+  config.windows = dict(frames=windows[0], overlap=windows[1])

@@ -15,10 +15,15 @@ A window of N frames starting at clip frame s holds:
   reference   (R, R, 3) uint8         another frame of the same clip (a keyframe, outside the window
               when the clip allows; or its first frame, `reference="first"`), with face_mask /
               lip_mask (R, R) uint8 from its landmarks, and reference_landmarks (478, 2) float32
-              in [0, 1] (PD-FGC aligns the reference on them for e_ref)
+              in [0, 1] (PD-FGC aligns the reference on them for e_ref); with probability
+              `cross_clip_reference` a frame of another clip of the same identity instead (see
+              `ClipIndex`), its masks and landmarks with it
+  frame_face_mask, frame_lip_mask (N, R, R) uint8, with `frame_masks`: each frame's own masks
   landmarks   (N, 478, 2) float32     crop coordinates in [0, 1]
   emotion, level, speaker, clip_id, start, clip_start_frame (the clip's first frame in its source
-  video), reference_index, and every per-frame ground-truth track
+  video), reference_index, reference_clip_id and reference_emotion (the clip the reference frame
+  comes from, and its emotion label), cross_clip (bool: that clip is not the window's), and every
+  per-frame ground-truth track
   the records carry (synthetic: mouth_open, eye_open, pose), cut to the window.
 
 Deterministic for a seed (the window of record k in epoch e depends only on (seed, e, k)); the
@@ -65,6 +70,11 @@ class LoaderConfig:
   # a closed mouth, which the window's lips are then measured against).
   reference: str = "keyframe"
   with_masks: bool = True
+  # Probability that the reference frame comes from another clip of the same identity, in another
+  # emotion where the dataset has one (ARCHITECTURE.md §3.11): ETHD then sees E_ref != E_dri and
+  # EDI learns to swap the reference's emotion for the driving one. 0: always the window's clip.
+  cross_clip_reference: float = 0.0
+  frame_masks: bool = False  # also every window frame's face / lip masks (N, R, R) uint8
   with_pdfgc: bool = False  # also the PD-FGC encoder inputs (N, 224, 224, 3) uint8, one per frame
   # Parallelism. Decoding (FFmpeg) releases the GIL, so threads in this process decode windows in
   # parallel without copying ~94 MB per 512² window between processes; worker processes
@@ -81,6 +91,9 @@ class LoaderConfig:
   def __post_init__(self):
     if self.reference not in ("keyframe", "first"):
       raise ValueError(f"reference must be 'keyframe' or 'first', got {self.reference!r}")
+    if not 0.0 <= self.cross_clip_reference <= 1.0:
+      raise ValueError(f"cross_clip_reference is a probability in [0, 1], got "
+                       f"{self.cross_clip_reference!r}")
 
 
 def _mark_absl_flags_parsed() -> None:
@@ -105,11 +118,97 @@ def data_source(dataset_dir: str | Path, split: str):
   return builder.as_data_source(split=split)
 
 
-class WindowSampler:
-  """Record -> one training window (a grain random map; picklable for worker processes)."""
+class ClipIndex:
+  """Which records of a source share an identity: every record's clip_id, speaker and emotion
+  label, for drawing cross-clip references (`LoaderConfig.cross_clip_reference`). Picklable, so
+  Grain's worker processes get it with the sampler.
 
-  def __init__(self, config: LoaderConfig):
+  Built by reading every record once (`of_source`); that pass is cached as JSON beside the records
+  when their folder is writable, so a later run over the same source starts at once.
+  """
+
+  def __init__(self, clip_ids, speakers, emotions):
+    self.clip_ids = [str(c) for c in clip_ids]
+    self.speakers = np.asarray([str(s) for s in speakers])
+    self.emotions = np.asarray(emotions, np.int32)
+    self.position = {clip_id: i for i, clip_id in enumerate(self.clip_ids)}
+    if len(self.position) != len(self.clip_ids):
+      raise ValueError("ClipIndex: clip_ids repeat; each record needs its own clip_id")
+
+  @classmethod
+  def of_source(cls, source, cache: str | Path | None = None) -> ClipIndex:
+    import json  # noqa: PLC0415
+    if cache is not None and Path(cache).is_file():
+      stored = json.loads(Path(cache).read_text())
+      if len(stored["clip_ids"]) == len(source):
+        return cls(stored["clip_ids"], stored["speakers"], stored["emotions"])
+    rows = [(_text(r["clip_id"]), _text(r["speaker"]), int(r["emotion"]))
+            for r in (source[i] for i in range(len(source)))]
+    index = cls(*zip(*rows)) if rows else cls([], [], [])
+    if cache is not None:
+      try:
+        Path(cache).write_text(json.dumps({"clip_ids": index.clip_ids,
+                                           "speakers": index.speakers.tolist(),
+                                           "emotions": index.emotions.tolist()}))
+      except OSError:  # a read-only dataset: the index is rebuilt on every run
+        pass
+    return index
+
+  def other_clip(self, rng: np.random.Generator, clip_id: str) -> int | None:
+    """A record index of another clip of `clip_id`'s identity: one in another emotion when the
+    identity has one, else one in the same emotion (another take or level); None when the identity
+    has this clip only (the caller keeps the window's own clip)."""
+    if clip_id not in self.position:
+      raise KeyError(f"clip {clip_id!r} is not in the ClipIndex of this source")
+    i = self.position[clip_id]
+    same_identity = self.speakers == self.speakers[i]
+    same_identity[i] = False
+    candidates = np.flatnonzero(same_identity & (self.emotions != self.emotions[i]))
+    if not len(candidates):
+      candidates = np.flatnonzero(same_identity)
+    if not len(candidates):
+      return None
+    return int(candidates[rng.integers(len(candidates))])
+
+
+def _draw_reference(rng: np.random.Generator, record: dict[str, Any], reference_index: int,
+                    config: LoaderConfig, source, clips: ClipIndex | None
+                    ) -> tuple[dict[str, Any], int]:
+  """(record, frame index) the window's reference comes from: with probability
+  config.cross_clip_reference a frame of another clip of the same identity (`ClipIndex.other_clip`;
+  a random keyframe, or frame 0 for reference "first"), else the window's own `reference_index`.
+  An identity with a single clip keeps its own clip. Draws from `rng` only when the probability is
+  above 0, and after the window's own draws, so the windows are the same at every probability."""
+  if clips is None or config.cross_clip_reference <= 0.0:
+    return record, reference_index
+  if rng.random() >= config.cross_clip_reference:
+    return record, reference_index
+  other = clips.other_clip(rng, _text(record["clip_id"]))
+  if other is None:
+    return record, reference_index
+  other_record = source[other]
+  return other_record, _reference_index(rng, int(other_record["num_frames"]), 0, 0, config.reference)
+
+
+def _frame_masks(landmarks: np.ndarray, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+  """Every frame's (face mask, lip mask) `(N, R, R)` uint8 from its own landmarks `(N, 478, 2)` in
+  crop coordinates: the regions where that frame's face and mouth are, not the reference's."""
+  from data_pipeline import faces  # noqa: PLC0415
+  masks = [faces.face_and_lip_masks(points * resolution, resolution) for points in landmarks]
+  return np.stack([m[0] for m in masks]), np.stack([m[1] for m in masks])
+
+
+class WindowSampler:
+  """Record -> one training window (a grain random map; picklable for worker processes).
+  `source` and `clips` (the whole data source and its `ClipIndex`) are needed only for
+  cross-clip references."""
+
+  def __init__(self, config: LoaderConfig, source=None, clips: ClipIndex | None = None):
+    if config.cross_clip_reference > 0 and (source is None or clips is None):
+      raise ValueError("cross_clip_reference > 0 needs the data source and its ClipIndex")
     self.config = config
+    self.source = source
+    self.clips = clips
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     from data_pipeline import faces, media  # noqa: PLC0415
@@ -119,9 +218,11 @@ class WindowSampler:
     window = config.window
     start = int(rng.integers(0, num_frames - window + 1))
     reference_index = _reference_index(rng, num_frames, start, window, config.reference)
+    reference_record, reference_index = _draw_reference(rng, record, reference_index, config,
+                                                        self.source, self.clips)
     landmarks = np.asarray(record["landmarks"], np.float32)
     out = {
-      **_window_labels(record, start, reference_index),
+      **_window_labels(record, start, reference_index, reference_record),
       "landmarks": landmarks[start:start + window],
       "audio": _audio_window(record["audio"], start, window, config.audio_context_frames),
       "utterance_stats": utterance_stats(record["audio"]),
@@ -134,14 +235,22 @@ class WindowSampler:
       out["frames"] = media.decode_frames(video, start, window, threads=config.decoder_threads)
     resolution = None
     if config.with_reference or config.with_masks:
-      reference = media.decode_frames(video, reference_index, 1, threads=config.decoder_threads)[0]
+      reference = media.decode_frames(reference_record["video"], reference_index, 1,
+                                      threads=config.decoder_threads)[0]
       resolution = reference.shape[0]
+      # The reference frame's own landmarks: another clip's when the reference is cross-clip.
+      reference_landmarks = np.asarray(reference_record["landmarks"][reference_index], np.float32)
       if config.with_reference:
         out["reference"] = reference
-        out["reference_landmarks"] = landmarks[reference_index]
+        out["reference_landmarks"] = reference_landmarks
       if config.with_masks:
-        out["face_mask"], out["lip_mask"] = faces.face_and_lip_masks(landmarks[reference_index] * resolution,
+        out["face_mask"], out["lip_mask"] = faces.face_and_lip_masks(reference_landmarks * resolution,
                                                                      resolution)
+    if config.frame_masks:
+      if resolution is None:
+        resolution = (out["frames"] if "frames" in out else
+                      media.decode_frames(video, start, 1, threads=config.decoder_threads)).shape[1]
+      out["frame_face_mask"], out["frame_lip_mask"] = _frame_masks(out["landmarks"], resolution)
     if config.with_pdfgc:
       frames = out.get("frames")
       if frames is None:
@@ -153,8 +262,11 @@ class WindowSampler:
     return out
 
 
-def _window_labels(record: dict[str, Any], start: int, reference_index: int) -> dict[str, Any]:
-  """What a window says about where it comes from (both samplers' windows hold it)."""
+def _window_labels(record: dict[str, Any], start: int, reference_index: int,
+                   reference_record: dict[str, Any]) -> dict[str, Any]:
+  """What a window says about where it and its reference come from (both samplers' windows hold
+  it)."""
+  reference_clip = _text(reference_record["clip_id"])
   return {
     "clip_id": _text(record["clip_id"]),
     "speaker": _text(record["speaker"]),
@@ -163,6 +275,9 @@ def _window_labels(record: dict[str, Any], start: int, reference_index: int) -> 
     "start": np.int32(start),
     "clip_start_frame": np.int32(record["start_frame"]),
     "reference_index": np.int32(reference_index),
+    "reference_clip_id": reference_clip,
+    "reference_emotion": np.int32(reference_record["emotion"]),
+    "cross_clip": np.bool_(reference_clip != _text(record["clip_id"])),
   }
 
 
@@ -218,8 +333,17 @@ def make_dataset(dataset_dir: str | Path, split: str = "train", config: LoaderCo
   Iterate it with `iter(...)`; the iterator has `get_state()` / `set_state()` and works with
   `save_iterator` / `restore_iterator`.
   """
-  return _window_batches(data_source(dataset_dir, split), WindowSampler(config), config,
+  source = data_source(dataset_dir, split)
+  clips = _clip_index(source, Path(dataset_dir), split, config)
+  return _window_batches(source, WindowSampler(config, source, clips), config,
                          f"{dataset_dir} split {split!r}")
+
+
+def _clip_index(source, folder: Path, split: str, config: LoaderConfig) -> ClipIndex | None:
+  """The source's `ClipIndex` when the config draws cross-clip references (cached in `folder`)."""
+  if config.cross_clip_reference <= 0.0:
+    return None
+  return ClipIndex.of_source(source, folder / f"clip_index.{split}.json")
 
 
 def _window_batches(source, sampler, config: LoaderConfig, what: str):
@@ -275,13 +399,19 @@ class PrecomputedWindowSampler:
   (N, audio_window, layers, hidden) = A_w (frame i's window: the states of frames i - audio_window//2
   .. i + audio_window//2 of the clip, clamped at its ends, as `etalk_jax.audio.features.frame_windows`
   over `pad_edges` gives them); the reference frame's pixels (R, R, 3) uint8 (Di-CTE reads them) and
-  its face_mask / lip_mask (R, R) uint8; and clip_id, speaker, emotion, level, start,
-  clip_start_frame, reference_index.
+  its face_mask / lip_mask (R, R) uint8 (all of another clip's frame with `cross_clip_reference`,
+  drawn as `WindowSampler` draws it); frame_face_mask / frame_lip_mask (N, R, R) with
+  `frame_masks`; and the labels of `_window_labels`.
   """
 
-  def __init__(self, config: LoaderConfig, audio_window: int):
+  def __init__(self, config: LoaderConfig, audio_window: int, source=None,
+               clips: ClipIndex | None = None):
+    if config.cross_clip_reference > 0 and (source is None or clips is None):
+      raise ValueError("cross_clip_reference > 0 needs the data source and its ClipIndex")
     self.config = config
     self.audio_window = audio_window
+    self.source = source
+    self.clips = clips
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     from data_pipeline import faces, media  # noqa: PLC0415
@@ -290,6 +420,8 @@ class PrecomputedWindowSampler:
     num_frames = int(record["num_frames"])
     start = int(rng.integers(0, num_frames - window + 1))
     reference_index = _reference_index(rng, num_frames, start, window, self.config.reference)
+    reference_record, reference_index = _draw_reference(rng, record, reference_index, self.config,
+                                                        self.source, self.clips)
     frames = slice(start, start + window)
     latents = np.asarray(record["latents"])
     expression = np.asarray(record["expression"])
@@ -298,21 +430,27 @@ class PrecomputedWindowSampler:
     audio_frames = np.clip(np.arange(start, start + window)[:, None] + np.arange(-half, half + 1),
                            0, num_frames - 1)
     resolution = int(record["resolution"])
-    reference_landmarks = np.asarray(record["landmarks"][reference_index], np.float32) * resolution
+    reference_landmarks = (np.asarray(reference_record["landmarks"][reference_index], np.float32)
+                           * resolution)
     face_mask, lip_mask = faces.face_and_lip_masks(reference_landmarks, resolution)
-    return {
-      **_window_labels(record, start, reference_index),
+    out = {
+      **_window_labels(record, start, reference_index, reference_record),
       "latents": latents[frames].astype(np.float32),
-      "reference_latents": latents[reference_index].astype(np.float32),
+      "reference_latents": np.asarray(reference_record["latents"][reference_index], np.float32),
       "lip_vision": np.asarray(record["lip"])[frames].astype(np.float32),
       "expression": expression[frames].astype(np.float32),
-      "reference_expression": expression[reference_index].astype(np.float32),
+      "reference_expression": np.asarray(reference_record["expression"][reference_index],
+                                         np.float32),
       "audio_windows": np.asarray(record["audio_states"])[audio_frames].astype(np.float32),
-      "reference": media.decode_frames(record["video"], reference_index, 1,
+      "reference": media.decode_frames(reference_record["video"], reference_index, 1,
                                        threads=self.config.decoder_threads)[0],
       "face_mask": face_mask,
       "lip_mask": lip_mask,
     }
+    if self.config.frame_masks:
+      out["frame_face_mask"], out["frame_lip_mask"] = _frame_masks(
+          np.asarray(record["landmarks"][frames], np.float32), resolution)
+    return out
 
 
 def make_precomputed_dataset(folder: str | Path, split: str = "train",
@@ -325,7 +463,8 @@ def make_precomputed_dataset(folder: str | Path, split: str = "train",
     raise ValueError(f"{folder} holds the precomputed split {info['split']!r}, not {split!r}; run "
                      f"`etalk precompute --split {split}` into another folder")
   source = data_source(Path(folder) / info["dataset"], split)
-  sampler = PrecomputedWindowSampler(config, int(info["encoders"]["audio_features"]["window"]))
+  sampler = PrecomputedWindowSampler(config, int(info["encoders"]["audio_features"]["window"]),
+                                     source, _clip_index(source, Path(folder), split, config))
   return _window_batches(source, sampler, config, f"{folder} split {split!r}")
 
 

@@ -93,12 +93,14 @@ def test_epochs_are_reshuffled(dataset_dir):
 
 
 def test_resume_through_orbax_yields_the_same_batches(dataset_dir, tmp_path):
-  iterator = iter(loader.make_dataset(dataset_dir, "train", _config()))
+  # With cross-clip references drawn half the time: their draws restore with the iterator too.
+  config = _config(cross_clip_reference=0.5)
+  iterator = iter(loader.make_dataset(dataset_dir, "train", config))
   for _ in range(3):
     next(iterator)
   loader.save_iterator(tmp_path / "ckpt", 3, iterator)
   expected = [next(iterator) for _ in range(4)]  # crosses the epoch boundary (7 clips, batch 2)
-  restored = loader.restore_iterator(tmp_path / "ckpt", iter(loader.make_dataset(dataset_dir, "train", _config())))
+  restored = loader.restore_iterator(tmp_path / "ckpt", iter(loader.make_dataset(dataset_dir, "train", config)))
   for want in expected:
     got = next(restored)
     assert want.keys() == got.keys()
@@ -145,3 +147,62 @@ def test_two_processes_read_disjoint_records(dataset_dir):
 def test_clear_error_for_a_folder_that_is_not_a_dataset(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
     loader.make_dataset(tmp_path, "train", _config())
+
+
+def _records_by_id(dataset_dir):
+  source = loader.data_source(dataset_dir, "train")
+  return {source[i]["clip_id"].decode(): source[i] for i in range(len(source))}
+
+
+def test_cross_clip_references_come_from_another_clip_of_the_identity(dataset_dir):
+  """Probability 1: every reference is a frame of another clip of the same speaker in another
+  emotion (the tiny set has four per speaker), its pixels, masks and landmarks that clip's; 0: never; the
+  windows themselves do not change with the probability, and a seed repeats its draws."""
+  by_id = _records_by_id(dataset_dir)
+  take = lambda config: [next(it) for it in [iter(loader.make_dataset(dataset_dir, "train", config))]  # noqa: E731
+                         for _ in range(3)]
+  always, never = take(_config(cross_clip_reference=1.0)), take(_config())
+  again = take(_config(cross_clip_reference=1.0))
+  for cross, same, repeat in zip(always, never, again):
+    np.testing.assert_array_equal(cross["start"], same["start"])
+    np.testing.assert_array_equal(cross["clip_id"], same["clip_id"])
+    np.testing.assert_array_equal(cross["reference_clip_id"], repeat["reference_clip_id"])
+    np.testing.assert_array_equal(cross["reference"], repeat["reference"])
+    assert not same["cross_clip"].any()
+    np.testing.assert_array_equal(same["reference_clip_id"], same["clip_id"])
+    assert cross["cross_clip"].all()
+    for row in range(2):
+      window, other = by_id[str(cross["clip_id"][row])], by_id[str(cross["reference_clip_id"][row])]
+      assert other["speaker"] == window["speaker"] and other["clip_id"] != window["clip_id"]
+      assert other["emotion"] != window["emotion"] == cross["emotion"][row]
+      assert cross["reference_emotion"][row] == other["emotion"]
+      reference = int(cross["reference_index"][row])
+      face, lips = faces.face_and_lip_masks(other["landmarks"][reference].astype(np.float32) * 64, 64)
+      np.testing.assert_array_equal(cross["face_mask"][row], face)
+      np.testing.assert_array_equal(cross["lip_mask"][row], lips)
+      np.testing.assert_array_equal(cross["reference_landmarks"][row],
+                                    other["landmarks"][reference].astype(np.float32))
+  with pytest.raises(ValueError, match="cross_clip_reference is a probability"):
+    _config(cross_clip_reference=1.5)
+
+
+def test_cross_clip_draws_fall_back_to_the_own_clip_of_a_single_clip_identity():
+  index = loader.ClipIndex(["a_neutral", "a_sad", "a_sad2", "b_only", "c_happy", "c_happy2"],
+                           ["a", "a", "a", "b", "c", "c"], [0, 5, 5, 0, 1, 1])
+  rng = np.random.default_rng(0)
+  assert index.other_clip(rng, "b_only") is None  # one clip: the caller keeps it
+  assert {index.other_clip(rng, "a_neutral") for _ in range(20)} == {1, 2}  # other emotions
+  assert {index.other_clip(rng, "a_sad") for _ in range(20)} == {0}  # the only other emotion
+  assert {index.other_clip(rng, "c_happy") for _ in range(20)} == {5}  # no other emotion: a take
+  draws = lambda seed: [index.other_clip(np.random.default_rng(seed), "a_neutral") for _ in range(8)]  # noqa: E731
+  assert draws(3) == draws(3)
+
+
+def test_frame_masks_follow_each_frames_own_landmarks(dataset_dir):
+  batch = next(iter(loader.make_dataset(dataset_dir, "train", _config(frame_masks=True))))
+  assert batch["frame_face_mask"].shape == batch["frame_lip_mask"].shape == (2, WINDOW, 64, 64)
+  for row in range(2):
+    for frame in (0, WINDOW - 1):
+      face, lips = faces.face_and_lip_masks(batch["landmarks"][row, frame] * 64, 64)
+      np.testing.assert_array_equal(batch["frame_face_mask"][row, frame], face)
+      np.testing.assert_array_equal(batch["frame_lip_mask"][row, frame], lips)

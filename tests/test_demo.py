@@ -19,9 +19,21 @@ def test_quick_demo_trains_every_stage_generates_and_reports(tmp_path, capsys):
     assert (workdir / "runs" / stage / "export").is_dir(), stage
     assert (workdir / "runs" / stage / "metrics.jsonl").is_file(), stage
   report = json.loads((workdir / "report.json").read_text())
-  for kind in ("generated", "ground truth", "no-audio baseline"):
+  kinds = ("generated", "ground truth", "no-audio baseline")
+  assert set(report) == {*kinds, "lip_sync_per_video", "sampling", "phases_seconds",
+                         "total_seconds", "mouth_reader_fit_correlation",
+                         "emotion_reader_fit_accuracy"}
+  for kind in kinds:
     for score in ("lip_sync", "emotion"):
       assert np.isfinite(report[kind][score]), (kind, score)
+    assert 0 <= report[kind]["emotion"] <= 1, kind  # an accuracy
+    # The headline score is the mean of the per-video ones, one per generated emotion.
+    per_video = report["lip_sync_per_video"][kind]
+    assert sorted(per_video) == ["angry", "sad"], kind
+    assert np.isclose(report[kind]["lip_sync"], np.mean(list(per_video.values()))), kind
+  for stage in ("encoders", "projector", "dicte", "ethd", "ser"):
+    last = json.loads((workdir / "runs" / stage / "metrics.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(last["loss"]), stage
   # The ground truth's mouth really follows its speech: the reader and the envelope work.
   assert report["ground truth"]["lip_sync"] > 0.3
   assert report["sampling"]["frames_per_second"] > 0

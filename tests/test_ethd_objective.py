@@ -124,13 +124,45 @@ def _tiny_ethd(lip_dim, expression_dim, rngs):
 
 
 def test_objective_runs_under_jit_with_tiny_ethd():
+  """Under jit with fixed modes and sigmas (one compile, two calls) the loss follows the masks:
+  all KEEP_BOTH scores whole frames; sample 0 in DROP_EXPRESSION scores only its lip region."""
   ethd = _tiny_ethd(5, 2, nnx.Rngs(0))
   inputs = _fake_inputs(3)
-  loss = nnx.jit(lambda ethd, key: reconstruction_loss(ethd, key=key, **inputs))(
-      ethd, jax.random.key(0))
-  loss, aux = loss
-  assert np.isfinite(loss) and loss > 0
+  sigma = jnp.array([0.5, 1.0, 2.0])
+  at = nnx.jit(lambda ethd, modes: reconstruction_loss(ethd, key=jax.random.key(1), modes=modes,
+                                                       sigma=sigma, **inputs))
+  keep, aux = at(ethd, jnp.full((3,), KEEP_BOTH))
+  assert np.isfinite(keep) and keep > 0
   assert aux["modes"].shape == (3,) and aux["sigma"].shape == (3,)
+  lips, _ = at(ethd, jnp.array([DROP_EXPRESSION, KEEP_BOTH, KEEP_BOTH]))
+  assert np.isfinite(lips) and not np.isclose(lips, keep, rtol=1e-4)
+
+
+def test_loss_equals_the_hand_computed_value_with_per_frame_masks():
+  """A renderer that predicts v = 0 on clean = 0 latents denoises to x / (sigma² + 1), so the
+  EDM-weighted error is noise² / (sigma² + 1): the loss is that, averaged over each frame's own
+  mask (frame f's lip mask shifted down f pixel rows, the head moving), then over the batch."""
+  inputs = _fake_inputs(2)
+  clean = jnp.zeros_like(inputs["clean"])
+  face, lip = _masks(2)
+  frame_lip = np.stack([np.roll(lip, 4 * f, axis=1) for f in range(FRAMES)], axis=1)
+  frame_face = np.stack([np.roll(face, 4 * f, axis=1) for f in range(FRAMES)], axis=1)
+  modes, sigma, key = jnp.array([DROP_EXPRESSION, DROP_LIP]), jnp.array([0.5, 2.0]), jax.random.key(4)
+  loss, _ = reconstruction_loss(lambda sample, *_: jnp.zeros(sample.shape[:-1] + (4,)),
+                                **{**inputs, "clean": clean}, key=key, modes=modes, sigma=sigma,
+                                loss_masks=(frame_face, frame_lip))
+  noise = np.asarray(jax.random.normal(jax.random.split(key, 3)[2], clean.shape, jnp.float32))
+  expected = []
+  for sample, masks in ((0, frame_lip), (1, frame_face)):
+    weights = np.stack([masks[sample, f].reshape(LATENT, 4, LATENT, 4).mean(axis=(1, 3))
+                        for f in range(FRAMES)])[..., None] * np.ones(4)
+    error = noise[sample] ** 2 / (float(sigma[sample]) ** 2 + 1)
+    expected.append((weights * error).sum() / weights.sum())
+  np.testing.assert_allclose(loss, np.mean(expected), rtol=1e-5)
+  # The reference's masks alone (the old behaviour) score other latents: a different value.
+  static, _ = reconstruction_loss(lambda sample, *_: jnp.zeros(sample.shape[:-1] + (4,)),
+                                  **{**inputs, "clean": clean}, key=key, modes=modes, sigma=sigma)
+  assert not np.isclose(static, loss, rtol=1e-3)
 
 
 @pytest.mark.slow

@@ -216,13 +216,19 @@ def test_emotional_speech_picks_a_keyword(checkpoint, portrait, tmp_path):
   wavlm_config = WavLMConfig(**{f.name: getattr(TINY_WAV2VEC2, f.name)
                                 for f in dataclasses.fields(TINY_WAV2VEC2)})
   components = tiny_components()
-  components.update(
-      wavlm=random_model(lambda rngs: WavLM(wavlm_config, rngs=rngs), 5),
-      ser=random_model(lambda rngs: SpeechEmotionHead(SERConfig.tiny(), rngs=rngs), 6))
+  # A head whose answer is known by construction: zero output weights and a bias that favours
+  # "fearful" (not the first keyword, so an index bug or a default shows), whatever WavLM says.
+  ser = random_model(lambda rngs: SpeechEmotionHead(SERConfig.tiny(), rngs=rngs), 6)
+  ser.classifier_out.kernel[...] = jnp.zeros_like(ser.classifier_out.kernel[...])
+  ser.classifier_out.bias[...] = 5.0 * jax.nn.one_hot(EMOTIONS.index("fearful"), len(EMOTIONS))
+  components.update(wavlm=random_model(lambda rngs: WavLM(wavlm_config, rngs=rngs), 5), ser=ser)
   with_ser = EmotiveTalkPipeline.load(save_pipeline(tmp_path / "ser", **components))
-  result = with_ser(frame, samples[:int(0.8 * 16000)], landmarks=landmarks, emotion_audio=wav,
-                    progress=False)
-  assert result.emotion in EMOTIONS
+  speech = samples[:int(0.8 * 16000)]
+  result = with_ser(frame, speech, landmarks=landmarks, emotion_audio=wav, progress=False)
+  assert result.emotion == "fearful"
+  # The keyword drives the expressions exactly as `emotion="fearful"` does.
+  keyword = with_ser(frame, speech, landmarks=landmarks, emotion="fearful", progress=False)
+  np.testing.assert_array_equal(result.expressions, keyword.expressions)
 
 
 def test_another_length_in_the_same_bucket_compiles_no_new_sampler(neutral, pipe, portrait):

@@ -202,13 +202,15 @@ def test_vaid_stages_read_precomputed_examples_like_pixel_ones(precomputed):
   mesh = parallel.make_mesh({"data": -1})
   for stage, file in ((projector, "vaid.py"), (dicte, "dicte.py")):
     config = _stage_config(file, precomputed)
+    if stage is dicte:  # every reference from another clip: both samplers draw the same ones
+      config.data.cross_clip_reference = 1.0
     pixel_task = stage.make_task(config, mesh)
     pixel_windows = next(pixel_task.batches)
     config.data.precomputed = str(precomputed["dst"])
     task = stage.make_task(config, mesh)
     windows = next(task.batches)
     # The same seed draws the same clips, windows and reference frames from either folder.
-    for name in ("clip_id", "start", "reference_index"):
+    for name in ("clip_id", "start", "reference_index", "reference_clip_id", "cross_clip"):
       np.testing.assert_array_equal(windows[name], pixel_windows[name], err_msg=name)
     batch, pixel_batch = task.featurize(windows), pixel_task.featurize(pixel_windows)
     assert set(batch) == set(pixel_batch)

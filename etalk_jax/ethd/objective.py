@@ -62,24 +62,33 @@ def drop_streams(modes: jax.Array, lip_latents: jax.Array, expression: jax.Array
 
 def reconstruction_mask(modes: jax.Array, face_mask: jax.Array, lip_mask: jax.Array,
                         height: int, width: int) -> jax.Array:
-  """`(batch, height, width)` loss mask at latent resolution: the face mask for DROP_LIP, the lip
-  mask for DROP_EXPRESSION, ones for KEEP_BOTH. Masks `(batch, H, W)` in [0, 1] (or 0/1 uint8)."""
-  face = area_downsample(jnp.asarray(face_mask, jnp.float32), height, width)
-  lip = area_downsample(jnp.asarray(lip_mask, jnp.float32), height, width)
-  mode = modes[:, None, None]
+  """Loss mask at latent resolution, `(batch, height, width)` for masks `(batch, H, W)` or
+  `(batch, frames, height, width)` for per-frame masks `(batch, frames, H, W)`: the face mask for
+  DROP_LIP, the lip mask for DROP_EXPRESSION, ones for KEEP_BOTH. Masks in [0, 1] (or 0/1 uint8)."""
+  lead = face_mask.shape[:-2]
+
+  def downsample(mask):
+    mask = jnp.asarray(mask, jnp.float32).reshape((-1,) + mask.shape[-2:])
+    return area_downsample(mask, height, width).reshape(lead + (height, width))
+
+  face, lip = downsample(face_mask), downsample(lip_mask)
+  mode = modes.reshape(modes.shape + (1,) * (face.ndim - 1))
   return jnp.where(mode == DROP_LIP, face,
                    jnp.where(mode == DROP_EXPRESSION, lip, jnp.ones_like(face)))
 
 
 def masked_weighted_loss(denoised: jax.Array, clean: jax.Array, sigma: jax.Array,
                          mask: jax.Array) -> jax.Array:
-  """EDM-weighted squared error on latents `(batch, frames, h, w, c)` inside `mask`
-  `(batch, h, w)` (the same region on every frame): per sample the weighted mean over the masked
-  area, then the mean over the batch. A sample with an empty mask contributes 0."""
+  """EDM-weighted squared error on latents `(batch, frames, h, w, c)` inside `mask`, either
+  `(batch, h, w)` (the same region on every frame) or `(batch, frames, h, w)` (each frame's own):
+  per sample the weighted mean over the masked area, then the mean over the batch. A sample with
+  an empty mask contributes 0."""
   error = jnp.square(denoised.astype(jnp.float32) - clean.astype(jnp.float32))
-  mask = mask.astype(jnp.float32)[:, None, :, :, None]
-  frames, channels = clean.shape[1], clean.shape[-1]
-  area = jnp.sum(mask, axis=(1, 2, 3, 4)) * frames * channels
+  channels = clean.shape[-1]
+  mask = mask.astype(jnp.float32)
+  mask = (mask[:, None] if mask.ndim == 3 else mask)[..., None]
+  mask = jnp.broadcast_to(mask, clean.shape[:-1] + (1,))
+  area = jnp.sum(mask, axis=(1, 2, 3, 4)) * channels
   per_sample = jnp.sum(mask * error, axis=(1, 2, 3, 4)) / jnp.maximum(area, 1e-6)
   return jnp.mean(loss_weight(sigma) * per_sample)
 
@@ -89,7 +98,8 @@ def reconstruction_loss(ethd, clean: jax.Array, reference_latents: jax.Array,
                         reference_expression: jax.Array, face_mask: jax.Array,
                         lip_mask: jax.Array, key: jax.Array, *,
                         config: ReconstructionConfig = ReconstructionConfig(),
-                        modes: jax.Array | None = None, sigma: jax.Array | None = None
+                        modes: jax.Array | None = None, sigma: jax.Array | None = None,
+                        loss_masks: tuple[jax.Array, jax.Array] | None = None
                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """One self-driven dropout reconstruction loss.
 
@@ -98,7 +108,10 @@ def reconstruction_loss(ethd, clean: jax.Array, reference_latents: jax.Array,
   unscaled beside the noisy input as SVD concatenates it; lip_latents `(batch, frames, lip_dim)`
   and expression `(batch, frames, expression_dim)`: the encoders' l_v and e_v of the same
   frames; reference_expression `(batch, expression_dim)`: e_v of the reference frame;
-  face_mask, lip_mask `(batch, H, W)` at pixel (or latent) resolution. modes / sigma: fixed
+  face_mask, lip_mask `(batch, H, W)` at pixel (or latent) resolution: the reference's, what
+  ETHD's EDI reads as at inference, and the loss regions unless `loss_masks` (face, lip)
+  `(batch, frames, H, W)` gives every driving frame's own (the loss must follow the frame's
+  face, which moves away from the reference's). modes / sigma: fixed
   `(batch,)` values instead of random ones (tests, evaluation). Differentiable in the model
   and in the latents (so the encoders' adapters train through them).
   Returns (loss, {"modes", "sigma"}).
@@ -121,7 +134,7 @@ def reconstruction_loss(ethd, clean: jax.Array, reference_latents: jax.Array,
                 reference_expression, face_mask)
 
   denoised = denoise(render, noisy, sigma)
-  mask = reconstruction_mask(modes, face_mask, lip_mask, height, width)
+  mask = reconstruction_mask(modes, *(loss_masks or (face_mask, lip_mask)), height, width)
   return masked_weighted_loss(denoised, clean, sigma, mask), {"modes": modes, "sigma": sigma}
 
 

@@ -17,10 +17,13 @@ def base_config(stage: str, *, steps: int, lr: float, batch_size: int, window: i
   # A folder written by `etalk prepare` / `etalk synthesize` (required).
   # reference: the frame ETHD and Di-CTE are conditioned on, "keyframe" (a random one of the clip)
   # or "first" (the clip's first frame; data_pipeline.loader.LoaderConfig.reference).
+  # cross_clip_reference: probability that the reference comes from another clip of the same
+  # identity, in another emotion where there is one (LoaderConfig.cross_clip_reference; §3.11).
   # precomputed: a folder of `etalk precompute` over dataset_dir's clips; the projector, Di-CTE
   # and ETHD stages then read the frozen encoders' outputs from it instead of running them.
   config.data = dict(dataset_dir="", split="train", window=window, batch_size=batch_size, seed=0,
-                     num_workers=0, reference="keyframe", precomputed="")
+                     num_workers=0, reference="keyframe", cross_clip_reference=0.0,
+                     precomputed="")
   config.optim = dict(
       name="adam", lr=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
       schedule="constant", warmup_steps=0, final_lr_fraction=0.0,  # or "cosine"

@@ -298,11 +298,14 @@ def masked_x0_loss(predicted: jax.Array, target: jax.Array, loss_mask: jax.Array
 
 
 def dicte_loss(model: DiCTE, key: jax.Array, expression: jax.Array, audio_windows: jax.Array,
-               reference_image: jax.Array, condition: jax.Array) -> jax.Array:
-  """The x0 loss of one training batch (ground-truth e `(batch, frames, expression_dim)`)."""
+               reference_image: jax.Array, condition: jax.Array, *,
+               with_prediction: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """The x0 loss of one training batch (ground-truth e `(batch, frames, expression_dim)`); with
+  `with_prediction`, (loss, the predicted x0 e_a), which the V-AID stage's push term reads."""
   noisy, timesteps, loss_mask = training_inputs(key, expression, model.config)
   predicted = model(noisy, timesteps, audio_windows, reference_image, condition)
-  return masked_x0_loss(predicted, expression, loss_mask)
+  loss = masked_x0_loss(predicted, expression, loss_mask)
+  return (loss, predicted) if with_prediction else loss
 
 
 # -------------------------------------------------------------------------------- generation

@@ -4,6 +4,7 @@ spec for `etalk_jax.train.loop.train` (ARCHITECTURE.md §1: what trains, what st
   encoders   lip / expression adapters (+ the renderer ETHD) by self-driven dropout reconstruction
   projector  the audio-lip Perceiver projector: A_w -> l_a, pulled to l_v
   dicte      Di-CTE: A_w, x_ref, condition -> e_a (x0 diffusion on e_v windows)
+  vaid       projector and Di-CTE together, with the push term between l_a and e_a
   ethd       ETHD: EDM denoising of video latents under l_a, e (ground truth or Di-CTE) and x_ref
   ser        the speech-emotion head on frozen WavLM states
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 
-STAGES = ("encoders", "projector", "dicte", "ethd", "ser")
+STAGES = ("encoders", "projector", "dicte", "vaid", "ethd", "ser")
 
 
 def make_task(config, mesh):

@@ -29,9 +29,9 @@ def compute_of(config) -> Compute:
 
 
 def loader_iterator(config, *, with_frames: bool = True, with_reference: bool = True,
-                    with_masks: bool = True, window: int | None = None):
+                    with_masks: bool = True, window: int | None = None, frame_masks: bool = False):
   """A checkpointable Grain iterator over `config.data` (dataset_dir, split, window, batch_size,
-  seed, num_workers), this process's slice of the records."""
+  seed, num_workers, reference, cross_clip_reference), this process's slice of the records."""
   from data_pipeline import loader  # noqa: PLC0415
 
   data = config.data
@@ -43,7 +43,8 @@ def loader_iterator(config, *, with_frames: bool = True, with_reference: bool = 
     raise FileNotFoundError(f"config.data.dataset_dir={dataset_dir} does not exist; run `etalk "
                             "prepare` or `etalk synthesize` first")
   loader_config = _loader_config(config, window, with_frames=with_frames,
-                                 with_reference=with_reference, with_masks=with_masks)
+                                 with_reference=with_reference, with_masks=with_masks,
+                                 frame_masks=frame_masks)
   return iter(loader.make_dataset(dataset_dir, data.get("split", "train"), loader_config))
 
 
@@ -55,16 +56,18 @@ def _loader_config(config, window: int | None = None, **switches):
       window=int(window or data.window), batch_size=int(data.batch_size),
       seed=int(data.get("seed", 0)), num_workers=int(data.get("num_workers", 0)),
       reference=str(data.get("reference", "keyframe")),
+      cross_clip_reference=float(data.get("cross_clip_reference", 0.0)),
       shard_index=jax.process_index(), shard_count=jax.process_count(), **switches)
 
 
-def precomputed_iterator(config, window: int | None = None):
+def precomputed_iterator(config, window: int | None = None, frame_masks: bool = False):
   """A checkpointable Grain iterator over config.data.precomputed (a folder written by `etalk
   precompute`): windows of latents and encoder outputs, `loader.PrecomputedWindowSampler`'s."""
   from data_pipeline import loader  # noqa: PLC0415
   return iter(loader.make_precomputed_dataset(config.data.precomputed,
                                               config.data.get("split", "train"),
-                                              _loader_config(config, window)))
+                                              _loader_config(config, window,
+                                                             frame_masks=frame_masks)))
 
 
 def check_precomputed(config, with_codec: bool) -> dict:
@@ -159,6 +162,20 @@ def featurizer(config, vision=None):
   return VAIDFeaturizer(audio_features(config), vision or vision_encoders(config))
 
 
+def dicte_condition(expression, reference_expression, cross_clip, use_clip=None):
+  """Di-CTE's emotion condition for a batch of windows `(batch, frames, expression_dim)`: the
+  window's mean e_v (an utterance emotion, what a keyword's codebook latent is at inference)
+  where `use_clip` (a `(batch,)` draw) says so, and always when the reference comes from another
+  clip (`cross_clip`, the loader's): e_ref is then another emotion's expression, and
+  conditioning on it would teach Di-CTE to ignore its condition. Elsewhere e_ref (the "uncond."
+  case: the portrait's own emotion). Works on numpy and jax arrays."""
+  xp = jax.numpy if isinstance(expression, jax.Array) else np
+  from_clip = xp.asarray(cross_clip, bool).reshape(-1)
+  if use_clip is not None:
+    from_clip = from_clip | use_clip
+  return xp.where(from_clip[:, None], expression.mean(axis=1), reference_expression)
+
+
 def emotion_indices(labels) -> np.ndarray:
   """The loader's emotion labels (indices into data_pipeline.EMOTION_LABELS, whose first eight
   are the keywords of EMOTIONS) -> keyword indices, -1 for the rest (contempt, unknown)."""
@@ -241,6 +258,19 @@ def ethd_config(config, lip_dim: int, expression_dim: int):
                     target_scale=float(config.ethd.get("target_scale", 1.0)))
 
 
+def masks_on_grid(masks: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Pixel masks `(..., H, W)` -> float32 `(..., height, width)` area averages (H, W multiples of
+  the grid), on the host: per-frame masks travel to the device at the latent size, not as
+  `frames` full-resolution images."""
+  masks = np.asarray(masks, np.float32)
+  *lead, full_height, full_width = masks.shape
+  if full_height % height or full_width % width:
+    raise ValueError(f"masks of {full_height}x{full_width} do not divide into the {height}x{width} "
+                     "latent grid; use a resolution that is a multiple of it")
+  blocks = masks.reshape(*lead, height, full_height // height, width, full_width // width)
+  return blocks.mean(axis=(-3, -1))
+
+
 def lip_statistics(lip_latents: np.ndarray, floor: float = 1e-6
                    ) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """Per-dimension (mean, std) of lip latents `(..., lip_dim)`, the std floored so that a dead
@@ -261,6 +291,19 @@ def measure_lip_statistics(config, lip_of_batch: Callable[[Any], np.ndarray],
   batches = iterator(config)
   return lip_statistics(np.concatenate([np.asarray(lip_of_batch(next(batches)))
                                        for _ in range(count)]))
+
+
+def require_ethd_init(config) -> None:
+  """Refuses a config whose ETHD must start from weights (config.ethd.require_init, set by the
+  full configs: SVD-XT's UNet) but names none, before any data or model is touched: a random
+  1.58 G ETHD trains for the whole budget without learning to render a face."""
+  ethd = config.get("ethd") or {}
+  if ethd.get("require_init", False) and not ethd.get("init", ""):
+    raise ValueError(
+        "config.ethd.init is not set, and this config trains ETHD from SVD-XT's UNet: pass "
+        "--config.ethd.init=svd:DIR (a folder of `etalk convert svd`) or "
+        "--config.ethd.init=ethd:DIR (an ETHD export, e.g. the encoder stage's export/renderer); "
+        "--config.ethd.require_init=False starts from random weights on purpose")
 
 
 def build_ethd(config, mesh, lip_dim: int, expression_dim: int, lip_stats=None):

@@ -4,14 +4,14 @@ Data: loader windows of `config.dicte.window_frames` frames; A_w and e_v from th
 encoders on the host, or read from config.data.precomputed. Condition: the window's mean e_v
 (an utterance-level expression, what the emotion codebook's per-keyword means stand in for at
 inference) with probability `config.condition_from_clip`, else e_ref = ExpEncoder(x_ref) (the
-"uncond." case, no emotion given). Loss: x0 MSE with the clean 20-frame prefix (probability 0.8) carrying no loss.
+"uncond." case, no emotion given); always the mean e_v when the reference comes from another clip
+(`config.data.cross_clip_reference`, `common.dicte_condition`). Loss: x0 MSE with the clean 20-frame prefix (probability 0.8) carrying no loss.
 Export: Di-CTE in our format (`etalk_jax.vaid.storage.load_dicte`).
 """
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from etalk_jax.train.loop import Task
@@ -36,13 +36,14 @@ def make_task(config, mesh) -> Task:
     examples = examples_of(batch)
     return {"audio_windows": examples.audio_windows, "expression": examples.expression,
             "reference": examples.reference,
-            "reference_expression": examples.reference_expression}
+            "reference_expression": examples.reference_expression,
+            "cross_clip": batch["cross_clip"]}
 
   def loss(model, batch, key):
     condition_key, loss_key = jax.random.split(key)
-    clip_mean = jnp.mean(batch["expression"], axis=1)
-    use_clip = jax.random.uniform(condition_key, clip_mean.shape[:1]) < from_clip
-    condition = jnp.where(use_clip[:, None], clip_mean, batch["reference_expression"])
+    use_clip = jax.random.uniform(condition_key, batch["expression"].shape[:1]) < from_clip
+    condition = common.dicte_condition(batch["expression"], batch["reference_expression"],
+                                       batch["cross_clip"], use_clip)
     value = dicte_loss(model, loss_key, batch["expression"], batch["audio_windows"],
                        batch["reference"], condition)
     return value, {}

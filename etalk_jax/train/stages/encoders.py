@@ -6,7 +6,12 @@ on the host (the video's as the renderer's diffusion target, `ETHDConfig.to_targ
 reference's by `encode_reference`, SVD's noise-augmented conditioning for the VAE, its noise from
 the step's key). Loss:
 `etalk_jax.ethd.objective.encoder_reconstruction_loss` (per sample: drop l_v, drop e_v, or keep
-both; the loss inside the face mask, the lip mask or the whole frame). Only the adapters and the
+both; the loss inside the face mask, the lip mask or the whole frame). The loss masks are every
+driving frame's own (from its landmarks, area-downsampled to the latent grid on the host), not
+the reference's: the head moves within a window, and a reference-frame mouth region would score
+cheek and miss lips. EDI's face mask stays the reference's, as at inference. The reference comes
+from the window's own clip (`config.data.cross_clip_reference` 0): the reconstruction is
+self-driven. Only the adapters and the
 renderer train; the PD-FGC trunk stays frozen.
 Export: export/encoders (`vision.params.load_encoders`) and export/renderer (`load_ethd`), which
 the ETHD stage may start from (`--config.ethd.init=ethd:<workdir>/export/renderer`).
@@ -48,6 +53,7 @@ def encoder_inputs(frames: jnp.ndarray, landmarks: jnp.ndarray, size: int) -> jn
 
 
 def make_task(config, mesh) -> Task:
+  common.require_ethd_init(config)
   encoders = common.vision_encoders(config)
   size = encoders.config.image_size
   lip_of_frames = nnx.jit(lambda encoders, frames: encoders(frames).lip)
@@ -69,18 +75,22 @@ def make_task(config, mesh) -> Task:
   def featurize(batch, key):
     reference_latents = np.asarray(encode_reference(batch["reference"], key))
     latents = common.encode_video(encode, batch["frames"])
+    height, width = latents.shape[2:4]
     return {"latents": renderer.ethd_config.to_target(latents, reference_latents[:, None]),
             "reference_latents": reference_latents,
             "frames": batch["frames"], "reference": batch["reference"],
             "landmarks": batch["landmarks"], "reference_landmarks": batch["reference_landmarks"],
-            "face_mask": batch["face_mask"], "lip_mask": batch["lip_mask"]}
+            "face_mask": batch["face_mask"], "lip_mask": batch["lip_mask"],
+            "frame_face_mask": common.masks_on_grid(batch["frame_face_mask"], height, width),
+            "frame_lip_mask": common.masks_on_grid(batch["frame_lip_mask"], height, width)}
 
   def loss(model, batch, key):
     value, info = encoder_reconstruction_loss(
         model.encoders, model.renderer, batch["latents"], batch["reference_latents"],
         encoder_inputs(batch["frames"], batch["landmarks"], size),
         encoder_inputs(batch["reference"], batch["reference_landmarks"], size),
-        batch["face_mask"], batch["lip_mask"], key, config=options)
+        batch["face_mask"], batch["lip_mask"], key, config=options,
+        loss_masks=(batch["frame_face_mask"], batch["frame_lip_mask"]))
     return value, {"sigma_mean": jnp.mean(info["sigma"])}
 
   def export(model, folder: Path):
@@ -88,5 +98,5 @@ def make_task(config, mesh) -> Task:
     save_ethd(model.renderer, Path(folder) / "renderer", overwrite=True)
 
   return Task(name="encoders", model=model, trainable=TRAINABLE, loss=loss,
-              batches=common.loader_iterator(config), featurize=featurize, featurize_key=True,
-              export=export, batch_size=int(config.data.batch_size))
+              batches=common.loader_iterator(config, frame_masks=True), featurize=featurize,
+              featurize_key=True, export=export, batch_size=int(config.data.batch_size))
