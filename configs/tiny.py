@@ -55,6 +55,10 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   # Every stage's reference is its clip's first frame, as the demo's portrait is: the speech has
   # not started, the mouth is shut ("keyframe": a random frame of the clip, open or shut).
   config.reference_frame = "first"
+  # The ETHD stage's probability of a reference from another clip of the identity (another
+  # emotion): configs/ethd_512.py trains with 0.5 so that EDI sees emotion changes; the demo's
+  # figures above are with 0 (WORKSPACE.md has the demo with 0.5 beside them).
+  config.cross_clip_reference = 0.0
   # Batches on which the encoder and ETHD stages measure their lip stream's statistics (ETHD
   # standardises l_v / l_a with them: their variation over time is ~5% of their size).
   config.lip_statistics_batches = 2 if quick else 16

@@ -227,10 +227,7 @@ def stage_configs(workdir: Path, dataset_dir: str, frozen: dict[str, Path], conf
   ethd.encoders.vision = str(exports["encoders"] / "encoders")
   ethd.encoders.audio_features = audio_features
   ethd.ethd.init = f"ethd:{exports['encoders'] / 'renderer'}"
-  # Same-clip references, as the demo's numbers were measured with (configs/ethd_512.py draws
-  # half from other clips; the demo's 400 CPU steps on reference-relative latents were not
-  # re-measured with them).
-  ethd.data.cross_clip_reference = 0.0
+  ethd.data.cross_clip_reference = float(config.cross_clip_reference)
   for stage_config in (encoders, ethd):
     stage_config.codec = codec
     _demo_ethd(stage_config, config, target_scale)
