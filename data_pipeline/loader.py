@@ -42,6 +42,8 @@ own flags in the workers).
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +139,6 @@ class ClipIndex:
 
   @classmethod
   def of_source(cls, source, cache: str | Path | None = None) -> ClipIndex:
-    import json  # noqa: PLC0415
     if cache is not None and Path(cache).is_file():
       stored = json.loads(Path(cache).read_text())
       if len(stored["clip_ids"]) == len(source):
@@ -146,12 +147,17 @@ class ClipIndex:
             for r in (source[i] for i in range(len(source)))]
     index = cls(*zip(*rows)) if rows else cls([], [], [])
     if cache is not None:
+      # Written to a temporary name, then renamed: processes that start together (hosts, workers)
+      # never read a half-written index.
+      cache = Path(cache)
+      temporary = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
       try:
-        Path(cache).write_text(json.dumps({"clip_ids": index.clip_ids,
-                                           "speakers": index.speakers.tolist(),
-                                           "emotions": index.emotions.tolist()}))
+        temporary.write_text(json.dumps({"clip_ids": index.clip_ids,
+                                         "speakers": index.speakers.tolist(),
+                                         "emotions": index.emotions.tolist()}))
+        os.replace(temporary, cache)
       except OSError:  # a read-only dataset: the index is rebuilt on every run
-        pass
+        temporary.unlink(missing_ok=True)
     return index
 
   def other_clip(self, rng: np.random.Generator, clip_id: str) -> int | None:
