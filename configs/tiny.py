@@ -11,10 +11,11 @@ clip's first frame, closed-mouthed like the portrait (a random keyframe's mouth,
 was most of what the lips had to be measured against); l_a is standardised with its own
 statistics (its variation over time is ~5% of its size); speech is normalised over the whole
 utterance in training as at inference (not over each 12-frame window); faces fill more of the
-frame (face_scale 1.5). Measured on stop 15's 2-core machine, every stage from scratch, this
-config: 14.0 min in all; lip sync 0.063 generated vs -0.089 without the audio (per video, sad /
-angry: 0.109 / 0.017 vs -0.101 / -0.077; ground truth 0.709); emotion accuracy ~0. With 250
-encoder and 300 ETHD steps: 18.2 min (one process), 0.130 vs 0.017. The stage configs are
+frame (face_scale 1.5). Measured on stop 16's 2-core machine, every stage from scratch, this
+config: 7.2 min in all; lip sync 0.006 generated vs -0.030 without the audio (per video, sad /
+angry: -0.034 / 0.045 vs -0.045 / -0.016; ground truth 0.709); emotion accuracy ~0. Before
+PD-FGC's inputs were aligned as upstream aligns them (stop 16, same machine): 0.082 vs -0.111;
+stop 15 (another machine): 0.063 vs -0.089, 14.0 min. The stage configs are
 configs/<stage>.py:tiny with the overrides below.
 """
 
