@@ -42,16 +42,12 @@ from etalk_jax.layers import attention  # noqa: E402
 from etalk_jax.layers.compute import Compute  # noqa: E402
 from etalk_jax.pipeline import call_ethd  # noqa: E402
 from etalk_jax.svd import TemporalVAE, UNetConfig, VAEConfig  # noqa: E402
+# A sibling in benchmarks/ (this script's folder is first on sys.path when it runs).
+from flops import TINY_UNET  # noqa: E402  (`--tiny`: a two-level ETHD, 8 input channels)
 
 GB = 1e9
 VAE_DOWNSAMPLE = 8
 DECODE_CHUNK = 14  # VAECodec's decode_chunk_frames
-TINY_UNET = dict(
-    sample_size=8, in_channels=8, out_channels=4,
-    down_block_types=("CrossAttnDownBlockSpatioTemporal",),
-    up_block_types=("CrossAttnUpBlockSpatioTemporal",), block_out_channels=(64,),
-    addition_time_embed_dim=4, projection_class_embeddings_input_dim=12, layers_per_block=1,
-    cross_attention_dim=32, transformer_layers_per_block=1, num_attention_heads=2, num_frames=8)
 
 
 def spec(*shape, dtype=jnp.float32) -> jax.ShapeDtypeStruct:

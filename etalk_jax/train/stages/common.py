@@ -176,6 +176,16 @@ def dicte_condition(expression, reference_expression, cross_clip, use_clip=None)
   return xp.where(from_clip[:, None], expression.mean(axis=1), reference_expression)
 
 
+def draw_dicte_condition(batch, key: jax.Array, from_clip: float) -> tuple[jax.Array, jax.Array]:
+  """(condition, the key left for the loss) of a Di-CTE training batch (`expression`,
+  `reference_expression`, `cross_clip`): the window's mean e_v with probability `from_clip`
+  per window, else as `dicte_condition` says. The Di-CTE and V-AID stages draw it so."""
+  condition_key, loss_key = jax.random.split(key)
+  use_clip = jax.random.uniform(condition_key, batch["expression"].shape[:1]) < from_clip
+  return dicte_condition(batch["expression"], batch["reference_expression"], batch["cross_clip"],
+                         use_clip), loss_key
+
+
 def emotion_indices(labels) -> np.ndarray:
   """The loader's emotion labels (indices into data_pipeline.EMOTION_LABELS, whose first eight
   are the keywords of EMOTIONS) -> keyword indices, -1 for the rest (contempt, unknown)."""

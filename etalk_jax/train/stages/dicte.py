@@ -11,7 +11,6 @@ Export: Di-CTE in our format (`etalk_jax.vaid.storage.load_dicte`).
 
 from __future__ import annotations
 
-import jax
 from flax import nnx
 
 from etalk_jax.train.loop import Task
@@ -40,10 +39,7 @@ def make_task(config, mesh) -> Task:
             "cross_clip": batch["cross_clip"]}
 
   def loss(model, batch, key):
-    condition_key, loss_key = jax.random.split(key)
-    use_clip = jax.random.uniform(condition_key, batch["expression"].shape[:1]) < from_clip
-    condition = common.dicte_condition(batch["expression"], batch["reference_expression"],
-                                       batch["cross_clip"], use_clip)
+    condition, loss_key = common.draw_dicte_condition(batch, key, from_clip)
     value = dicte_loss(model, loss_key, batch["expression"], batch["audio_windows"],
                        batch["reference"], condition)
     return value, {}
