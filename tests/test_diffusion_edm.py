@@ -8,19 +8,11 @@ import pytest
 import torch
 
 from etalk_jax.diffusion import edm
-
-
-def _svd_scheduler():
-  from diffusers import EulerDiscreteScheduler
-  return EulerDiscreteScheduler(
-      beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-      prediction_type="v_prediction", timestep_spacing="leading", steps_offset=1,
-      use_karras_sigmas=True, sigma_min=0.002, sigma_max=700.0, interpolation_type="linear",
-      timestep_type="continuous", num_train_timesteps=1000)
+from svd_reference import svd_scheduler
 
 
 def test_preconditioning_matches_diffusers_step():
-  scheduler = _svd_scheduler()
+  scheduler = svd_scheduler()
   scheduler.set_timesteps(6)
   rng = np.random.default_rng(0)
   for index, t in enumerate(scheduler.timesteps):
