@@ -24,7 +24,13 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
+from flax import nnx
+
+from etalk_jax.audio import params
+from etalk_jax.audio.features import AudioFeatures, normalize
+from etalk_jax.audio.wav2vec2 import Wav2Vec2, Wav2Vec2Config
 
 RATE = 16000
 
@@ -57,13 +63,8 @@ def _median_interleaved(fns: dict, repeats: int) -> dict:
 
 
 def compare(seconds: float, repeats: int) -> dict:
-  import jax
-  import torch
-  import transformers
-  from flax import nnx
-
-  from etalk_jax.audio import params
-  from etalk_jax.audio.features import AudioFeatures, normalize
+  import torch  # noqa: PLC0415 (PyTorch is optional, and the --rss-child run must go without it)
+  import transformers  # noqa: PLC0415 (its Wav2Vec2Model is PyTorch: imported with torch)
 
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
@@ -115,11 +116,6 @@ def compare(seconds: float, repeats: int) -> dict:
 
 def rss_child(minutes: float) -> None:
   """Runs in a fresh process: 10 minutes of audio -> A_w, then prints peak RSS."""
-  from flax import nnx
-
-  from etalk_jax.audio.features import AudioFeatures, normalize
-  from etalk_jax.audio.wav2vec2 import Wav2Vec2, Wav2Vec2Config
-
   model = Wav2Vec2(Wav2Vec2Config(), rngs=nnx.Rngs(0))
   featurizer = AudioFeatures(model)
   audio = normalize(speech_like(minutes * 60, seed=1))

@@ -47,8 +47,16 @@ import numpy as np
 from flax import nnx
 
 from etalk_jax import model_io
+from etalk_jax.diffusion import sampling
 from etalk_jax.ethd import ETHD, ETHDConfig
-from etalk_jax.svd import TemporalVAE, UNetConfig, UNetSpatioTemporal, VAEConfig
+from etalk_jax.svd import (
+  TemporalVAE,
+  UNetConfig,
+  UNetSpatioTemporal,
+  VAEConfig,
+  unet_from_diffusers,
+)
+from etalk_jax.svd.compare import _interleaved_medians
 
 PAPER_BACKBONE_TFLOPS = 3668.16
 PAPER_VAE_DECODER_TFLOPS = 180.51
@@ -123,12 +131,11 @@ TINY_UNET = dict(
 def step_timing(frames: int, size: int, repeats: int) -> None:
   """One Euler step (input scaling, UNet with the reference latent concatenated, update) of the
   same random tiny SVD UNet: `sample_clip` with one step vs diffusers' eager loop body."""
-  import torch
-  from diffusers import EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
-
-  from etalk_jax.svd.compare import _interleaved_medians
-  from etalk_jax.diffusion import sampling
-  from etalk_jax.svd import unet_from_diffusers
+  import torch  # noqa: PLC0415 (PyTorch is optional: only the step timing needs it)
+  from diffusers import (  # noqa: PLC0415 (the PyTorch side of the step timing, optional)
+    EulerDiscreteScheduler,
+    UNetSpatioTemporalConditionModel,
+  )
 
   torch.manual_seed(0)
   torch_unet = UNetSpatioTemporalConditionModel(**TINY_UNET).eval()

@@ -35,6 +35,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+# A sibling in benchmarks/ (this script's folder is first on sys.path when it runs).
+from flops import TINY_UNET  # noqa: E402  (`--tiny`: a two-level ETHD, 8 input channels)
+
 from etalk_jax import model_io  # noqa: E402
 from etalk_jax.diffusion import sampling  # noqa: E402
 from etalk_jax.ethd.model import ETHD, ETHDConfig  # noqa: E402
@@ -42,8 +45,6 @@ from etalk_jax.layers import attention  # noqa: E402
 from etalk_jax.layers.compute import Compute  # noqa: E402
 from etalk_jax.pipeline import call_ethd  # noqa: E402
 from etalk_jax.svd import TemporalVAE, UNetConfig, VAEConfig  # noqa: E402
-# A sibling in benchmarks/ (this script's folder is first on sys.path when it runs).
-from flops import TINY_UNET  # noqa: E402  (`--tiny`: a two-level ETHD, 8 input channels)
 
 GB = 1e9
 VAE_DOWNSAMPLE = 8
@@ -82,10 +83,11 @@ def sampler_memory(config: ETHDConfig, compute: Compute, frames: int, pixels: in
                                       spec(plan.window_frames))
   sigmas = spec(steps + 1)
   start = time.perf_counter()
-  lowered = sampling._sample_windows.lower(denoiser, params, spec(1, plan.buffer_frames, latent, latent, 4), sigmas,
-                  frame_conditions, video_conditions, unconditional, spec(*plan.starts.shape,
-                  dtype=jnp.int32), spec(*plan.weights.shape), spec(*plan.active_groups.shape,
-                  dtype=jnp.bool_), windows_per_call=windows.windows_per_call)
+  lowered = sampling._sample_windows.lower(
+      denoiser, params, spec(1, plan.buffer_frames, latent, latent, 4), sigmas, frame_conditions,
+      video_conditions, unconditional, spec(*plan.starts.shape, dtype=jnp.int32),
+      spec(*plan.weights.shape), spec(*plan.active_groups.shape, dtype=jnp.bool_),
+      windows_per_call=windows.windows_per_call)
   compiled = lowered.compile()
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()

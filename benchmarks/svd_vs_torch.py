@@ -5,9 +5,10 @@
 
 Part 1 (speed): same random weights, a medium config (channels 64/128/256, 2 layers per block,
 8 frames, 32x32 latents, batch 1): median forward time of each (runs of the two interleaved, so
-background load hits both alike), the ratio (ours / PyTorch) and our compile time. Part 2 (conversion): writes a random fp16 safetensors SVD-XT UNet
-(1,524,623,082 parameters, ~3 GB) and times `etalk convert svd` on it in a fresh process,
-reporting wall time and that process's peak RSS against the fp32 model size.
+background load hits both alike), the ratio (ours / PyTorch) and our compile time. Part 2
+(conversion): writes a random fp16 safetensors SVD-XT UNet (1,524,623,082 parameters, ~3 GB)
+and times `etalk convert svd` on it in a fresh process, reporting wall time and that process's
+peak RSS against the fp32 model size.
 Figures go to stdout; copy them into WORKSPACE.md.
 """
 
@@ -24,6 +25,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save_file
+
+from etalk_jax.svd.compare import compare_unet
+from etalk_jax.svd.config import UNetConfig
+from etalk_jax.svd.params import WEIGHTS_STEM, abstract_model, conversion_table
 
 MEDIUM_UNET = dict(
     sample_size=32, in_channels=8, out_channels=4,
@@ -37,8 +43,7 @@ MEDIUM_UNET = dict(
 
 
 def speed(repeats: int) -> None:
-  import torch
-  from etalk_jax.svd.compare import compare_unet
+  import torch  # noqa: PLC0415 (PyTorch is optional: only the speed part needs it)
   print(f"torch threads: {torch.get_num_threads()}, cores: {os.cpu_count()}")
   result = compare_unet(MEDIUM_UNET, frames=8, size=32, repeats=repeats)
   print(f"[speed] medium UNet, {result['parameters']:,} parameters, 1 x 8 frames x 32 x 32")
@@ -51,10 +56,6 @@ def speed(repeats: int) -> None:
 
 def write_random_svd_xt_unet(folder: Path) -> int:
   """A diffusers UNet folder with random fp16 weights in SVD-XT's exact layout."""
-  from safetensors.numpy import save_file
-  from etalk_jax.svd.config import UNetConfig
-  from etalk_jax.svd.params import WEIGHTS_STEM, abstract_model, conversion_table
-
   config = UNetConfig()
   table = conversion_table(abstract_model("unet", config))
   rng = np.random.default_rng(0)

@@ -69,7 +69,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax._src.ad_checkpoint import saved_residuals  # noqa: E402  (what print_saved_residuals prints)
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from etalk_jax import parallel  # noqa: E402
 from etalk_jax.ethd.model import ETHD, ETHDConfig  # noqa: E402
@@ -77,6 +79,7 @@ from etalk_jax.ethd.objective import reconstruction_loss  # noqa: E402
 from etalk_jax.layers import attention  # noqa: E402
 from etalk_jax.layers.compute import REMAT_POLICIES, Compute  # noqa: E402
 from etalk_jax.svd import UNetConfig  # noqa: E402
+from etalk_jax.svd import unet as unet_module  # noqa: E402
 from etalk_jax.train.optim import adam_8bit  # noqa: E402
 
 GB = 1e9
@@ -153,7 +156,8 @@ def batch_shapes(config: ETHDConfig, frames: int, batch: int, mesh=None) -> dict
       "lip_mask": (batch, PIXELS, PIXELS),
   }
   return {name: jax.ShapeDtypeStruct(
-      shape, jnp.float32, sharding=None if mesh is None else parallel.batch_sharding(mesh, len(shape)))
+      shape, jnp.float32,
+      sharding=None if mesh is None else parallel.batch_sharding(mesh, len(shape)))
       for name, shape in shapes.items()}
 
 
@@ -206,9 +210,6 @@ def decompose(frames: int, devices: int, levels: int | None = None) -> dict:
   state (sharded params, gradients, 8-bit Adam) + what the backward pass keeps (JAX's own list of
   saved residuals for one clip) + the largest single layer's forward + backward at `frames`
   (compiled alone: `memory_analysis()`; its parameters whole, as FSDP gathers them)."""
-  from jax._src.ad_checkpoint import saved_residuals  # what print_saved_residuals prints
-  from etalk_jax.svd import unet as unet_module
-
   _, config, graphdef, params, opt_state, _ = sharded_setup("layers", devices, levels=levels)
   state_gb = {"params": per_device_bytes(params) / GB,
               "gradients": per_device_bytes(params) / GB,
@@ -313,8 +314,9 @@ def run(args):
           f.write(json.dumps(parts) + "\n")
     return [parts]
   rows = []
-  print(f"{'tiny' if args.tiny else 'full-size'} ETHD training step, {devices} devices (fsdp), batch 1 per device, "
-        f"{64 if args.tiny else 512}² (latents {8 if args.tiny else 64}²), bf16 compute / fp32 params, 8-bit Adam, remat={args.remat}",
+  print(f"{'tiny' if args.tiny else 'full-size'} ETHD training step, {devices} devices (fsdp), "
+        f"batch 1 per device, {64 if args.tiny else 512}² (latents {8 if args.tiny else 64}²), "
+        f"bf16 compute / fp32 params, 8-bit Adam, remat={args.remat}",
         flush=True)
   header = (f"{'frames':>6} {'compile s':>9} {'params':>7} {'opt':>6} {'args':>7} {'outputs':>7} "
             f"{'aliased':>7} {'temps':>7} {'peak GB/device':>14}")

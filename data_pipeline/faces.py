@@ -1,8 +1,9 @@
-"""Faces: 478-point landmarks (MediaPipe), stable per-clip crop boxes, the PD-FGC encoder crop, and the
-face / lip masks of ARCHITECTURE.md §3.6.
+"""Faces: 478-point landmarks (MediaPipe), stable per-clip crop boxes, the PD-FGC encoder crop, and
+the face / lip masks of ARCHITECTURE.md §3.6.
 
-Only `FaceLandmarker` needs MediaPipe (the optional `faces` extra); everything else works on landmark
-arrays, so synthetic faces (which carry their own landmarks) and the loader never import it.
+Only `FaceLandmarker` needs MediaPipe (the optional `faces` extra); everything else works on
+landmark arrays, so synthetic faces (which carry their own landmarks) and the loader never import
+it.
 Landmarks are (478, 2) arrays of (x, y); the functions say whether they expect pixels or [0, 1].
 """
 
@@ -16,11 +17,15 @@ from PIL import Image, ImageDraw
 from data_pipeline import NUM_LANDMARKS
 
 # Closed contours of MediaPipe's face mesh, in drawing order (from mp.solutions.face_mesh's
-# FACEMESH_* connection sets). "Left"/"right" are the subject's: the right eye is on the image's left.
-FACE_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
-             152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109)
-LIPS_OUTER = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185)
-LIPS_INNER = (78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308, 415, 310, 311, 312, 13, 82, 81, 80, 191)
+# FACEMESH_* connection sets). "Left"/"right" are the subject's: the right eye is on the image's
+# left.
+FACE_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400,
+             377, 152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67,
+             109)
+LIPS_OUTER = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40,
+              185)
+LIPS_INNER = (78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308, 415, 310, 311, 312, 13, 82, 81, 80,
+              191)
 RIGHT_EYE = (33, 7, 163, 144, 145, 153, 154, 155, 133, 173, 157, 158, 159, 160, 161, 246)
 LEFT_EYE = (263, 249, 390, 373, 374, 380, 381, 382, 362, 398, 384, 385, 386, 387, 388, 466)
 RIGHT_BROW = (46, 53, 52, 65, 55, 107, 66, 105, 63, 70)
@@ -33,11 +38,12 @@ INNER_LIP_MIDDLE = (13, 14)  # upper, lower
 FOREHEAD_TOP, CHIN = 10, 152
 
 
-# ----------------------------------------------------------------------------------------------- masks
+# -------------------------------------------------------------------------------------------- masks
 
 @dataclasses.dataclass(frozen=True)
 class MaskConfig:
-  """Dilation radii as fractions of the face height (forehead top to chin), so masks scale with the face."""
+  """Dilation radii as fractions of the face height (forehead top to chin), so masks scale with the
+  face."""
   face_dilation: float = 0.06
   mouth_cutout_dilation: float = 0.04  # the mouth region removed from the face mask
   lip_dilation: float = 0.06
@@ -79,20 +85,23 @@ def face_and_lip_masks(landmarks_px: np.ndarray, size: int | tuple[int, int],
 
 def mouth_opening(landmarks: np.ndarray) -> np.ndarray:
   """Inner-lip gap over face height, per frame: landmarks (..., 478, 2) -> (...). Unitless, so it
-  compares across resolutions and crops (a measurement on generated frames uses the same function)."""
-  gap = np.linalg.norm(landmarks[..., INNER_LIP_MIDDLE[1], :] - landmarks[..., INNER_LIP_MIDDLE[0], :], axis=-1)
+  compares across resolutions and crops (a measurement on generated frames uses the same
+  function)."""
+  gap = np.linalg.norm(
+      landmarks[..., INNER_LIP_MIDDLE[1], :] - landmarks[..., INNER_LIP_MIDDLE[0], :], axis=-1)
   height = np.linalg.norm(landmarks[..., CHIN, :] - landmarks[..., FOREHEAD_TOP, :], axis=-1)
   return gap / np.maximum(height, 1e-6)
 
 
-# ------------------------------------------------------------------------------------------ crop boxes
+# --------------------------------------------------------------------------------------- crop boxes
 
 @dataclasses.dataclass(frozen=True)
 class CropConfig:
   """The training crop: a square around the face, like Hallo's (face box enlarged so that hair, chin
   and some shoulder are in, and so that head motion within a clip stays inside)."""
   enlarge: float = 1.9  # crop side / face size (the larger of the landmark box's width and height)
-  shift_down: float = 0.05  # of the crop side: centre a little below the face centre, to keep the chin in
+  shift_down: float = 0.05  # of the crop side: centre a little below the face centre, to keep
+  #                           the chin in
   size_percentile: float = 90.0  # face size over the clip's frames (robust to a few bad detections)
 
 
@@ -127,8 +136,8 @@ def crop_frame(frame: np.ndarray, box: np.ndarray, resolution: int) -> np.ndarra
     frame = np.pad(frame, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
     image = Image.fromarray(frame)
     x0, y0, x1, y1 = x0 + pad, y0 + pad, x1 + pad, y1 + pad
-  return np.asarray(image.resize((resolution, resolution), Image.Resampling.BILINEAR, box=(x0, y0, x1, y1),
-                                 reducing_gap=2.0))
+  return np.asarray(image.resize((resolution, resolution), Image.Resampling.BILINEAR,
+                                 box=(x0, y0, x1, y1), reducing_gap=2.0))
 
 
 def to_crop_coordinates(landmarks_px: np.ndarray, box: np.ndarray) -> np.ndarray:
@@ -136,33 +145,40 @@ def to_crop_coordinates(landmarks_px: np.ndarray, box: np.ndarray) -> np.ndarray
   return (landmarks_px - box[:2]) / (box[2] - box[0])
 
 
-# ---------------------------------------------------------------------------------- PD-FGC encoder crop
+# ------------------------------------------------------------------------------ PD-FGC encoder crop
 
 # Every l_v / e_v is computed on `etalk_jax.vision.alignment.pdfgc_inputs` (per-frame alignment,
-# upstream's two resamplings, on device), which reads the template and crop below. The host functions
-# here (one resampling, a clip's rotation and smoothed shifts) serve only the loader's `with_pdfgc`.
+# upstream's two resamplings, on device), which reads the template and crop below. The host
+# functions here (one resampling, a clip's rotation and smoothed shifts) serve only the loader's
+# `with_pdfgc`.
 PDFGC_SIZE = 224
-# PD-FGC's loader crops rows 0..192 and columns 16..208 of the aligned 224² face and resizes that back
-# to 224² (../shared/reference/pdfgc-encoder.md).
+# PD-FGC's loader crops rows 0..192 and columns 16..208 of the aligned 224² face and resizes that
+# back to 224² (../shared/reference/pdfgc-encoder.md).
 PDFGC_INNER = (16.0, 0.0, 208.0, 192.0)
-# PC-AVS's alignment (scripts/align_68.py, which PD-FGC's readme names for new footage): a similarity
-# transform taking the eye centres and the mouth centre to these points of the aligned 224² image.
+# PC-AVS's alignment (scripts/align_68.py, which PD-FGC's readme names for new footage): a
+# similarity transform taking the eye centres and the mouth centre to these points of the aligned
+# 224² image.
 # Given there in pixel indices; here +0.5, as all coordinates in this module are continuous (pixel
 # centres at .5, as MediaPipe's normalised landmarks and PIL's transforms have them).
-PDFGC_TEMPLATE = np.array([[87.5, 59.5], [137.5, 59.5], [112.5, 120.5]])  # right eye, left eye, mouth
-_PDFGC_SHIFT_MEMORY = 0.2  # PC-AVS smooths the per-frame shift: 0.2 of the previous one, 0.8 of this frame's
+# Right eye, left eye, mouth.
+PDFGC_TEMPLATE = np.array([[87.5, 59.5], [137.5, 59.5], [112.5, 120.5]])
+# PC-AVS smooths the per-frame shift: 0.2 of the previous one, 0.8 of this frame's.
+_PDFGC_SHIFT_MEMORY = 0.2
 
 
 def _pdfgc_points(landmarks_px: np.ndarray) -> np.ndarray:
-  """(..., 478, 2) -> (..., 3, 2): right eye, left eye and mouth centres, the means of the eye contours
-  and the inner lip ring (MediaPipe's counterparts of the 68-point sets PC-AVS averages)."""
-  return np.stack([landmarks_px[..., list(RIGHT_EYE), :].mean(-2), landmarks_px[..., list(LEFT_EYE), :].mean(-2),
+  """(..., 478, 2) -> (..., 3, 2): right eye, left eye and mouth centres, the means of the eye
+  contours and the inner lip ring (MediaPipe's counterparts of the 68-point sets PC-AVS
+  averages)."""
+  return np.stack([landmarks_px[..., list(RIGHT_EYE), :].mean(-2),
+                   landmarks_px[..., list(LEFT_EYE), :].mean(-2),
                    landmarks_px[..., list(LIPS_INNER), :].mean(-2)], axis=-2)
 
 
 def _similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
   """The least-squares similarity (rotation, uniform scale, shift) taking points src (N, 2) to dst,
-  as a 2x3 matrix. In complex numbers, dst - mean = z (src - mean) with z = sum(conj(a) b) / sum(|a|²)."""
+  as a 2x3 matrix. In complex numbers, dst - mean = z (src - mean) with
+  z = sum(conj(a) b) / sum(|a|²)."""
   src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
   a = (src - src_mean) @ np.array([1, 1j])
   b = (dst - dst_mean) @ np.array([1, 1j])
@@ -175,9 +191,10 @@ def pdfgc_affines(track_px: np.ndarray) -> np.ndarray:
   """(T, 478, 2) pixel landmarks of consecutive frames -> (T, 2, 3) matrices A_t, each
   mapping an encoder-input pixel (u, v, 1) to a source pixel (x, y) of frame t.
 
-  As PC-AVS aligns a video: one rotation and scale for the whole track, fitted to its mean eye and mouth
-  centres (so the crop does not wobble with landmark noise), and a per-frame shift that puts that frame's
-  mouth centre on the template's, smoothed over time. Then PD-FGC's inner crop, resized back to 224².
+  As PC-AVS aligns a video: one rotation and scale for the whole track, fitted to its mean eye and
+  mouth centres (so the crop does not wobble with landmark noise), and a per-frame shift that puts
+  that frame's mouth centre on the template's, smoothed over time. Then PD-FGC's inner crop, resized
+  back to 224².
   """
   points = _pdfgc_points(np.asarray(track_px, np.float64))
   forward = _similarity(points.mean(axis=0), PDFGC_TEMPLATE)  # source -> aligned 224²
@@ -185,7 +202,8 @@ def pdfgc_affines(track_px: np.ndarray) -> np.ndarray:
   shifts = PDFGC_TEMPLATE[2] - (points[:, 2] @ linear.T + offset)
   for t in range(1, len(shifts)):
     shifts[t] = _PDFGC_SHIFT_MEMORY * shifts[t - 1] + (1 - _PDFGC_SHIFT_MEMORY) * shifts[t]
-  # Encoder pixel e -> aligned pixel s * e + o (the inner crop) -> source L^-1 (aligned - offset - shift).
+  # Encoder pixel e -> aligned pixel s * e + o (the inner crop) -> source
+  # L^-1 (aligned - offset - shift).
   u0, v0, u1, v1 = PDFGC_INNER
   scale = np.diag([(u1 - u0) / PDFGC_SIZE, (v1 - v0) / PDFGC_SIZE])
   inverse = np.linalg.inv(linear)
@@ -196,13 +214,14 @@ def pdfgc_affines(track_px: np.ndarray) -> np.ndarray:
 
 
 def pdfgc_affine(landmarks_px: np.ndarray) -> np.ndarray:
-  """`pdfgc_affines` of a single frame (478, 2): its 2x3 matrix (the mouth centre lands exactly on the template's)."""
+  """`pdfgc_affines` of a single frame (478, 2): its 2x3 matrix (the mouth centre lands exactly on
+  the template's)."""
   return pdfgc_affines(landmarks_px[None])[0]
 
 
 def pdfgc_warp(frame: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-  """The PD-FGC encoder input (224, 224, 3) uint8 of an RGB frame for a `pdfgc_affines` matrix (scale
-  to [-1, 1] on device). Outside the frame is black, as PC-AVS's warp leaves it."""
+  """The PD-FGC encoder input (224, 224, 3) uint8 of an RGB frame for a `pdfgc_affines` matrix
+  (scale to [-1, 1] on device). Outside the frame is black, as PC-AVS's warp leaves it."""
   image = Image.fromarray(frame).transform((PDFGC_SIZE, PDFGC_SIZE), Image.Transform.AFFINE,
                                            data=tuple(np.asarray(matrix).reshape(-1)),
                                            resample=Image.Resampling.BILINEAR)
@@ -215,7 +234,7 @@ def pdfgc_crop(frame: np.ndarray, landmarks_px: np.ndarray) -> np.ndarray:
   return pdfgc_warp(frame, pdfgc_affine(landmarks_px))
 
 
-# ------------------------------------------------------------------------------------------ detection
+# ---------------------------------------------------------------------------------------- detection
 
 class FaceLandmarker:
   """MediaPipe face mesh (478 points with refined eyes and lips) over the frames of one video.
@@ -226,12 +245,13 @@ class FaceLandmarker:
 
   def __init__(self, max_faces: int = 4, min_confidence: float = 0.5):
     try:
-      import mediapipe as mp  # noqa: PLC0415
+      import mediapipe as mp  # noqa: PLC0415 (optional, the `faces` extra: detection only)
     except ImportError:
       raise ImportError("face detection needs MediaPipe: pip install 'etalk-jax[faces]' "
                         "(mediapipe==0.10.14, which ships its models)") from None
     self._mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=False, max_num_faces=max_faces,
-                                                 refine_landmarks=True, min_detection_confidence=min_confidence,
+                                                 refine_landmarks=True,
+                                                 min_detection_confidence=min_confidence,
                                                  min_tracking_confidence=min_confidence)
     self._previous_centre: np.ndarray | None = None
     self.faces_seen_max = 0
@@ -248,7 +268,8 @@ class FaceLandmarker:
     if not result.multi_face_landmarks:
       return None
     height, width = frame.shape[:2]
-    faces = [np.array([(p.x * width, p.y * height) for p in face.landmark[:NUM_LANDMARKS]], np.float32)
+    faces = [np.array([(p.x * width, p.y * height) for p in face.landmark[:NUM_LANDMARKS]],
+                      np.float32)
              for face in result.multi_face_landmarks]
     self.faces_seen_max = max(self.faces_seen_max, len(faces))
     if self._previous_centre is None or len(faces) == 1:

@@ -48,8 +48,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from absl import flags
 
-from data_pipeline import SAMPLES_PER_FRAME
+from data_pipeline import SAMPLES_PER_FRAME, faces, media
+from data_pipeline.media import KEYFRAME_INTERVAL, speech_stats
 
 # Per-frame tracks a record may carry besides frames/audio/landmarks; each is cut to the window.
 GROUND_TRUTH_TRACKS = ("mouth_open", "eye_open", "pose")
@@ -82,8 +84,9 @@ class LoaderConfig:
   # parallel without copying ~94 MB per 512² window between processes; worker processes
   # (`mp_prefetch`) pay that copy but also parallelise the Python-side work (masks, PD-FGC crops).
   # Measured on the 2-core dev machine: see benchmarks/loader.py.
-  read_threads: int = 2  # threads evaluating windows ahead of the consumer, per process (buffer: 2 per
-  #                         thread; Grain's default of 16 threads x 500 elements would hold ~47 GB of windows)
+  read_threads: int = 2  # threads evaluating windows ahead of the consumer, per process (buffer: 2
+  #                         per thread; Grain's default of 16 threads x 500 elements would hold
+  #                         ~47 GB of windows)
   num_workers: int = 2  # Grain worker processes (mp_prefetch); 0 = none
   worker_buffer_size: int = 2
   decoder_threads: int = 1  # FFmpeg threads per decode (keep 1 when workers fill the cores)
@@ -99,8 +102,8 @@ class LoaderConfig:
 
 
 def _mark_absl_flags_parsed() -> None:
-  # Grain's workers read absl flags; in a program that never ran absl.app they would fail as unparsed.
-  from absl import flags  # noqa: PLC0415
+  # Grain's workers read absl flags; in a program that never ran absl.app they would fail as
+  # unparsed.
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -109,11 +112,12 @@ def data_source(dataset_dir: str | Path, split: str):
   """The random-access TFDS ArrayRecord source of a prepared dataset directory (the one holding
   dataset_info.json, e.g. <data_dir>/talking_heads/res512/1.0.0). Works for any builder config,
   registered or not, and never imports TensorFlow."""
-  import tensorflow_datasets as tfds  # noqa: PLC0415
+  import tensorflow_datasets as tfds  # noqa: PLC0415 (heavy: only reading records needs TFDS)
   dataset_dir = Path(dataset_dir)
   if not (dataset_dir / "dataset_info.json").is_file():
-    raise FileNotFoundError(f"{dataset_dir}: not a prepared dataset (no dataset_info.json); run `etalk prepare` "
-                            f"or pass the folder <data_dir>/<name>/<config>/<version>")
+    raise FileNotFoundError(f"{dataset_dir}: not a prepared dataset (no dataset_info.json); run "
+                            f"`etalk prepare` or pass the folder "
+                            f"<data_dir>/<name>/<config>/<version>")
   builder = tfds.builder_from_directory(str(dataset_dir))
   if split not in builder.info.splits:
     raise ValueError(f"{dataset_dir}: no split {split!r}; it has {', '.join(builder.info.splits)}")
@@ -193,13 +197,13 @@ def _draw_reference(rng: np.random.Generator, record: dict[str, Any], reference_
   if other is None:
     return record, reference_index
   other_record = source[other]
-  return other_record, _reference_index(rng, int(other_record["num_frames"]), 0, 0, config.reference)
+  return other_record, _reference_index(rng, int(other_record["num_frames"]), 0, 0,
+                                        config.reference)
 
 
 def _frame_masks(landmarks: np.ndarray, resolution: int) -> tuple[np.ndarray, np.ndarray]:
   """Every frame's (face mask, lip mask) `(N, R, R)` uint8 from its own landmarks `(N, 478, 2)` in
   crop coordinates: the regions where that frame's face and mouth are, not the reference's."""
-  from data_pipeline import faces  # noqa: PLC0415
   masks = [faces.face_and_lip_masks(points * resolution, resolution) for points in landmarks]
   return np.stack([m[0] for m in masks]), np.stack([m[1] for m in masks])
 
@@ -217,8 +221,6 @@ class WindowSampler:
     self.clips = clips
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    from data_pipeline import faces, media  # noqa: PLC0415
-
     config = self.config
     num_frames = int(record["num_frames"])
     window = config.window
@@ -250,8 +252,8 @@ class WindowSampler:
         out["reference"] = reference
         out["reference_landmarks"] = reference_landmarks
       if config.with_masks:
-        out["face_mask"], out["lip_mask"] = faces.face_and_lip_masks(reference_landmarks * resolution,
-                                                                     resolution)
+        out["face_mask"], out["lip_mask"] = faces.face_and_lip_masks(
+            reference_landmarks * resolution, resolution)
     if config.frame_masks:
       if resolution is None:
         resolution = (out["frames"] if "frames" in out else
@@ -261,10 +263,11 @@ class WindowSampler:
       frames = out.get("frames")
       if frames is None:
         frames = media.decode_frames(video, start, window, threads=config.decoder_threads)
-      # Aligned over the whole clip (one rotation and scale, smoothed shifts), so a window's crops do not
-      # depend on where the window starts.
+      # Aligned over the whole clip (one rotation and scale, smoothed shifts), so a window's crops
+      # do not depend on where the window starts.
       matrices = faces.pdfgc_affines(landmarks * frames.shape[1])[start:start + window]
-      out["pdfgc"] = np.stack([faces.pdfgc_warp(frame, matrix) for frame, matrix in zip(frames, matrices)])
+      out["pdfgc"] = np.stack([faces.pdfgc_warp(frame, matrix)
+                               for frame, matrix in zip(frames, matrices)])
     return out
 
 
@@ -296,7 +299,6 @@ def _reference_index(rng: np.random.Generator, num_frames: int, start: int, wind
   """A keyframe (decodes alone) of the clip, outside the window if there is one, else any keyframe;
   or, for `kind` "first", frame 0. The draw happens either way, so both kinds see the same
   windows for a seed."""
-  from data_pipeline.media import KEYFRAME_INTERVAL  # noqa: PLC0415
   keyframes = np.arange(0, num_frames, KEYFRAME_INTERVAL)
   outside = keyframes[(keyframes < start) | (keyframes >= start + window)]
   candidates = outside if len(outside) else keyframes
@@ -305,7 +307,8 @@ def _reference_index(rng: np.random.Generator, num_frames: int, start: int, wind
 
 
 def _audio_window(audio: np.ndarray, start: int, window: int, context: int) -> np.ndarray:
-  """Samples of frames [start - context, start + window + context), zero outside the clip, as float32."""
+  """Samples of frames [start - context, start + window + context), zero outside the clip, as
+  float32."""
   begin = (start - context) * SAMPLES_PER_FRAME
   length = (window + 2 * context) * SAMPLES_PER_FRAME
   out = np.zeros(length, np.float32)
@@ -319,7 +322,6 @@ def utterance_stats(audio: np.ndarray) -> np.ndarray:
   """(mean, std) of a whole clip's int16 audio as float32 in [-1, 1]: a window's speech is
   normalised with them (`etalk_jax.audio.features.normalize`) as the whole utterance is at
   inference, not over its own span (a pause alone would be scaled up to speech level)."""
-  from data_pipeline.media import speech_stats  # noqa: PLC0415
   return speech_stats(np.asarray(audio, np.float32) / 32768.0)
 
 
@@ -333,7 +335,8 @@ class _LongEnough:
     return int(record["num_frames"]) >= self.frames
 
 
-def make_dataset(dataset_dir: str | Path, split: str = "train", config: LoaderConfig = LoaderConfig()):
+def make_dataset(dataset_dir: str | Path, split: str = "train",
+                 config: LoaderConfig = LoaderConfig()):
   """The Grain pipeline as an IterDataset of batches (dicts of arrays with a leading batch axis).
 
   Iterate it with `iter(...)`; the iterator has `get_state()` / `set_state()` and works with
@@ -355,11 +358,11 @@ def _clip_index(source, folder: Path, split: str, config: LoaderConfig) -> ClipI
 def _window_batches(source, sampler, config: LoaderConfig, what: str):
   """source -> this process's slice -> shuffled, repeated records long enough for a window ->
   `sampler` (a grain random map: record -> window) -> batches, in worker processes if asked."""
-  import grain  # noqa: PLC0415
+  import grain  # noqa: PLC0415 (Grain imports JAX: only building a pipeline needs it)
 
   _mark_absl_flags_parsed()
   if config.shard_index is None or config.shard_count is None:
-    import jax  # noqa: PLC0415
+    import jax  # noqa: PLC0415 (heavy, kept out of the loader's import like Grain)
     shard_index, shard_count = jax.process_index(), jax.process_count()
   else:
     shard_index, shard_count = config.shard_index, config.shard_count
@@ -371,8 +374,9 @@ def _window_batches(source, sampler, config: LoaderConfig, what: str):
   dataset = dataset.shuffle(seed=config.seed).repeat(config.num_epochs)
   dataset = dataset.filter(_LongEnough(config.window))
   dataset = dataset.random_map(sampler, seed=config.seed)
-  dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=max(config.read_threads, 1),
-                                                      prefetch_buffer_size=2 * max(config.read_threads, 1)))
+  dataset = dataset.to_iter_dataset(grain.ReadOptions(
+      num_threads=max(config.read_threads, 1),
+      prefetch_buffer_size=2 * max(config.read_threads, 1)))
   dataset = dataset.batch(config.batch_size, drop_remainder=True, batch_fn=_stack)
   if config.num_workers > 0:
     dataset = dataset.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
@@ -380,14 +384,14 @@ def _window_batches(source, sampler, config: LoaderConfig, what: str):
   return dataset
 
 
-# ------------------------------------------------------------- precomputed records (etalk precompute)
+# ----------------------------------------------------------- precomputed records (etalk precompute)
 
 PRECOMPUTE_FILE = "precompute.json"  # beside the records: their versioning and where they lie
 
 
 def read_precompute_info(folder: str | Path) -> dict[str, Any]:
-  """The `precompute.json` of a folder written by `etalk precompute` (clear error if it is not one)."""
-  import json  # noqa: PLC0415
+  """The `precompute.json` of a folder written by `etalk precompute` (clear error if it is not
+  one)."""
   info_file = Path(folder) / PRECOMPUTE_FILE
   if not info_file.is_file():
     raise FileNotFoundError(f"{folder}: not a precomputed dataset ({PRECOMPUTE_FILE} is missing); "
@@ -402,12 +406,13 @@ class PrecomputedWindowSampler:
   seed picks the same frames from a clip's precomputed and pixel records. The window holds, as
   float32: latents (N, h, w, c), reference_latents (h, w, c), lip_vision (N, lip_dim) = l_v,
   expression (N, expression_dim) = e_v, reference_expression, and audio_windows
-  (N, audio_window, layers, hidden) = A_w (frame i's window: the states of frames i - audio_window//2
-  .. i + audio_window//2 of the clip, clamped at its ends, as `etalk_jax.audio.features.frame_windows`
-  over `pad_edges` gives them); the reference frame's pixels (R, R, 3) uint8 (Di-CTE reads them) and
-  its face_mask / lip_mask (R, R) uint8 (all of another clip's frame with `cross_clip_reference`,
-  drawn as `WindowSampler` draws it); frame_face_mask / frame_lip_mask (N, R, R) with
-  `frame_masks`; and the labels of `_window_labels`.
+  (N, audio_window, layers, hidden) = A_w (frame i's window: the states of frames
+  i - audio_window//2 .. i + audio_window//2 of the clip, clamped at its ends, as
+  `etalk_jax.audio.features.frame_windows` over `pad_edges` gives them); the reference frame's
+  pixels (R, R, 3) uint8 (Di-CTE reads them) and its face_mask / lip_mask (R, R) uint8 (all of
+  another clip's frame with `cross_clip_reference`, drawn as `WindowSampler` draws it);
+  frame_face_mask / frame_lip_mask (N, R, R) with `frame_masks`; and the labels of
+  `_window_labels`.
   """
 
   def __init__(self, config: LoaderConfig, audio_window: int, source=None,
@@ -420,8 +425,6 @@ class PrecomputedWindowSampler:
     self.clips = clips
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    from data_pipeline import faces, media  # noqa: PLC0415
-
     window = self.config.window
     num_frames = int(record["num_frames"])
     start = int(rng.integers(0, num_frames - window + 1))
@@ -480,25 +483,30 @@ def _stack(windows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def save_iterator(directory: str | Path, step: int, iterator) -> None:
-  """Saves the iterator's state as an Orbax checkpoint item `data` at `step` (the training loop saves
-  model and optimizer beside it under other item names with the same grain handler registration)."""
-  import grain  # noqa: PLC0415
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-  with ocp.CheckpointManager(Path(directory).absolute(), item_names=("data",),
-                             item_handlers={"data": grain.checkpoint.CheckpointHandler()}) as manager:
+  """Saves the iterator's state as an Orbax checkpoint item `data` at `step` (the training loop
+  saves model and optimizer beside it under other item names with the same grain handler
+  registration)."""
+  import grain  # noqa: PLC0415 (Grain imports JAX: only checkpointing an iterator needs it)
+  import orbax.checkpoint as ocp  # noqa: PLC0415 (Orbax imports JAX, like Grain)
+  with ocp.CheckpointManager(
+      Path(directory).absolute(), item_names=("data",),
+      item_handlers={"data": grain.checkpoint.CheckpointHandler()}) as manager:
     manager.save(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
     manager.wait_until_finished()
 
 
 def restore_iterator(directory: str | Path, iterator, step: int | None = None):
-  """Restores the iterator's state from `save_iterator` (latest step if `step` is None), in place."""
-  import grain  # noqa: PLC0415
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-  with ocp.CheckpointManager(Path(directory).absolute(), item_names=("data",),
-                             item_handlers={"data": grain.checkpoint.CheckpointHandler()}) as manager:
+  """Restores the iterator's state from `save_iterator` (latest step if `step` is None), in
+  place."""
+  import grain  # noqa: PLC0415 (Grain imports JAX: only checkpointing an iterator needs it)
+  import orbax.checkpoint as ocp  # noqa: PLC0415 (Orbax imports JAX, like Grain)
+  with ocp.CheckpointManager(
+      Path(directory).absolute(), item_names=("data",),
+      item_handlers={"data": grain.checkpoint.CheckpointHandler()}) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{directory}: no iterator checkpoint to restore")
-    manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator)))
+    manager.restore(step,
+                    args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator)))
   return iterator
 

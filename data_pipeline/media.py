@@ -2,7 +2,8 @@
 etalk_jax's own media/audio readers).
 
 - `iter_video_frames`: decode any container, resample to a constant frame rate by timestamps
-  (variable-frame-rate sources included), RGB uint8 frames one at a time (long videos never sit in memory).
+  (variable-frame-rate sources included), RGB uint8 frames one at a time (long videos never sit in
+  memory).
 - `read_audio`: the first audio stream of a file as 16 kHz mono int16, with its start time so that
   audio and video line up.
 - `encode_h264` / `decode_frames`: clip crops to H.264-in-MP4 bytes, and back, decoding only the
@@ -29,7 +30,8 @@ class MediaError(ValueError):
 
 def _av():
   import av  # noqa: PLC0415  (PyAV is heavy; only the modules that decode pay for it)
-  av.logging.set_level(av.logging.PANIC)  # FFmpeg's own warnings on broken files would drown the progress bar
+  # FFmpeg's own warnings on broken files would drown the progress bar.
+  av.logging.set_level(av.logging.PANIC)
   return av
 
 
@@ -43,7 +45,8 @@ def _open(path: str | os.PathLike):
   try:
     return av.open(str(path))
   except Exception as error:  # PyAV raises many FFmpeg error types; all mean "unreadable".
-    raise MediaError(f"{path}: cannot open as audio/video ({type(error).__name__}: {error})") from None
+    raise MediaError(f"{path}: cannot open as audio/video "
+                     f"({type(error).__name__}: {error})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +101,8 @@ def iter_video_frames(path: str | os.PathLike, fps: int = FPS) -> Iterator[np.nd
           next_index += 1
         previous = (time, frame)
     except _av().FFmpegError as error:
-      raise MediaError(f"{path}: corrupt or truncated video after {next_index} frames ({error})") from None
+      raise MediaError(f"{path}: corrupt or truncated video after {next_index} frames "
+                       f"({error})") from None
     if previous is None:
       raise MediaError(f"{path}: no decodable video frame")
     # The last source frame covers up to one output period past its timestamp.
@@ -109,11 +113,13 @@ def iter_video_frames(path: str | os.PathLike, fps: int = FPS) -> Iterator[np.nd
 
 def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray, float]:
   """The first audio stream as mono int16 at `sample_rate`, and its start time in seconds (the
-  container's clock, comparable with `probe(path).start_time`). Raises MediaError if there is none."""
+  container's clock, comparable with `probe(path).start_time`). Raises MediaError if there is
+  none."""
   av = _av()
   with _open(path) as container:
     if not container.streams.audio:
-      raise MediaError(f"{path}: no audio stream (the pipeline needs the speech track; remux the audio in)")
+      raise MediaError(f"{path}: no audio stream (the pipeline needs the speech track; remux the "
+                       f"audio in)")
     stream = container.streams.audio[0]
     resampler = av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
     chunks = []
@@ -133,17 +139,21 @@ def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> tuple
   return np.concatenate(chunks).astype(np.int16), float(start or 0.0)
 
 
-KEYFRAME_INTERVAL = 25  # frames between keyframes of stored clips (1 s): bounds the decoding a window wastes
+# Frames between keyframes of stored clips (1 s): bounds the decoding a window wastes.
+KEYFRAME_INTERVAL = 25
 
 
 class H264Encoder:
-  """Streams RGB frames into H.264 (yuv420p, no B-frames, a keyframe every `gop` frames) in MP4 bytes.
+  """Streams RGB frames into H.264 (yuv420p, no B-frames, a keyframe every `gop` frames) in MP4
+  bytes.
 
-  No B-frames and short GOPs keep random access cheap: a window decodes at most gop - 1 extra frames.
+  No B-frames and short GOPs keep random access cheap: a window decodes at most gop - 1 extra
+  frames.
   Frames go in one at a time, so a long clip at 1024² never sits in memory whole.
   """
 
-  def __init__(self, fps: int = FPS, crf: int = 18, gop: int = KEYFRAME_INTERVAL, preset: str = "veryfast"):
+  def __init__(self, fps: int = FPS, crf: int = 18, gop: int = KEYFRAME_INTERVAL,
+               preset: str = "veryfast"):
     self._av = _av()
     self._buffer = io.BytesIO()
     self._container = self._av.open(self._buffer, mode="w", format="mp4")
@@ -161,7 +171,8 @@ class H264Encoder:
       self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
       self._stream.options = {"crf": str(crf), "g": str(gop), "keyint_min": str(gop), "bf": "0",
                               "sc_threshold": "0", "preset": preset}
-      self._stream.codec_context.thread_count = 1  # the pipeline parallelises across videos, not inside one
+      # The pipeline parallelises across videos, not inside one.
+      self._stream.codec_context.thread_count = 1
     frame = self._av.VideoFrame.from_ndarray(np.ascontiguousarray(frame_array), format="rgb24")
     for packet in self._stream.encode(frame):
       self._container.mux(packet)
@@ -222,7 +233,8 @@ def decode_frames(video: bytes, start: int = 0, count: int | None = None, fps: i
       if count is not None and len(frames) == count:
         break
   if count is not None and len(frames) < count:
-    raise IndexError(f"clip has frames up to {start + len(frames)}, asked for [{start}, {start + count})")
+    raise IndexError(f"clip has frames up to {start + len(frames)}, asked for "
+                     f"[{start}, {start + count})")
   return np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
 
 
@@ -233,8 +245,8 @@ def _atomic_target(path: Path) -> Path:
 
 def write_video_file(path: str | os.PathLike, frames: np.ndarray, audio: np.ndarray | None = None,
                      fps: int = FPS, sample_rate: int = SAMPLE_RATE, crf: int = 20) -> None:
-  """An H.264 mp4 (with an AAC track when `audio`, int16 mono, is given), written atomically. Any frame
-  size: odd widths or heights are stored 4:4:4."""
+  """An H.264 mp4 (with an AAC track when `audio`, int16 mono, is given), written atomically. Any
+  frame size: odd widths or heights are stored 4:4:4."""
   av = _av()
   path = Path(path)
   temporary = _atomic_target(path)
@@ -242,7 +254,8 @@ def write_video_file(path: str | os.PathLike, frames: np.ndarray, audio: np.ndar
     with av.open(str(temporary), mode="w", format="mp4") as container:
       video = container.add_stream("libx264", rate=fps)
       video.height, video.width = frames.shape[1:3]
-      # 4:2:0 halves the chroma planes, so x264 needs even sizes; odd ones go 4:4:4 (H.264 High 4:4:4).
+      # 4:2:0 halves the chroma planes, so x264 needs even sizes; odd ones go 4:4:4
+      # (H.264 High 4:4:4).
       video.pix_fmt = "yuv444p" if video.height % 2 or video.width % 2 else "yuv420p"
       video.options = {"crf": str(crf), "preset": "veryfast"}
       sound = None
@@ -250,7 +263,8 @@ def write_video_file(path: str | os.PathLike, frames: np.ndarray, audio: np.ndar
         sound = container.add_stream("aac", rate=sample_rate)
         sound.layout = "mono"
       for frame_array in frames:
-        for packet in video.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame_array), format="rgb24")):
+        for packet in video.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame_array),
+                                                              format="rgb24")):
           container.mux(packet)
       for packet in video.encode():
         container.mux(packet)
@@ -261,7 +275,8 @@ def write_video_file(path: str | os.PathLike, frames: np.ndarray, audio: np.ndar
     temporary.unlink(missing_ok=True)
 
 
-def write_audio_file(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+def write_audio_file(path: str | os.PathLike, audio: np.ndarray,
+                     sample_rate: int = SAMPLE_RATE) -> None:
   """An AAC .m4a (or any container FFmpeg infers from the suffix, e.g. .wav) of int16 mono audio,
   written atomically."""
   av = _av()
@@ -282,11 +297,12 @@ def write_audio_file(path: str | os.PathLike, audio: np.ndarray, sample_rate: in
 def _encode_audio(av, container, stream, audio: np.ndarray, sample_rate: int) -> None:
   # Planar float input lets FFmpeg convert for any encoder (AAC wants fltp, WAV s16).
   samples = (np.asarray(audio, np.float32) / 32768.0).reshape(1, -1)
-  resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="mono", rate=sample_rate)
+  resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="mono",
+                                rate=sample_rate)
   chunk = 1024
   for begin in range(0, samples.shape[1], chunk):
-    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, begin:begin + chunk]), format="fltp",
-                                       layout="mono")
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, begin:begin + chunk]),
+                                       format="fltp", layout="mono")
     frame.sample_rate = sample_rate
     frame.pts = begin
     for converted in resampler.resample(frame):

@@ -28,7 +28,9 @@ import jax
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors can read bf16)
 import numpy as np
 from flax import nnx
-
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
 
 # What a converter moves: trained parameters and BatchNorm running statistics.
 WEIGHT_VARIABLES = nnx.Any(nnx.Param, nnx.BatchStat)
@@ -140,7 +142,8 @@ class ConversionTable:
     for key in sorted(keys & set(self.entries)):
       entry = self.entries[key]
       their_shape = tuple(source.shape(key))
-      if len(their_shape) != len(entry.shape) or entry.transform.our_shape(their_shape) != entry.shape:
+      if (len(their_shape) != len(entry.shape)
+          or entry.transform.our_shape(their_shape) != entry.shape):
         expected = entry.transform.to_theirs(np.empty(entry.shape, np.uint8)).shape
         misshaped.append(f"{key}: file has {their_shape}, model needs {tuple(expected)}")
     if missing or unexpected or misshaped:
@@ -193,7 +196,7 @@ def _to_numpy(value) -> np.ndarray:
 
 
 def _torch():
-  import torch
+  import torch  # noqa: PLC0415 (PyTorch is optional: only torch tensors and .pt files need it)
   return torch
 
 
@@ -222,7 +225,6 @@ class SafetensorsSource(TensorSource):
   """
 
   def __init__(self, files: Sequence[Path], description: str):
-    from safetensors import safe_open
     self._safe_open = safe_open
     self.description = description
     self._files: dict[str, Path] = {}
@@ -380,7 +382,6 @@ def load_into(model: nnx.Module, source: TensorSource, table: ConversionTable, *
   keys = list(table.entries)
   iterator: Iterable[str] = keys
   if progress:
-    from tqdm.auto import tqdm
     iterator = tqdm(keys, desc="converting", unit="tensor")
   for key in iterator:
     entry = table.entries[key]
@@ -434,5 +435,4 @@ def atomic_folder(dst: Path, overwrite: bool = False) -> Iterator[Path]:
 
 def write_safetensors(path: Path, tensors: Iterable[tuple[str, np.ndarray]],
                       metadata: dict[str, str] | None = None) -> None:
-  from safetensors.numpy import save_file
   save_file(dict(tensors), str(path), metadata=metadata or {"format": "pt"})

@@ -19,21 +19,27 @@ TRAIN, TEST = "train", "test"
 
 
 def clip_features(**extra: tfds.features.FeatureConnector) -> tfds.features.FeaturesDict:
-  """The record of one clip (25 fps video crop + 16 kHz audio, frame i <-> samples [640 i, 640 (i+1)))."""
+  """The record of one clip (25 fps video crop + 16 kHz audio, frame i <-> samples
+  [640 i, 640 (i+1)))."""
   return tfds.features.FeaturesDict({
     "clip_id": tfds.features.Text(doc="unique clip name: <source key>_<clip number>"),
     "source": tfds.features.Text(doc="source video path, relative to the prepared folder"),
     "speaker": tfds.features.Text(),
     "emotion": tfds.features.ClassLabel(names=EMOTION_LABELS),
-    "level": tfds.features.Tensor(shape=(), dtype=np.int32, doc="intensity level 1..3 (MEAD), 0 unknown"),
+    "level": tfds.features.Tensor(shape=(), dtype=np.int32,
+                                  doc="intensity level 1..3 (MEAD), 0 unknown"),
     "num_frames": tfds.features.Tensor(shape=(), dtype=np.int32),
     "start_frame": tfds.features.Tensor(shape=(), dtype=np.int32,
                                         doc="the clip's first frame in the source video at 25 fps"),
-    "video": tfds.features.Tensor(shape=(), dtype=np.object_, doc="H.264 MP4 bytes of the square crop"),
-    "audio": tfds.features.Tensor(shape=(None,), dtype=np.int16, doc="16 kHz mono, num_frames * 640 samples"),
-    "landmarks": tfds.features.Tensor(shape=(None, NUM_LANDMARKS, 2), dtype=np.float16,
-                                      doc="MediaPipe 478-point mesh per frame, crop coordinates in [0, 1]"),
-    "crop_box": tfds.features.Tensor(shape=(4,), dtype=np.float32, doc="x0, y0, x1, y1 in source pixels"),
+    "video": tfds.features.Tensor(shape=(), dtype=np.object_,
+                                  doc="H.264 MP4 bytes of the square crop"),
+    "audio": tfds.features.Tensor(shape=(None,), dtype=np.int16,
+                                  doc="16 kHz mono, num_frames * 640 samples"),
+    "landmarks": tfds.features.Tensor(
+        shape=(None, NUM_LANDMARKS, 2), dtype=np.float16,
+        doc="MediaPipe 478-point mesh per frame, crop coordinates in [0, 1]"),
+    "crop_box": tfds.features.Tensor(shape=(4,), dtype=np.float32,
+                                     doc="x0, y0, x1, y1 in source pixels"),
     **extra,
   })
 

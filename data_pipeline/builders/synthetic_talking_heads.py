@@ -30,21 +30,27 @@ class SyntheticTalkingHeads(tfds.core.GeneratorBasedBuilder):
   VERSION = common.VERSION
   BUILDER_CONFIGS = [
     SyntheticConfig(name="tiny", description="tests: 64 px, 2 identities, 48 frames",
-                    spec=synthetic.SyntheticSpec(identities=2, emotions=("neutral", "happy", "sad", "angry"),
+                    spec=synthetic.SyntheticSpec(identities=2,
+                                                 emotions=("neutral", "happy", "sad", "angry"),
                                                  levels=(3,), num_frames=48, resolution=64)),
-    SyntheticConfig(name="demo", description="CPU demo: 64 px, 12 identities x 8 emotions x 3 levels, 150 frames",
+    SyntheticConfig(name="demo",
+                    description=("CPU demo: 64 px, 12 identities x 8 emotions x 3 levels, "
+                                 "150 frames"),
                     spec=synthetic.SyntheticSpec(identities=12, num_frames=150, resolution=64)),
     SyntheticConfig(name="res512", description="loader benchmarks: 512 px, 150 frames",
-                    spec=synthetic.SyntheticSpec(identities=2, emotions=("neutral", "happy", "angry"), levels=(2,),
-                                                 num_frames=150, resolution=512)),
+                    spec=synthetic.SyntheticSpec(identities=2,
+                                                 emotions=("neutral", "happy", "angry"),
+                                                 levels=(2,), num_frames=150, resolution=512)),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
       features=common.clip_features(
         identity=tfds.features.Tensor(shape=(), dtype=np.int32),
-        mouth_open=tfds.features.Tensor(shape=(None,), dtype=np.float32, doc="0 shut .. 1 wide, per frame"),
-        eye_open=tfds.features.Tensor(shape=(None,), dtype=np.float32, doc="0 shut .. 1.6 wide, per frame"),
+        mouth_open=tfds.features.Tensor(shape=(None,), dtype=np.float32,
+                                        doc="0 shut .. 1 wide, per frame"),
+        eye_open=tfds.features.Tensor(shape=(None,), dtype=np.float32,
+                                      doc="0 shut .. 1.6 wide, per frame"),
         pose=tfds.features.Tensor(shape=(None, 6), dtype=np.float32,
                                   doc="yaw, pitch, roll (degrees), tx, ty (crop fractions), scale"),
       ),
@@ -55,8 +61,10 @@ class SyntheticTalkingHeads(tfds.core.GeneratorBasedBuilder):
     config: SyntheticConfig = self.builder_config
     items = list(config.spec.clips())
     key_of = (lambda item: item[0].speaker) if config.split_by_speaker else _clip_id
-    assignment = common.split_of((key_of(item) for item in items), config.spec.seed, config.test_fraction)
-    return {split: self._generate_examples([item for item in items if assignment[key_of(item)] == split])
+    assignment = common.split_of((key_of(item) for item in items), config.spec.seed,
+                                 config.test_fraction)
+    return {split: self._generate_examples(
+                [item for item in items if assignment[key_of(item)] == split])
             for split in (common.TRAIN, common.TEST)}
 
   def _generate_examples(self, items):
@@ -90,7 +98,8 @@ def _clip_id(item) -> str:
 
 
 def build(data_dir: str, config: str | SyntheticConfig = "tiny") -> str:
-  """Prepares the synthetic dataset under `data_dir` (no-op if already there); returns its directory."""
+  """Prepares the synthetic dataset under `data_dir` (no-op if already there); returns its
+  directory."""
   builder = SyntheticTalkingHeads(config=config, data_dir=data_dir, file_format="array_record")
   builder.download_and_prepare()
   return str(builder.data_path)

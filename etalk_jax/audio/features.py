@@ -26,10 +26,12 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Sequence
 
+import av
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from scipy.signal import resample_poly
 
 from data_pipeline.media import speech_stats
 from etalk_jax.audio.wav2vec2 import SpeechEncoderBase, frame_mask_from_lengths
@@ -50,8 +52,6 @@ class AudioError(ValueError):
 
 def decode_audio(path: str | Path) -> tuple[np.ndarray, int]:
   """The first audio track of a media file -> (float32 (channels, samples), sample rate)."""
-  import av
-
   path = Path(path)
   if not path.is_file():
     raise AudioError(f"{path} does not exist; give a wav, flac, mp3, m4a or mp4 file.")
@@ -92,8 +92,6 @@ def resample(samples: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.nd
   """Polyphase resampling (Kaiser-windowed FIR, scipy's default) from `rate` to `target`."""
   if rate == target:
     return np.asarray(samples, dtype=np.float32)
-  from scipy.signal import resample_poly
-
   ratio = Fraction(int(target), int(rate))
   out = resample_poly(np.asarray(samples, dtype=np.float64), ratio.numerator, ratio.denominator)
   return out.astype(np.float32)

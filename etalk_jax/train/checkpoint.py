@@ -2,10 +2,12 @@
 
 One Orbax `CheckpointManager` step folder per saved step, holding the items
   model      the model's whole `nnx.state` (parameters, batch statistics, RNG counters, ...)
-  optimizer  `nnx.state(optimizer)` (step count and optax state, e.g. 8-bit Adam's quantised moments)
+  optimizer  `nnx.state(optimizer)` (step count and optax state, e.g. 8-bit Adam's quantised
+             moments)
   rng        the training loop's RNG key (its raw key data; the key implementation is in `meta`)
   data       the Grain iterator's state, with the handler and item name `data` of
-             `data_pipeline.loader.save_iterator`, so `loader.restore_iterator(step_dir_parent)` reads it
+             `data_pipeline.loader.save_iterator`, so `loader.restore_iterator(step_dir_parent)`
+             reads it
   meta       JSON: the step and the RNG key implementation
 Step `s` holds the state after `s` completed training steps (the iterator has yielded `s` batches),
 so a resumed loop runs step `s + 1` next.
@@ -30,11 +32,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import grain  # also registers grain's CheckpointSave/Restore args with Orbax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 ITEM_NAMES = ("model", "optimizer", "rng", "data", "meta")
 
@@ -47,20 +51,21 @@ class Restored:
 
 
 def _grain_handler():
-  import grain  # noqa: PLC0415
   return grain.checkpoint.CheckpointHandler()
 
 
 def _array_handler() -> ocp.PyTreeCheckpointHandler:
   # As in model_io: at most 1 GB in flight each way (Orbax's default of 96 GB peaked at 1.67x a
   # 6 GB model's size) and no compression (weights barely compress; zstd tripled the save time).
-  return ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, restore_concurrent_gb=1, use_compression=False)
+  return ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, restore_concurrent_gb=1,
+                                     use_compression=False)
 
 
 def _restore_args(live_tree) -> ocp.args.PyTreeRestore:
   """Restores onto the shapes, dtypes and shardings of `live_tree`'s arrays."""
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, live_tree)
-  return ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+  return ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
 
 
 def _is_key(leaf) -> bool:
@@ -68,38 +73,43 @@ def _is_key(leaf) -> bool:
 
 
 def _storable(tree):
-  """Typed PRNG keys (e.g. inside `nnx.Rngs`) as their raw uint32 data: Orbax stores plain arrays."""
+  """Typed PRNG keys (e.g. inside `nnx.Rngs`) as their raw uint32 data: Orbax stores plain
+  arrays."""
   return jax.tree.map(lambda leaf: jax.random.key_data(leaf) if _is_key(leaf) else leaf, tree)
 
 
 def _from_storable(restored, template):
   """Inverse of `_storable`, taking each key's implementation from the live `template` leaf."""
   return jax.tree.map(
-    lambda value, like: jax.random.wrap_key_data(value, impl=jax.random.key_impl(like)) if _is_key(like) else value,
+    lambda value, like: (jax.random.wrap_key_data(value, impl=jax.random.key_impl(like))
+                         if _is_key(like) else value),
     restored, template)
 
 
 def _rng_impl(rng: jax.Array) -> str | None:
-  """The key implementation's name for typed keys, None for raw uint32 keys (`jax.random.PRNGKey`)."""
+  """The key implementation's name for typed keys, None for raw uint32 keys
+  (`jax.random.PRNGKey`)."""
   return str(jax.random.key_impl(rng)) if _is_key(rng) else None
 
 
 class TrainCheckpointer:
-  """An Orbax `CheckpointManager` over a training run's folder, keeping the last `max_to_keep` steps.
+  """An Orbax `CheckpointManager` over a training run's folder, keeping the last `max_to_keep`
+  steps.
 
   Use it as a context manager (or call `close()`): closing waits for a pending async save.
   """
 
-  def __init__(self, directory: str | Path, *, max_to_keep: int | None = 3, save_interval_steps: int = 1,
-               async_save: bool = True):
-    import grain  # noqa: F401, PLC0415 (registers grain's CheckpointSave/Restore args with Orbax)
+  def __init__(self, directory: str | Path, *, max_to_keep: int | None = 3,
+               save_interval_steps: int = 1, async_save: bool = True):
     self.directory = Path(directory).absolute()
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                           save_interval_steps=save_interval_steps,
                                            enable_async_checkpointing=async_save, create=True)
     self._manager = ocp.CheckpointManager(
       self.directory, options=options, item_names=ITEM_NAMES,
-      item_handlers={"model": _array_handler(), "optimizer": _array_handler(), "rng": _array_handler(),
-                     "data": _grain_handler(), "meta": ocp.JsonCheckpointHandler()})
+      item_handlers={"model": _array_handler(), "optimizer": _array_handler(),
+                     "rng": _array_handler(), "data": _grain_handler(),
+                     "meta": ocp.JsonCheckpointHandler()})
 
   def __enter__(self) -> TrainCheckpointer:
     return self
@@ -114,12 +124,11 @@ class TrainCheckpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, *, model: nnx.Module, optimizer: nnx.Optimizer, iterator, rng: jax.Array,
-           force: bool = False) -> bool:
+  def save(self, step: int, *, model: nnx.Module, optimizer: nnx.Optimizer, iterator,
+           rng: jax.Array, force: bool = False) -> bool:
     """Starts saving everything at `step` (the number of completed steps); returns whether it saved
     (False when `step` is off `save_interval_steps` and not `force`d). Returns before the files are
     written; `wait_until_finished()` blocks until they are."""
-    import grain  # noqa: PLC0415
     model_state = _storable(nnx.to_pure_dict(nnx.state(model)))
     optimizer_state = _storable(nnx.to_pure_dict(nnx.state(optimizer)))
     rng_data = jax.random.key_data(rng) if _is_key(rng) else rng
@@ -135,16 +144,16 @@ class TrainCheckpointer:
               step: int | None = None) -> Restored:
     """Restores `step` (default: the latest) into `model`, `optimizer` and `iterator` in place.
 
-    `rng` is a key of the run's kind (typed or raw, any value): it gives the shape, implementation and
-    sharding; the restored key comes back in `Restored.rng`, with the step.
+    `rng` is a key of the run's kind (typed or raw, any value): it gives the shape, implementation
+    and sharding; the restored key comes back in `Restored.rng`, with the step.
     """
-    import grain  # noqa: PLC0415
     step = self.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"{self.directory}: no checkpoint to resume from; start the run fresh "
-                              f"(check `latest_step()` first) or pass the run's --workdir")
+      raise FileNotFoundError(f"{self.directory}: no checkpoint to resume from; start the run "
+                              f"fresh (check `latest_step()` first) or pass the run's --workdir")
     if step not in self._manager.all_steps():
-      raise FileNotFoundError(f"{self.directory}: no checkpoint at step {step}; it has steps {self.all_steps()}")
+      raise FileNotFoundError(f"{self.directory}: no checkpoint at step {step}; it has steps "
+                              f"{self.all_steps()}")
     model_state = nnx.state(model)
     optimizer_state = nnx.state(optimizer)
     model_live = nnx.to_pure_dict(model_state)
@@ -158,22 +167,23 @@ class TrainCheckpointer:
         data=grain.checkpoint.CheckpointRestore(iterator),
         meta=ocp.args.JsonRestore()))
     except (ValueError, KeyError, TypeError) as error:
-      raise ValueError(f"{self.directory} step {step}: the checkpoint does not match this run's model, "
-                       f"optimizer or data pipeline ({error}); resume with the config it was saved with "
-                       f"or use a fresh --workdir") from error
+      raise ValueError(f"{self.directory} step {step}: the checkpoint does not match this run's "
+                       f"model, optimizer or data pipeline ({error}); resume with the config it "
+                       f"was saved with or use a fresh --workdir") from error
     nnx.replace_by_pure_dict(model_state, _from_storable(restored["model"], model_live))
     nnx.update(model, model_state)
     nnx.replace_by_pure_dict(optimizer_state, _from_storable(restored["optimizer"], optimizer_live))
     nnx.update(optimizer, optimizer_state)
     meta = restored["meta"]
     if meta["step"] != step:
-      raise ValueError(f"{self.directory} step {step}: its metadata says step {meta['step']}; the folder was "
-                       f"renamed or corrupted")
+      raise ValueError(f"{self.directory} step {step}: its metadata says step {meta['step']}; the "
+                       f"folder was renamed or corrupted")
     rng_data = restored["rng"]["key"]
     if meta["rng_impl"] != _rng_impl(rng):
-      raise ValueError(f"{self.directory} step {step}: saved with RNG key implementation {meta['rng_impl']}, "
-                       f"this run uses {_rng_impl(rng)}")
-    restored_rng = jax.random.wrap_key_data(rng_data, impl=jax.random.key_impl(rng)) if _is_key(rng) else rng_data
+      raise ValueError(f"{self.directory} step {step}: saved with RNG key implementation "
+                       f"{meta['rng_impl']}, this run uses {_rng_impl(rng)}")
+    restored_rng = (jax.random.wrap_key_data(rng_data, impl=jax.random.key_impl(rng))
+                    if _is_key(rng) else rng_data)
     return Restored(step=step, rng=restored_rng)
 
   def wait_until_finished(self) -> None:
@@ -186,7 +196,8 @@ class TrainCheckpointer:
 
 
 class StopRequest:
-  """A flag set by SIGTERM (and any other `signals`), for a loop to save and exit at a step boundary.
+  """A flag set by SIGTERM (and any other `signals`), for a loop to save and exit at a step
+  boundary.
 
       with StopRequest() as stop:
         for step in range(start + 1, total + 1):
@@ -197,8 +208,9 @@ class StopRequest:
       checkpointer.wait_until_finished()
 
   The handler only sets a flag: saving inside a signal handler would interrupt a step halfway.
-  In a multi-process run `requested()` agrees across processes (any process signalled -> all stop at
-  the same step), at the cost of one small all-gather per call. The previous handlers come back on exit.
+  In a multi-process run `requested()` agrees across processes (any process signalled -> all stop
+  at the same step), at the cost of one small all-gather per call. The previous handlers come back
+  on exit.
   """
 
   def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
@@ -208,7 +220,8 @@ class StopRequest:
 
   def __enter__(self) -> StopRequest:
     if threading.current_thread() is not threading.main_thread():
-      raise RuntimeError("StopRequest installs signal handlers, which Python allows only in the main thread")
+      raise RuntimeError("StopRequest installs signal handlers, which Python allows only in the "
+                         "main thread")
     for signum in self.signals:
       self._previous[signum] = signal.signal(signum, self._handle)
     return self
@@ -231,5 +244,4 @@ class StopRequest:
     local = self._event.is_set()
     if jax.process_count() == 1:
       return local
-    from jax.experimental import multihost_utils  # noqa: PLC0415
     return bool(np.any(multihost_utils.process_allgather(np.array(local))))
