@@ -96,7 +96,7 @@ def _synthesize(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-  from etalk_jax.pipeline import sample_command
+  from etalk_jax.pipeline.command import sample_command
   summary = sample_command(
       args.portrait, args.audio, args.out, args.checkpoint, emotion=args.emotion,
       emotion_text=args.emotion_text, emotion_image=args.emotion_image,
