@@ -36,6 +36,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from etalk_jax.errors import InputNotFound, UserError
+
 ITEM_NAMES = ("model", "optimizer", "rng", "data", "meta")
 
 
@@ -141,10 +143,10 @@ class TrainCheckpointer:
     import grain  # noqa: PLC0415
     step = self.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"{self.directory}: no checkpoint to resume from; start the run fresh "
-                              f"(check `latest_step()` first) or pass the run's --workdir")
+      raise InputNotFound(f"{self.directory}: no checkpoint to resume from; start the run fresh "
+                          f"(check `latest_step()` first) or pass the run's --workdir")
     if step not in self._manager.all_steps():
-      raise FileNotFoundError(f"{self.directory}: no checkpoint at step {step}; it has steps {self.all_steps()}")
+      raise InputNotFound(f"{self.directory}: no checkpoint at step {step}; it has steps {self.all_steps()}")
     model_state = nnx.state(model)
     optimizer_state = nnx.state(optimizer)
     model_live = nnx.to_pure_dict(model_state)
@@ -158,21 +160,21 @@ class TrainCheckpointer:
         data=grain.checkpoint.CheckpointRestore(iterator),
         meta=ocp.args.JsonRestore()))
     except (ValueError, KeyError, TypeError) as error:
-      raise ValueError(f"{self.directory} step {step}: the checkpoint does not match this run's model, "
-                       f"optimizer or data pipeline ({error}); resume with the config it was saved with "
-                       f"or use a fresh --workdir") from error
+      raise UserError(f"{self.directory} step {step}: the checkpoint does not match this run's model, "
+                      f"optimizer or data pipeline ({error}); resume with the config it was saved with "
+                      f"or use a fresh --workdir") from error
     nnx.replace_by_pure_dict(model_state, _from_storable(restored["model"], model_live))
     nnx.update(model, model_state)
     nnx.replace_by_pure_dict(optimizer_state, _from_storable(restored["optimizer"], optimizer_live))
     nnx.update(optimizer, optimizer_state)
     meta = restored["meta"]
     if meta["step"] != step:
-      raise ValueError(f"{self.directory} step {step}: its metadata says step {meta['step']}; the folder was "
-                       f"renamed or corrupted")
+      raise UserError(f"{self.directory} step {step}: its metadata says step {meta['step']}; the folder was "
+                      f"renamed or corrupted")
     rng_data = restored["rng"]["key"]
     if meta["rng_impl"] != _rng_impl(rng):
-      raise ValueError(f"{self.directory} step {step}: saved with RNG key implementation {meta['rng_impl']}, "
-                       f"this run uses {_rng_impl(rng)}")
+      raise UserError(f"{self.directory} step {step}: saved with RNG key implementation {meta['rng_impl']}, "
+                      f"this run uses {_rng_impl(rng)}")
     restored_rng = jax.random.wrap_key_data(rng_data, impl=jax.random.key_impl(rng)) if _is_key(rng) else rng_data
     return Restored(step=step, rng=restored_rng)
 
