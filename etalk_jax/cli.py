@@ -15,9 +15,9 @@
   etalk sample --portrait P --audio A --checkpoint DIR --out OUT.mp4 [--emotion WORD | ...]
                [--dtype float32|bfloat16] [--attention auto|xla|cudnn|splash]
 
-A user error (bad file, mismatched checkpoint, wrong argument, a missing optional dependency)
-prints one message and exits 2 (with --verbose, its traceback too); anything else is a bug and
-keeps its traceback.
+A user error (`etalk_jax.errors.UserError`: bad file, mismatched checkpoint, wrong argument, a
+missing optional dependency) prints one message and exits 2 (with --verbose, its traceback too);
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
