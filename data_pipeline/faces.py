@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data_pipeline import NUM_LANDMARKS
+from etalk_jax.errors import MissingDependency
 
 # Closed contours of MediaPipe's face mesh, in drawing order (from mp.solutions.face_mesh's
 # FACEMESH_* connection sets). "Left"/"right" are the subject's: the right eye is on the image's
@@ -247,8 +248,8 @@ class FaceLandmarker:
     try:
       import mediapipe as mp  # noqa: PLC0415 (optional, the `faces` extra: detection only)
     except ImportError:
-      raise ImportError("face detection needs MediaPipe: pip install 'etalk-jax[faces]' "
-                        "(mediapipe==0.10.14, which ships its models)") from None
+      raise MissingDependency("face detection needs MediaPipe: pip install 'etalk-jax[faces]' "
+                              "(mediapipe==0.10.14, which ships its models)") from None
     self._mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=False, max_num_faces=max_faces,
                                                  refine_landmarks=True,
                                                  min_detection_confidence=min_confidence,

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +51,8 @@ from absl import flags
 
 from data_pipeline import SAMPLES_PER_FRAME, faces, media
 from data_pipeline.media import KEYFRAME_INTERVAL, speech_stats
+from etalk_jax.errors import InputNotFound, UserError
+from etalk_jax.records import write_text_atomically
 
 # Per-frame tracks a record may carry besides frames/audio/landmarks; each is cut to the window.
 GROUND_TRUTH_TRACKS = ("mouth_open", "eye_open", "pose")
@@ -95,10 +96,10 @@ class LoaderConfig:
 
   def __post_init__(self):
     if self.reference not in ("keyframe", "first"):
-      raise ValueError(f"reference must be 'keyframe' or 'first', got {self.reference!r}")
+      raise UserError(f"reference must be 'keyframe' or 'first', got {self.reference!r}")
     if not 0.0 <= self.cross_clip_reference <= 1.0:
-      raise ValueError(f"cross_clip_reference is a probability in [0, 1], got "
-                       f"{self.cross_clip_reference!r}")
+      raise UserError(f"cross_clip_reference is a probability in [0, 1], got "
+                      f"{self.cross_clip_reference!r}")
 
 
 def _mark_absl_flags_parsed() -> None:
@@ -115,12 +116,12 @@ def data_source(dataset_dir: str | Path, split: str):
   import tensorflow_datasets as tfds  # noqa: PLC0415 (heavy: only reading records needs TFDS)
   dataset_dir = Path(dataset_dir)
   if not (dataset_dir / "dataset_info.json").is_file():
-    raise FileNotFoundError(f"{dataset_dir}: not a prepared dataset (no dataset_info.json); run "
-                            f"`etalk prepare` or pass the folder "
-                            f"<data_dir>/<name>/<config>/<version>")
+    raise InputNotFound(f"{dataset_dir}: not a prepared dataset (no dataset_info.json); run "
+                        f"`etalk prepare` or pass the folder "
+                        f"<data_dir>/<name>/<config>/<version>")
   builder = tfds.builder_from_directory(str(dataset_dir))
   if split not in builder.info.splits:
-    raise ValueError(f"{dataset_dir}: no split {split!r}; it has {', '.join(builder.info.splits)}")
+    raise UserError(f"{dataset_dir}: no split {split!r}; it has {', '.join(builder.info.splits)}")
   return builder.as_data_source(split=split)
 
 
@@ -153,15 +154,12 @@ class ClipIndex:
     if cache is not None:
       # Written to a temporary name, then renamed: processes that start together (hosts, workers)
       # never read a half-written index.
-      cache = Path(cache)
-      temporary = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
       try:
-        temporary.write_text(json.dumps({"clip_ids": index.clip_ids,
-                                         "speakers": index.speakers.tolist(),
-                                         "emotions": index.emotions.tolist()}))
-        os.replace(temporary, cache)
+        write_text_atomically(cache, json.dumps({"clip_ids": index.clip_ids,
+                                                 "speakers": index.speakers.tolist(),
+                                                 "emotions": index.emotions.tolist()}))
       except OSError:  # a read-only dataset: the index is rebuilt on every run
-        temporary.unlink(missing_ok=True)
+        pass
     return index
 
   def other_clip(self, rng: np.random.Generator, clip_id: str) -> int | None:
@@ -215,7 +213,7 @@ class WindowSampler:
 
   def __init__(self, config: LoaderConfig, source=None, clips: ClipIndex | None = None):
     if config.cross_clip_reference > 0 and (source is None or clips is None):
-      raise ValueError("cross_clip_reference > 0 needs the data source and its ClipIndex")
+      raise UserError("cross_clip_reference > 0 needs the data source and its ClipIndex")
     self.config = config
     self.source = source
     self.clips = clips
@@ -367,8 +365,8 @@ def _window_batches(source, sampler, config: LoaderConfig, what: str):
   else:
     shard_index, shard_count = config.shard_index, config.shard_count
   if len(source) < shard_count:
-    raise ValueError(f"{what} has {len(source)} clips, fewer than the {shard_count} "
-                     f"processes reading it; prepare more data or read with fewer processes")
+    raise UserError(f"{what} has {len(source)} clips, fewer than the {shard_count} "
+                    f"processes reading it; prepare more data or read with fewer processes")
   dataset = grain.MapDataset.source(source)
   dataset = dataset[shard_index::shard_count]  # disjoint records per process
   dataset = dataset.shuffle(seed=config.seed).repeat(config.num_epochs)
@@ -394,8 +392,8 @@ def read_precompute_info(folder: str | Path) -> dict[str, Any]:
   one)."""
   info_file = Path(folder) / PRECOMPUTE_FILE
   if not info_file.is_file():
-    raise FileNotFoundError(f"{folder}: not a precomputed dataset ({PRECOMPUTE_FILE} is missing); "
-                            f"write one with `etalk precompute`")
+    raise InputNotFound(f"{folder}: not a precomputed dataset ({PRECOMPUTE_FILE} is missing); "
+                        f"write one with `etalk precompute`")
   return json.loads(info_file.read_text())
 
 
@@ -418,7 +416,7 @@ class PrecomputedWindowSampler:
   def __init__(self, config: LoaderConfig, audio_window: int, source=None,
                clips: ClipIndex | None = None):
     if config.cross_clip_reference > 0 and (source is None or clips is None):
-      raise ValueError("cross_clip_reference > 0 needs the data source and its ClipIndex")
+      raise UserError("cross_clip_reference > 0 needs the data source and its ClipIndex")
     self.config = config
     self.audio_window = audio_window
     self.source = source
@@ -469,8 +467,8 @@ def make_precomputed_dataset(folder: str | Path, split: str = "train",
   reference keyframe). The LoaderConfig's with_* fields do not apply."""
   info = read_precompute_info(folder)
   if split != info["split"]:
-    raise ValueError(f"{folder} holds the precomputed split {info['split']!r}, not {split!r}; run "
-                     f"`etalk precompute --split {split}` into another folder")
+    raise UserError(f"{folder} holds the precomputed split {info['split']!r}, not {split!r}; run "
+                    f"`etalk precompute --split {split}` into another folder")
   source = data_source(Path(folder) / info["dataset"], split)
   sampler = PrecomputedWindowSampler(config, int(info["encoders"]["audio_features"]["window"]),
                                      source, _clip_index(source, Path(folder), split, config))
@@ -505,7 +503,7 @@ def restore_iterator(directory: str | Path, iterator, step: int | None = None):
       item_handlers={"data": grain.checkpoint.CheckpointHandler()}) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"{directory}: no iterator checkpoint to restore")
+      raise InputNotFound(f"{directory}: no iterator checkpoint to restore")
     manager.restore(step,
                     args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator)))
   return iterator

@@ -22,9 +22,10 @@ from typing import Iterator
 import numpy as np
 
 from data_pipeline import FPS, SAMPLE_RATE
+from etalk_jax.errors import UserError
 
 
-class MediaError(ValueError):
+class MediaError(UserError):
   """A file that cannot be used; the message names the file and the reason."""
 
 

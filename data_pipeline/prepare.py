@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline import EMOTION_LABELS, SAMPLE_RATE, SAMPLES_PER_FRAME
+from etalk_jax.errors import InputNotFound, UserError
+from etalk_jax.records import write_text_atomically
 
 LAYOUTS = ("hdtf", "mead", "folder")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
@@ -81,9 +83,9 @@ def list_videos(src: str | os.PathLike, layout: str) -> list[VideoItem]:
   """
   src = Path(src)
   if layout not in LAYOUTS:
-    raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    raise UserError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
   if not src.is_dir():
-    raise FileNotFoundError(f"{src}: source folder not found; pass --src DIR with the videos")
+    raise InputNotFound(f"{src}: source folder not found; pass --src DIR with the videos")
   items = []
   for path in sorted(p for p in src.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()):
     relative = path.relative_to(src).as_posix()
@@ -313,8 +315,8 @@ def prepare_command(src: str, layout: str, dst: str, resolution: int = 512, **op
     raise TypeError(f"unknown prepare option(s): {', '.join(sorted(unknown))}")
   settings = PrepareOptions(resolution=resolution, **options)
   if resolution % 16 or resolution < 64:
-    raise ValueError(f"--resolution must be a multiple of 16 and >= 64 (the VAE downsamples by 8, the UNet "
-                     f"by 8 more), got {resolution}")
+    raise UserError(f"--resolution must be a multiple of 16 and >= 64 (the VAE downsamples by 8, the UNet "
+                    f"by 8 more), got {resolution}")
   dst_path = Path(dst)
   started = time.time()
   builder = real.builder_for(layout, Path(src), dst_path, settings, progress=progress)
@@ -323,9 +325,7 @@ def prepare_command(src: str, layout: str, dst: str, resolution: int = 512, **op
   report.update(src=str(src), layout=layout, resolution=resolution, dataset_dir=str(builder.data_path),
                 seconds=round(time.time() - started, 1))
   dst_path.mkdir(parents=True, exist_ok=True)
-  temporary = dst_path / f".{REPORT_NAME}.tmp-{os.getpid()}"
-  temporary.write_text(json.dumps(report, indent=1))
-  os.replace(temporary, dst_path / REPORT_NAME)
+  write_text_atomically(dst_path / REPORT_NAME, json.dumps(report, indent=1))
   return report
 
 

@@ -15,9 +15,9 @@
   etalk sample --portrait P --audio A --checkpoint DIR --out OUT.mp4 [--emotion WORD | ...]
                [--dtype float32|bfloat16] [--attention auto|xla|cudnn|splash]
 
-A user error (bad file, mismatched checkpoint, wrong argument, a missing optional dependency)
-prints one message and exits 2 (with --verbose, its traceback too); anything else is a bug and
-keeps its traceback.
+A user error (`etalk_jax.errors.UserError`: bad file, mismatched checkpoint, wrong argument, a
+missing optional dependency) prints one message and exits 2 (with --verbose, its traceback too);
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ import json
 import logging
 import sys
 
+from etalk_jax.errors import UserError
 from etalk_jax.layers.compute import ATTENTION_IMPLEMENTATIONS
-from etalk_jax.weights import ConversionError
 
-USER_ERRORS = (ConversionError, ValueError, FileNotFoundError, FileExistsError,
-               NotADirectoryError, IsADirectoryError, ImportError)
+# The project's own user errors only (ConversionError, AudioError and the rest derive from it):
+# a ValueError or FileNotFoundError from anywhere else is a bug and keeps its traceback.
+USER_ERRORS = (UserError,)
 
 
 # model family -> (the "upstream" value of --to, command function "module:name")
@@ -49,7 +50,7 @@ def _convert(args: argparse.Namespace) -> int:
   to = args.to or "ours"
   if to not in ("ours", upstream):
     targets = "'ours'" + (f" or '{upstream}'" if upstream else "")
-    raise ValueError(f"--to {to}: {args.model} converts to {targets}")
+    raise UserError(f"--to {to}: {args.model} converts to {targets}")
   module_name, function_name = target.split(":")
   command = getattr(importlib.import_module(module_name), function_name)
   if args.model == "svd":
@@ -96,7 +97,7 @@ def _synthesize(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-  from etalk_jax.pipeline import sample_command
+  from etalk_jax.pipeline.command import sample_command
   summary = sample_command(
       args.portrait, args.audio, args.out, args.checkpoint, emotion=args.emotion,
       emotion_text=args.emotion_text, emotion_image=args.emotion_image,
@@ -149,8 +150,8 @@ def _precompute(args: argparse.Namespace) -> int:
   try:
     audio_features = json.loads(args.audio_features)
   except json.JSONDecodeError as error:
-    raise ValueError(f"--audio-features {args.audio_features!r} is not JSON ({error}); give "
-                     "FeatureConfig fields like '{\"chunk_frames\": 500}'") from error
+    raise UserError(f"--audio-features {args.audio_features!r} is not JSON ({error}); give "
+                    "FeatureConfig fields like '{\"chunk_frames\": 500}'") from error
   summary = precompute_command(
       args.data, args.dst, codec_spec=parse_codec(args.codec),
       audio_encoder_dir=args.audio_encoder, vision_encoders_dir=args.vision_encoders,

@@ -12,6 +12,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from etalk_jax.errors import InputNotFound, UserError
 from etalk_jax.weights import atomic_folder
 
 CONFIG_FILE = "config.json"
@@ -28,11 +29,11 @@ class ModelConfig:
   def from_dict(cls, config):
     model_type = config.get("model_type", cls.model_type)
     if model_type != cls.model_type:
-      raise ValueError(f"config.json says model_type {model_type!r}, not {cls.model_type!r}.")
+      raise UserError(f"config.json says model_type {model_type!r}, not {cls.model_type!r}.")
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(config) - fields - {"model_type", "etalk_format"})
     if unknown:
-      raise ValueError(f"unknown {cls.label} config fields: {', '.join(unknown)}.")
+      raise UserError(f"unknown {cls.label} config fields: {', '.join(unknown)}.")
     return cls(**{k: v for k, v in config.items() if k in fields})
 
   def to_dict(self) -> dict[str, Any]:
@@ -89,8 +90,8 @@ def save_model(folder: str | Path, model: nnx.Module, config: dict[str, Any], *,
 def read_config(folder: str | Path) -> dict[str, Any]:
   path = Path(folder) / CONFIG_FILE
   if not path.is_file():
-    raise FileNotFoundError(f"{folder} is not a saved etalk-jax model: {CONFIG_FILE} is missing. "
-                            "Convert weights with `etalk convert` first.")
+    raise InputNotFound(f"{folder} is not a saved etalk-jax model: {CONFIG_FILE} is missing. "
+                        "Convert weights with `etalk convert` first.")
   return json.loads(path.read_text())
 
 
@@ -99,7 +100,7 @@ def restore_model(folder: str | Path, build_abstract: Callable[[], nnx.Module]) 
   folder = Path(folder).absolute()
   state_dir = folder / STATE_DIR
   if not state_dir.is_dir():
-    raise FileNotFoundError(f"{folder} holds no model state ({STATE_DIR}/ is missing).")
+    raise InputNotFound(f"{folder} holds no model state ({STATE_DIR}/ is missing).")
   graphdef, abstract_state = nnx.split(build_abstract())
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
   with _checkpointer() as checkpointer:
@@ -107,8 +108,8 @@ def restore_model(folder: str | Path, build_abstract: Callable[[], nnx.Module]) 
       state = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
           item=abstract_state, restore_args=restore_args))
     except (ValueError, KeyError) as error:
-      raise ValueError(f"{folder}: the saved state does not match its config.json ({error})"
-                       ) from error
+      raise UserError(f"{folder}: the saved state does not match its config.json ({error})"
+                      ) from error
   # Orbax restores a leaf with its saved shape even when the target differs: check every one.
   mismatched = [
       f"{_dotted(path)}: saved {tuple(got.shape)}, config.json needs "
@@ -117,8 +118,8 @@ def restore_model(folder: str | Path, build_abstract: Callable[[], nnx.Module]) 
                                    jax.tree.leaves(state))
       if tuple(got.shape) != tuple(want.shape)]
   if mismatched:
-    raise ValueError(f"{folder}: the saved state does not match its config.json "
-                     f"({len(mismatched)} tensors):\n  " + "\n  ".join(mismatched))
+    raise UserError(f"{folder}: the saved state does not match its config.json "
+                    f"({len(mismatched)} tensors):\n  " + "\n  ".join(mismatched))
   return nnx.merge(graphdef, state)
 
 
@@ -128,6 +129,6 @@ def load_configured(folder: str | Path, config_class, model_class, compute) -> n
   try:
     config = config_class.from_dict(read_config(folder))
   except ValueError as error:  # another model's folder, or fields this code does not know
-    raise ValueError(f"{folder} does not hold a {config_class.label}: {error}") from error
+    raise UserError(f"{folder} does not hold a {config_class.label}: {error}") from error
   return restore_model(folder, lambda: abstract(
       lambda rngs: model_class(config, compute=compute, rngs=rngs)))

@@ -32,11 +32,13 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from etalk_jax.errors import OutputExists, UserError
+
 # What a converter moves: trained parameters and BatchNorm running statistics.
 WEIGHT_VARIABLES = nnx.Any(nnx.Param, nnx.BatchStat)
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
   """A weight file does not match the model it is loaded into."""
 
 
@@ -415,8 +417,8 @@ def atomic_folder(dst: Path, overwrite: bool = False) -> Iterator[Path]:
   """Yields a temporary folder beside `dst`; renames it to `dst` only if the block succeeds."""
   dst = Path(dst).absolute()
   if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
-    raise FileExistsError(f"{dst} already exists and is not empty; choose another destination "
-                          "or pass --overwrite.")
+    raise OutputExists(f"{dst} already exists and is not empty; choose another destination "
+                       "or pass --overwrite.")
   dst.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
   try:

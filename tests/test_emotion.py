@@ -14,7 +14,7 @@ from flax import nnx
 
 from data_pipeline import EMOTIONS
 from etalk_jax import model_io
-from etalk_jax.emotion import codebook as codebook_module
+from etalk_jax import records as records_module
 from etalk_jax.emotion import ser
 from etalk_jax.emotion.codebook import Codebook, build_codebook, codebook_build_command
 from etalk_jax.emotion.keywords import NEGATED, check_keyword, keyword_from_text
@@ -186,7 +186,7 @@ def test_save_load_round_trip_and_atomic_write(tmp_path, monkeypatch):
   before = path.read_text()
   def failing_replace(src, dst):
     raise OSError("disk full")
-  monkeypatch.setattr(codebook_module.os, "replace", failing_replace)
+  monkeypatch.setattr(records_module.os, "replace", failing_replace)
   with pytest.raises(OSError, match="disk full"):
     build_codebook(*_labelled_codes(seed=1)).save(path)
   monkeypatch.undo()

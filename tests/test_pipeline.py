@@ -23,6 +23,8 @@ from data_pipeline import EMOTIONS, synthetic
 from data_pipeline.media import probe, write_audio_file
 from etalk_jax import cli, model_io
 from etalk_jax import pipeline as pipeline_module
+from etalk_jax.pipeline import command as sample_module
+from etalk_jax.pipeline import inputs as pipeline_inputs
 from etalk_jax.audio import Wav2Vec2
 from etalk_jax.diffusion import sampling
 from etalk_jax.diffusion.sampling import SamplerConfig, WindowConfig
@@ -142,7 +144,7 @@ def test_text_and_image_sources(pipe, portrait, monkeypatch):
   from_text = pipe(frame, speech, landmarks=landmarks, emotion_text="she is not happy at all, "
                    "rather furious", progress=False)
   assert from_text.emotion == "angry"
-  monkeypatch.setattr(pipeline_module, "detect_face", lambda image, name: landmarks)
+  monkeypatch.setattr(pipeline_inputs, "detect_face", lambda image, name: landmarks)
   from_image = pipe(frame, speech, landmarks=landmarks, emotion_image=frame, intensity=0.5,
                     progress=False)
   assert from_image.emotion == "image" and from_image.frames.shape == (20, 64, 64, 3)
@@ -162,7 +164,7 @@ def test_expressions_are_pd_fgcs_on_the_aligned_crops(checkpoint, pipe, portrait
   want = np.asarray(nnx.jit(lambda model, images: model(images).expression)(encoders, aligned))[0]
   close = lambda got: np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
   # The image source at intensity 1 is its e_v itself.
-  monkeypatch.setattr(pipeline_module, "detect_face", lambda image, name: landmarks)
+  monkeypatch.setattr(pipeline_inputs, "detect_face", lambda image, name: landmarks)
   close(pipe.image_condition(frame, 1.0))
   # No emotion source: Di-CTE's condition is the portrait's e_ref.
   seen, generate = {}, dicte_module.generate_expressions
@@ -316,7 +318,7 @@ def test_sample_command(checkpoint, portrait, tmp_path, monkeypatch, capsys):
   image = tmp_path / "portrait.png"
   Image.fromarray(frame).save(image)
   # The synthetic face is not a photo MediaPipe is sure to find: give the renderer's landmarks.
-  monkeypatch.setattr(pipeline_module, "detect_face", lambda image, name: landmarks)
+  monkeypatch.setattr(pipeline_inputs, "detect_face", lambda image, name: landmarks)
   out, bad = tmp_path / "talk.mp4", tmp_path / "bad.mp4"
   base = ["sample", "--portrait", str(image), "--audio", str(wav), "--checkpoint",
           str(checkpoint), "--no-progress"]
@@ -360,16 +362,16 @@ def test_sample_command_dtype_and_attention(checkpoint, portrait, tmp_path, monk
   from PIL import Image
   image = tmp_path / "portrait.png"
   Image.fromarray(frame).save(image)
-  monkeypatch.setattr(pipeline_module, "detect_face", lambda image, name: landmarks)
+  monkeypatch.setattr(pipeline_inputs, "detect_face", lambda image, name: landmarks)
   base = ["sample", "--portrait", str(image), "--audio", str(wav), "--checkpoint",
           str(checkpoint), "--no-progress", "--out", str(tmp_path / "talk.mp4")]
   args = cli.build_parser().parse_args(base + ["--dtype", "bfloat16", "--attention", "xla"])
   assert (args.dtype, args.attention) == ("bfloat16", "xla")
-  assert pipeline_module.compute_for("bfloat16", "xla") == Compute.bf16("xla")
+  assert sample_module.compute_for("bfloat16", "xla") == Compute.bf16("xla")
   # The CPU's default is fp32, the accelerators' bf16.
   assert cli.build_parser().parse_args(base).dtype is None
-  assert pipeline_module.default_dtype() == "float32"
-  assert pipeline_module.compute_for(None) == Compute()
+  assert sample_module.default_dtype() == "float32"
+  assert sample_module.compute_for(None) == Compute()
   assert cli.main(base + ["--dtype", "bfloat16", "--attention", "xla"]) == 0
   assert "25 frames" in (out := capsys.readouterr().out) and "bfloat16 on 1 device" in out
   assert probe(tmp_path / "talk.mp4").width == RESOLUTION

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipeline.builders import common
+from etalk_jax.errors import UserError
 
 @dataclasses.dataclass(kw_only=True)
 class PrecomputedConfig(tfds.core.BuilderConfig):
@@ -67,8 +68,8 @@ class PrecomputedTalkingHeads(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self):
     config: PrecomputedConfig = self.builder_config
     if config.examples is None:
-      raise ValueError("precomputed_talking_heads is written by `etalk precompute`, not prepared "
-                       "on its own")
+      raise UserError("precomputed_talking_heads is written by `etalk precompute`, not prepared "
+                      "on its own")
     yield from config.examples()
 
 

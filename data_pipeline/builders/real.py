@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 
 from data_pipeline import prepare
 from data_pipeline.builders import common
+from etalk_jax.errors import InputNotFound, UserError
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -48,14 +49,14 @@ class _PreparedVideos(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager):
     if self._src is None:
-      raise ValueError(f"{self.name}: no source folder; pass src=DIR (etalk prepare --src DIR)")
+      raise UserError(f"{self.name}: no source folder; pass src=DIR (etalk prepare --src DIR)")
     options = self._options or prepare.PrepareOptions(resolution=self.builder_config.resolution)
     if options.resolution != self.builder_config.resolution:
       raise ValueError(f"options.resolution {options.resolution} differs from config {self.builder_config.name}")
     items = prepare.list_videos(self._src, self.LAYOUT)
     if not items:
-      raise FileNotFoundError(f"{self._src}: no videos found for layout {self.LAYOUT!r} "
-                              f"(suffixes {', '.join(prepare.VIDEO_SUFFIXES)}); check --src and --layout")
+      raise InputNotFound(f"{self._src}: no videos found for layout {self.LAYOUT!r} "
+                          f"(suffixes {', '.join(prepare.VIDEO_SUFFIXES)}); check --src and --layout")
     work_dir = Path(self._data_dir_root) / prepare.WORK_DIR_NAME / f"{self.name}-{self.builder_config.name}"
     results = prepare.process_all(items, options, work_dir, progress=self._progress)
     clips = [(result, clip) for result in results if result["status"] == "ok" for clip in result["clips"]]
@@ -117,7 +118,7 @@ def builder_for(layout: str, src: Path, data_dir: Path, options: prepare.Prepare
                 progress: bool = True) -> _PreparedVideos:
   """The builder for a layout, configured for `options.resolution`, writing array_record under data_dir."""
   if layout not in _BY_LAYOUT:
-    raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(_BY_LAYOUT)}")
+    raise UserError(f"unknown layout {layout!r}; use one of {', '.join(_BY_LAYOUT)}")
   name = f"res{options.resolution}"
   config = next((c for c in _CONFIGS if c.name == name), None) or RealConfig(name=name, resolution=options.resolution)
   return _BY_LAYOUT[layout](src=src, options=options, progress=progress, config=config, data_dir=str(data_dir),

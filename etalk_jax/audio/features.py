@@ -35,13 +35,14 @@ from scipy.signal import resample_poly
 
 from data_pipeline.media import speech_stats
 from etalk_jax.audio.wav2vec2 import SpeechEncoderBase, frame_mask_from_lengths
+from etalk_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
 
 
-class AudioError(ValueError):
+class AudioError(UserError):
   """Speech input that cannot be used; the message names the input and what to do."""
 
 
@@ -213,7 +214,7 @@ class FeatureConfig:
       problems.append(f"chunk_frames {self.chunk_frames} must exceed 2 * context_frames "
                       f"{self.context_frames}")
     if problems:
-      raise ValueError("invalid FeatureConfig: " + "; ".join(problems) + ".")
+      raise UserError("invalid FeatureConfig: " + "; ".join(problems) + ".")
 
   @property
   def samples_per_frame(self) -> float:

@@ -32,6 +32,7 @@ from flax import nnx
 from etalk_jax import model_io
 from etalk_jax.audio.wav2vec2 import Wav2Vec2, Wav2Vec2Config, WeightNormConv1d
 from etalk_jax.audio.wavlm import WavLM, WavLMConfig
+from etalk_jax.errors import UserError
 from etalk_jax.layers.compute import FP32, Compute
 from etalk_jax.weights import (CONV, ConversionError, ConversionTable, TensorSource,
                                atomic_folder, export_tensors, load_into, open_source,
@@ -318,7 +319,7 @@ def _summary(arrays) -> dict:
 def _convert_command(family: _Family, src: str, dst: str, to: str, overwrite: bool) -> dict:
   start = time.perf_counter()
   if to not in ("ours", "transformers"):
-    raise ValueError(f"--to {to!r} is unknown; use 'ours' or 'transformers'.")
+    raise UserError(f"--to {to!r} is unknown; use 'ours' or 'transformers'.")
   src_path = Path(src)
   if not src_path.exists():
     raise ConversionError(f"--src {src} does not exist.")

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from etalk_jax.errors import UserError
 from etalk_jax.layers.attention import dot_product_attention
 from etalk_jax.layers.compute import FP32, Compute
 
@@ -61,8 +62,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   if name not in ACTIVATIONS:
-    raise ValueError(f"activation {name!r} is not supported; use one of "
-                     f"{', '.join(sorted(ACTIVATIONS))}.")
+    raise UserError(f"activation {name!r} is not supported; use one of "
+                    f"{', '.join(sorted(ACTIVATIONS))}.")
   return ACTIVATIONS[name]
 
 
@@ -133,22 +134,22 @@ class Wav2Vec2Config:
         problems.append(f"{name} {getattr(self, name)!r} is not supported (known: "
                         f"{', '.join(sorted(ACTIVATIONS))})")
     if problems:
-      raise ValueError(f"invalid {type(self).__name__}: " + "; ".join(problems) + ".")
+      raise UserError(f"invalid {type(self).__name__}: " + "; ".join(problems) + ".")
 
   @classmethod
   def from_dict(cls, config: Mapping[str, Any]) -> "Wav2Vec2Config":
     """From transformers' config.json contents; fields that do not shape the encoder are ignored."""
     model_type = config.get("model_type")
     if model_type is not None and model_type != cls.model_type:
-      raise ValueError(f"config.json says model_type {model_type!r}, but a {cls.model_type!r} "
-                       f"config is needed; point to the {cls.model_type} model's folder.")
+      raise UserError(f"config.json says model_type {model_type!r}, but a {cls.model_type!r} "
+                      f"config is needed; point to the {cls.model_type} model's folder.")
     fields = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in config.items() if k in fields}
     layers = config.get("num_feat_extract_layers")
     conv_dim = values.get("conv_dim", cls.conv_dim)
     if layers is not None and layers != len(conv_dim):
-      raise ValueError(f"config.json has num_feat_extract_layers={layers} but {len(conv_dim)} "
-                       "conv_dim entries; fix one of them.")
+      raise UserError(f"config.json has num_feat_extract_layers={layers} but {len(conv_dim)} "
+                      "conv_dim entries; fix one of them.")
     return cls(**values)
 
   def to_dict(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from etalk_jax.audio.wav2vec2 import Encoder, FeedForward, SpeechEncoderBase, Wav2Vec2Config
+from etalk_jax.errors import UserError
 from etalk_jax.layers.attention import dot_product_attention
 from etalk_jax.layers.compute import FP32, Compute
 
@@ -34,7 +35,7 @@ class WavLMConfig(Wav2Vec2Config):
   def validate(self) -> None:
     super().validate()
     if self.adapter_attn_dim is not None:
-      raise ValueError("WavLM has no attention adapters; adapter_attn_dim must be None.")
+      raise UserError("WavLM has no attention adapters; adapter_attn_dim must be None.")
 
   def to_dict(self):
     out = super().to_dict()

@@ -51,6 +51,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from etalk_jax.diffusion.edm import denoised_from_v, noise_conditioning, scale_model_input
+from etalk_jax.errors import UserError
 
 Denoiser = Callable[[Any, jax.Array, jax.Array, Any, Any], jax.Array]
 
@@ -84,8 +85,8 @@ class WindowConfig:
 
   def __post_init__(self):
     if not 0 <= self.overlap < self.frames:
-      raise ValueError(f"WindowConfig: overlap {self.overlap} must be in [0, frames "
-                       f"{self.frames}); fix the window config.")
+      raise UserError(f"WindowConfig: overlap {self.overlap} must be in [0, frames "
+                      f"{self.frames}); fix the window config.")
 
 
 WINDOWS_512 = WindowConfig(frames=120, overlap=24)

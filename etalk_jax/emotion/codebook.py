@@ -28,8 +28,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +37,8 @@ import numpy as np
 
 from data_pipeline import EMOTIONS
 from etalk_jax.emotion.keywords import check_keyword
+from etalk_jax.errors import OutputExists, UserError
+from etalk_jax.records import read_record, write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Codebook:
     if counts.shape != (len(keywords),) or (counts < 1).any():
       problems.append(f"counts {counts.tolist()} must be one positive frame count per keyword")
     if problems:
-      raise ValueError("invalid emotion codebook: " + "; ".join(problems) + ".")
+      raise UserError("invalid emotion codebook: " + "; ".join(problems) + ".")
     object.__setattr__(self, "keywords", keywords)
     object.__setattr__(self, "latents", latents)
     object.__setattr__(self, "counts", counts)
@@ -98,9 +98,9 @@ class Codebook:
     """The mean expression code `(dim,)` of `keyword` (any spelling `check_keyword` accepts)."""
     keyword = check_keyword(keyword)
     if keyword not in self.keywords:
-      raise ValueError(f"this emotion codebook has no latent for {keyword!r}: its data had no "
-                       f"frames labelled so. It holds {', '.join(self.keywords)}; choose one of "
-                       f"those or rebuild it from data that has {keyword!r} ({BUILD_COMMAND}).")
+      raise UserError(f"this emotion codebook has no latent for {keyword!r}: its data had no "
+                      f"frames labelled so. It holds {', '.join(self.keywords)}; choose one of "
+                      f"those or rebuild it from data that has {keyword!r} ({BUILD_COMMAND}).")
     return self.latents[self.keywords.index(keyword)]
 
   def condition(self, keyword: str, intensity: float = 1.0) -> np.ndarray:
@@ -110,9 +110,9 @@ class Codebook:
     except (TypeError, ValueError):
       alpha = math.nan
     if not 0.0 <= alpha <= MAX_INTENSITY:  # also rejects NaN
-      raise ValueError(f"emotion intensity {intensity!r} is out of range; give a number from 0 "
-                       f"(neutral) to 1 (the keyword's mean face) up to {MAX_INTENSITY} "
-                       "(exaggerated).")
+      raise UserError(f"emotion intensity {intensity!r} is out of range; give a number from 0 "
+                      f"(neutral) to 1 (the keyword's mean face) up to {MAX_INTENSITY} "
+                      "(exaggerated).")
     neutral = self.latent("neutral")
     return (neutral + np.float32(alpha) * (self.latent(keyword) - neutral)).astype(np.float32)
 
@@ -134,48 +134,18 @@ class Codebook:
 
   def save(self, path: str | Path) -> Path:
     """Writes the codebook as JSON at `path`, atomically (a temporary file, then a rename)."""
-    path = Path(path).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(self.to_dict(), indent=1) + "\n"
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial",
-                                         dir=path.parent)
-    try:
-      with os.fdopen(handle, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-      os.replace(temporary, path)
-    finally:
-      if os.path.exists(temporary):
-        os.unlink(temporary)
-    return path
+    return write_text_atomically(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
   @classmethod
   def load(cls, path: str | Path) -> "Codebook":
-    path = Path(path)
-    if not path.is_file():
-      raise FileNotFoundError(f"emotion codebook {path} does not exist; build one with "
-                              f"`{BUILD_COMMAND}`.")
-    try:
-      data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-      raise ValueError(f"{path} is not an emotion codebook (not valid JSON: {error}); rebuild it "
-                       f"with `{BUILD_COMMAND}`.") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-      raise ValueError(f"{path} is not an emotion codebook (no \"format\": \"{FORMAT}\"); "
-                       f"build one with `{BUILD_COMMAND}`.")
-    if data.get("version") != VERSION:
-      raise ValueError(f"{path} is an emotion codebook of version {data.get('version')!r}; this "
-                       f"etalk-jax reads version {VERSION}. Rebuild it with `{BUILD_COMMAND}`.")
-    missing = [k for k in ("keywords", "latents", "counts") if k not in data]
-    if missing:
-      raise ValueError(f"{path}: the emotion codebook lacks {', '.join(missing)}; rebuild it "
-                       f"with `{BUILD_COMMAND}`.")
+    data = read_record(path, format=FORMAT, version=VERSION, what="an emotion codebook",
+                       fix=f"Build one with `{BUILD_COMMAND}`.",
+                       required=("keywords", "latents", "counts"))
     try:
       return cls(tuple(data["keywords"]), np.asarray(data["latents"], np.float32),
                  np.asarray(data["counts"], np.int64), data.get("source") or {})
     except (ValueError, TypeError) as error:
-      raise ValueError(f"{path}: {error} Rebuild it with `{BUILD_COMMAND}`.") from None
+      raise UserError(f"{path}: {error} Rebuild it with `{BUILD_COMMAND}`.") from None
 
 
 def build_codebook(expressions: np.ndarray, labels: Sequence[str],
@@ -194,9 +164,9 @@ def build_codebook(expressions: np.ndarray, labels: Sequence[str],
   present = [keyword for keyword in EMOTIONS if (labels == keyword).any()]
   missing = [keyword for keyword in EMOTIONS if keyword not in present]
   if "neutral" in missing or (missing and not allow_missing):
-    raise ValueError(f"no frames labelled {', '.join(missing)}; a codebook needs frames of "
-                     + ("every keyword" if not allow_missing else "'neutral'")
-                     + f" ({', '.join(EMOTIONS)}).")
+    raise UserError(f"no frames labelled {', '.join(missing)}; a codebook needs frames of "
+                    + ("every keyword" if not allow_missing else "'neutral'")
+                    + f" ({', '.join(EMOTIONS)}).")
   latents = np.stack([expressions[labels == keyword].mean(axis=0, dtype=np.float64)
                       for keyword in present]).astype(np.float32)
   counts = np.asarray([(labels == keyword).sum() for keyword in present], np.int64)
@@ -234,15 +204,15 @@ def codebook_build_command(data_dir: str | Path, dst: str | Path,
   started = time.time()
   dst = Path(dst)
   if dst.exists() and not overwrite:
-    raise FileExistsError(f"{dst} already exists; choose another destination or pass "
-                          "--overwrite.")
+    raise OutputExists(f"{dst} already exists; choose another destination or pass "
+                       "--overwrite.")
   if max_frames_per_clip < 1:
-    raise ValueError(f"max_frames_per_clip is {max_frames_per_clip}; encode at least one frame "
-                     "per clip.")
+    raise UserError(f"max_frames_per_clip is {max_frames_per_clip}; encode at least one frame "
+                    "per clip.")
   if encoders is None:
     if encoders_dir is None:
-      raise ValueError("no expression encoder given; pass --encoders DIR (the trained encoders "
-                       "saved by the encoder pre-training stage).")
+      raise UserError("no expression encoder given; pass --encoders DIR (the trained encoders "
+                      "saved by the encoder pre-training stage).")
     from etalk_jax.vision.params import load_encoders  # noqa: PLC0415
     encoders = load_encoders(encoders_dir)
   # Only the vision half of the featurizer is used: the same alignment and jitted encoder as
@@ -278,8 +248,8 @@ def codebook_build_command(data_dir: str | Path, dst: str | Path,
       encode_pending()
   encode_pending()
   if not expressions:
-    raise ValueError(f"{data_dir} split {split!r} has no clip labelled with an emotion keyword "
-                     f"({', '.join(EMOTIONS)}); skipped: {skipped or 'none'}.")
+    raise UserError(f"{data_dir} split {split!r} has no clip labelled with an emotion keyword "
+                    f"({', '.join(EMOTIONS)}); skipped: {skipped or 'none'}.")
 
   source = {"dataset": str(Path(data_dir).absolute()), "split": split,
             "encoders": str(Path(encoders_dir).absolute()) if encoders_dir else "in memory",

@@ -40,6 +40,7 @@ import re
 from collections.abc import Callable, Mapping
 
 from data_pipeline import EMOTIONS
+from etalk_jax.errors import UserError
 
 TextClassifier = Callable[[str], "str | Mapping[str, float]"]
 
@@ -143,7 +144,7 @@ def check_keyword(word: str) -> str:
     return normalised
   if normalised in KEYWORD_ALIASES:
     return KEYWORD_ALIASES[normalised]
-  raise ValueError(f"unknown emotion {word!r}; use one of {_keyword_list()}.")
+  raise UserError(f"unknown emotion {word!r}; use one of {_keyword_list()}.")
 
 
 def _tokens(text: str) -> list[str]:
@@ -206,8 +207,8 @@ def keyword_from_text(text: str, classifier: TextClassifier | None = None) -> st
     return _from_classifier(text, classifier)
   votes = lexicon_votes(text)
   if not votes:
-    raise ValueError(f"no emotion word found in the text {text!r}; describe it with one of "
-                     f"{_keyword_list()} (or a synonym), or pass --emotion WORD instead.")
+    raise UserError(f"no emotion word found in the text {text!r}; describe it with one of "
+                    f"{_keyword_list()} (or a synonym), or pass --emotion WORD instead.")
   counts = {keyword: votes.count(keyword) for keyword in votes}
   last_vote = {keyword: position for position, keyword in enumerate(votes)}
   return max(counts, key=lambda keyword: (counts[keyword], last_vote[keyword]))

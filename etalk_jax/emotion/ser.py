@@ -32,6 +32,7 @@ from flax import nnx
 from data_pipeline import EMOTIONS
 from etalk_jax import model_io
 from etalk_jax.audio.features import AudioFeatures, load_speech, normalize
+from etalk_jax.errors import UserError
 from etalk_jax.layers.compute import FP32, Compute
 
 STANDARDISE_EPS = 1e-5  # keeps a constant hidden vector's z-score finite
@@ -54,12 +55,12 @@ class SERConfig(model_io.ModelConfig):
   def __post_init__(self):
     for name in ("num_layers", "hidden_size", "head_dim"):
       if getattr(self, name) < 1:
-        raise ValueError(f"SERConfig.{name}={getattr(self, name)} must be at least 1.")
+        raise UserError(f"SERConfig.{name}={getattr(self, name)} must be at least 1.")
     if self.num_classes != len(EMOTIONS):
-      raise ValueError(f"SERConfig.num_classes={self.num_classes} must be {len(EMOTIONS)}, one "
-                       f"per emotion keyword ({', '.join(EMOTIONS)}).")
+      raise UserError(f"SERConfig.num_classes={self.num_classes} must be {len(EMOTIONS)}, one "
+                      f"per emotion keyword ({', '.join(EMOTIONS)}).")
     if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"SERConfig.dropout={self.dropout} must be in [0, 1).")
+      raise UserError(f"SERConfig.dropout={self.dropout} must be in [0, 1).")
 
   @classmethod
   def for_audio(cls, audio: AudioFeatures, **sizes: Any) -> "SERConfig":
@@ -178,10 +179,10 @@ def keyword_from_speech(head: SpeechEmotionHead, audio: AudioFeatures, speech: A
   """An emotional utterance -> (its keyword, probability per keyword)."""
   if (head.config.num_layers, head.config.hidden_size) != (
       audio.num_layers, audio.model_config.hidden_size):
-    raise ValueError(f"the speech-emotion head reads {head.config.num_layers} layers of "
-                     f"{head.config.hidden_size}, but the speech encoder gives "
-                     f"{audio.num_layers} of {audio.model_config.hidden_size}; use the WavLM "
-                     "the head was trained on.")
+    raise UserError(f"the speech-emotion head reads {head.config.num_layers} layers of "
+                    f"{head.config.hidden_size}, but the speech encoder gives "
+                    f"{audio.num_layers} of {audio.model_config.hidden_size}; use the WavLM "
+                    "the head was trained on.")
   batch, mask = pad_utterances([speech_states(audio, speech)])
   keywords, probabilities = predict_keyword(head, batch, mask)
   return keywords[0], dict(zip(EMOTIONS, probabilities[0].tolist()))

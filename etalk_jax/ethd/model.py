@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from etalk_jax import model_io
+from etalk_jax.errors import UserError
 from etalk_jax.ethd.edi import ETHDTransformer
 from etalk_jax.layers.compute import FP32, Compute
 from etalk_jax.svd.config import UNetConfig
@@ -59,18 +60,18 @@ class ETHDConfig:
 
   def __post_init__(self):
     if self.latent_target not in ("absolute", "reference_relative"):
-      raise ValueError(f"latent_target must be 'absolute' or 'reference_relative', got "
-                       f"{self.latent_target!r}")
+      raise UserError(f"latent_target must be 'absolute' or 'reference_relative', got "
+                      f"{self.latent_target!r}")
     if not isinstance(self.unet.cross_attention_dim, int):
-      raise ValueError("ETHD needs one cross_attention_dim for all levels (the token width)")
+      raise UserError("ETHD needs one cross_attention_dim for all levels (the token width)")
     if self.window % 2 == 0:
-      raise ValueError(f"window must be odd (centred on the frame), got {self.window}")
+      raise UserError(f"window must be odd (centred on the frame), got {self.window}")
     if len(self.lip_mean) != len(self.lip_std) or (self.lip_mean and
                                                    len(self.lip_mean) != self.lip_dim):
-      raise ValueError(f"lip_mean and lip_std must both be empty or both hold lip_dim = "
-                       f"{self.lip_dim} values, got {len(self.lip_mean)} and {len(self.lip_std)}")
+      raise UserError(f"lip_mean and lip_std must both be empty or both hold lip_dim = "
+                      f"{self.lip_dim} values, got {len(self.lip_mean)} and {len(self.lip_std)}")
     if any(not std > 0 for std in self.lip_std):
-      raise ValueError("lip_std must be positive in every dimension")
+      raise UserError("lip_std must be positive in every dimension")
 
   @property
   def token_dim(self) -> int:
@@ -81,8 +82,8 @@ class ETHDConfig:
     """The pixel noise the reference frame is augmented with before the VAE encodes it: the
     third added time id, so what the UNet is told and what it is given cannot disagree."""
     if len(self.added_time_ids) < 3:
-      raise ValueError(f"added_time_ids {self.added_time_ids} hold no noise augmentation "
-                       "strength (SVD's third id)")
+      raise UserError(f"added_time_ids {self.added_time_ids} hold no noise augmentation "
+                      "strength (SVD's third id)")
     return float(self.added_time_ids[2])
 
   def to_dict(self) -> dict[str, Any]:
@@ -230,7 +231,7 @@ def ethd_from_svd(unet: UNetSpatioTemporal, config: ETHDConfig | None = None, *,
   computes what the SVD UNet computes with that context."""
   config = config or ETHDConfig(unet=unet.config)
   if config.unet != unet.config:
-    raise ValueError("the ETHD config's UNet differs from the SVD UNet it starts from")
+    raise UserError("the ETHD config's UNet differs from the SVD UNet it starts from")
   ethd = model_io.abstract(lambda rngs: ETHD(config, compute=compute, rngs=rngs))
   svd_leaves = dict(nnx.to_flat_state(nnx.state(unet)))
   key = jax.random.key(seed)
@@ -259,7 +260,7 @@ def save_ethd(model: ETHD, folder, *, overwrite: bool = False):
 def load_ethd(folder, compute: Compute = FP32) -> ETHD:
   fields = model_io.read_config(folder)
   if fields.pop("_class_name", None) != "ETHD":
-    raise ValueError(f"{folder} does not hold an ETHD model")
+    raise UserError(f"{folder} does not hold an ETHD model")
   config = ETHDConfig.from_dict(fields)
   return model_io.restore_model(folder, lambda: model_io.abstract(
       lambda rngs: ETHD(config, compute=compute, rngs=rngs)))

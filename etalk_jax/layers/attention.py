@@ -37,6 +37,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask
 from jax.sharding import PartitionSpec
 
+from etalk_jax.errors import UserError
 from etalk_jax.layers.compute import ATTENTION_IMPLEMENTATIONS, FP32, Compute
 from etalk_jax.layers.norm import group_norm
 
@@ -156,8 +157,8 @@ def choose_attention(requested: str, backend: str, query_shape: Sequence[int],
   """What a call of these shapes runs on `backend` when `requested` is asked for (shapes are
   `(batch, length, heads, head_dim)`; mask / bias broadcastable to `(batch, heads, q, kv)`)."""
   if requested not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f"attention implementation {requested!r} is unknown; choose one of "
-                     f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    raise UserError(f"attention implementation {requested!r} is unknown; choose one of "
+                    f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
   kernel = BACKEND_KERNELS.get(backend) if requested == "auto" else requested
   reason = None
   if kernel == "cudnn":

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from etalk_jax.errors import UserError
+
 # "auto": the best implementation of the backend a call runs on (cuDNN flash attention on a GPU,
 # splash on a TPU, XLA on the CPU), each call falling back where its shapes do not fit;
 # "xla": XLA's own ops on every backend (blocked online-softmax for long key sequences).
@@ -42,12 +44,12 @@ class Compute:
 
   def __post_init__(self):
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(
+      raise UserError(
           f"attention implementation {self.attention!r} is unknown; choose one of "
           f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
     if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat policy {self.remat!r} is unknown; choose one of "
-                       f"{', '.join(REMAT_POLICIES)}")
+      raise UserError(f"remat policy {self.remat!r} is unknown; choose one of "
+                      f"{', '.join(REMAT_POLICIES)}")
 
   @classmethod
   def bf16(cls, attention: str = "auto") -> "Compute":

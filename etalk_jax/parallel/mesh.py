@@ -15,6 +15,8 @@ from typing import Mapping
 import jax
 import numpy as np
 
+from etalk_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "context")
@@ -30,23 +32,23 @@ def mesh_shape(config: Mapping[str, int], device_count: int) -> dict[str, int]:
   sizes = dict(config.items())
   unknown = sorted(set(sizes) - set(MESH_AXES))
   if unknown:
-    raise ValueError(f"mesh config names unknown axes {unknown}; the axes are "
-                     f"{', '.join(MESH_AXES)}")
+    raise UserError(f"mesh config names unknown axes {unknown}; the axes are "
+                    f"{', '.join(MESH_AXES)}")
   sizes = {axis: int(sizes.get(axis, 1)) for axis in MESH_AXES
            if axis not in OPTIONAL_AXES or axis in sizes}
   free = [axis for axis, size in sizes.items() if size == -1]
   if len(free) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
-    raise ValueError(f"mesh config {dict(config.items())}: sizes must be positive, with at "
-                     "most one -1 (the devices left over)")
+    raise UserError(f"mesh config {dict(config.items())}: sizes must be positive, with at "
+                    "most one -1 (the devices left over)")
   fixed = int(np.prod([size for size in sizes.values() if size != -1]))
   if free:
     if device_count % fixed:
-      raise ValueError(f"mesh config {dict(config.items())}: {device_count} devices do not "
-                       f"divide by the fixed axes' product {fixed}")
+      raise UserError(f"mesh config {dict(config.items())}: {device_count} devices do not "
+                      f"divide by the fixed axes' product {fixed}")
     sizes[free[0]] = device_count // fixed
   elif fixed != device_count:
-    raise ValueError(f"mesh config {dict(config.items())} needs {fixed} devices, but "
-                     f"{device_count} are available; set one axis to -1 to use them all")
+    raise UserError(f"mesh config {dict(config.items())} needs {fixed} devices, but "
+                    f"{device_count} are available; set one axis to -1 to use them all")
   return sizes
 
 

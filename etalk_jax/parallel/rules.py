@@ -33,6 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from etalk_jax import model_io
+from etalk_jax.errors import UserError
 from etalk_jax.parallel import logical
 
 BATCH = "batch"
@@ -67,10 +68,10 @@ def _rule_table(rules: Rules) -> dict[str, tuple[str, ...]]:
   table = {}
   for entry in rules:
     if len(entry) != 2 or not isinstance(entry[0], str):
-      raise ValueError(f"sharding rule {entry!r} is not a (logical_name, mesh_axis) pair")
+      raise UserError(f"sharding rule {entry!r} is not a (logical_name, mesh_axis) pair")
     name, axes = entry
     if name in table:
-      raise ValueError(f"sharding rules name the logical axis {name!r} twice")
+      raise UserError(f"sharding rules name the logical axis {name!r} twice")
     table[name] = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
   return table
 

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from etalk_jax.errors import UserError
 from etalk_jax.layers.compute import FP32, Compute
 from etalk_jax.svd.vae import TemporalVAE, decode_in_chunks
 
@@ -81,8 +82,8 @@ class PixelShuffleCodec:
     pixels = to_unit_range(frames)
     height, width = pixels.shape[-3:-1]
     if height % self.factor or width % self.factor:
-      raise ValueError(f"frames of {height}x{width} pixels do not fold into {self.factor}x"
-                       f"{self.factor} patches; use a resolution divisible by {self.factor}")
+      raise UserError(f"frames of {height}x{width} pixels do not fold into {self.factor}x"
+                      f"{self.factor} patches; use a resolution divisible by {self.factor}")
     return self.scale * einops.rearrange(pixels, "... (h p) (w q) c -> ... h w (p q c)",
                                          p=self.factor, q=self.factor)
 
@@ -197,9 +198,9 @@ def codec_from_spec(spec: dict[str, Any], folder: str | Path | None = None,
                          np.asarray(spec["mean"], np.float32), float(spec["scale"]))
   if kind == "vae":
     if folder is None:
-      raise ValueError("a VAE codec needs the checkpoint folder holding vae/")
+      raise UserError("a VAE codec needs the checkpoint folder holding vae/")
     from etalk_jax.svd.params import load_vae  # noqa: PLC0415
     return VAECodec(load_vae(Path(folder) / "vae", compute),
                     int(spec.get("decode_chunk_frames", 14)))
-  raise ValueError(f"unknown latent codec {kind!r} in pipeline.json; use 'vae', "
-                   f"'pixel_shuffle' or 'patch_pca'")
+  raise UserError(f"unknown latent codec {kind!r} in pipeline.json; use 'vae', "
+                  f"'pixel_shuffle' or 'patch_pca'")

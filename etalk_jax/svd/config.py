@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from etalk_jax.errors import InputNotFound, UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -16,7 +18,7 @@ def _per_level(value: int | Sequence[int], levels: int, name: str) -> tuple[int,
     return (value,) * levels
   value = tuple(value)
   if len(value) != levels:
-    raise ValueError(f"config field {name} has {len(value)} entries for {levels} levels")
+    raise UserError(f"config field {name} has {len(value)} entries for {levels} levels")
   return value
 
 
@@ -41,13 +43,13 @@ class _DiffusersConfig:
     try:
       fields = json.loads(path.read_text())
     except FileNotFoundError as error:
-      raise FileNotFoundError(f"{path} is missing: a diffusers model folder needs its "
-                              "config.json beside the weights") from error
+      raise InputNotFound(f"{path} is missing: a diffusers model folder needs its "
+                          "config.json beside the weights") from error
     except json.JSONDecodeError as error:
-      raise ValueError(f"{path} is not valid JSON ({error})") from error
+      raise UserError(f"{path} is not valid JSON ({error})") from error
     name = fields.get("_class_name")
     if name and name != cls.class_name:
-      raise ValueError(f"{path} describes a {name}, not a {cls.class_name}")
+      raise UserError(f"{path} describes a {name}, not a {cls.class_name}")
     return cls.from_dict(fields)
 
   def to_dict(self) -> dict[str, Any]:
@@ -81,20 +83,20 @@ class UNetConfig(_DiffusersConfig):
   def __post_init__(self):
     levels = len(self.block_out_channels)
     if len(self.down_block_types) != levels or len(self.up_block_types) != levels:
-      raise ValueError("down_block_types, up_block_types and block_out_channels must have the "
-                       "same length")
+      raise UserError("down_block_types, up_block_types and block_out_channels must have the "
+                      "same length")
     for name in self.down_block_types:
       if name not in ("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"):
-        raise ValueError(f"unknown down block type {name!r}")
+        raise UserError(f"unknown down block type {name!r}")
     for name in self.up_block_types:
       if name not in ("CrossAttnUpBlockSpatioTemporal", "UpBlockSpatioTemporal"):
-        raise ValueError(f"unknown up block type {name!r}")
+        raise UserError(f"unknown up block type {name!r}")
     for name in ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
                  "num_attention_heads"):
       _per_level(getattr(self, name), levels, name)
     if self.projection_class_embeddings_input_dim % self.addition_time_embed_dim:
-      raise ValueError("projection_class_embeddings_input_dim must be a multiple of "
-                       "addition_time_embed_dim (one embedding per added time id)")
+      raise UserError("projection_class_embeddings_input_dim must be a multiple of "
+                      "addition_time_embed_dim (one embedding per added time id)")
 
   def per_level(self, name: str) -> tuple[int, ...]:
     return _per_level(getattr(self, name), len(self.block_out_channels), name)
@@ -118,7 +120,7 @@ class VAEConfig(_DiffusersConfig):
 
   def __post_init__(self):
     if len(self.down_block_types) != len(self.block_out_channels):
-      raise ValueError("down_block_types and block_out_channels must have the same length")
+      raise UserError("down_block_types and block_out_channels must have the same length")
     for name in self.down_block_types:
       if name != "DownEncoderBlock2D":
-        raise ValueError(f"unknown VAE down block type {name!r}")
+        raise UserError(f"unknown VAE down block type {name!r}")

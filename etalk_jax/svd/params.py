@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from etalk_jax import model_io
+from etalk_jax.errors import InputNotFound, UserError
 from etalk_jax.layers.compute import FP32, Compute
 from etalk_jax.svd.config import UNetConfig, VAEConfig
 from etalk_jax.svd.unet import UNetSpatioTemporal
@@ -137,7 +138,7 @@ def _load(kind: str, folder: str | Path, compute: Compute = FP32):
   config_cls = KINDS[kind][0]
   fields = model_io.read_config(folder)
   if fields.get("_class_name") not in (None, config_cls.class_name):
-    raise ValueError(f"{folder} holds a {fields['_class_name']}, not a {config_cls.class_name}")
+    raise UserError(f"{folder} holds a {fields['_class_name']}, not a {config_cls.class_name}")
   config = config_cls.from_dict(fields)
   return model_io.restore_model(folder, lambda: abstract_model(kind, config, compute))
 
@@ -163,14 +164,14 @@ def _components(src: Path) -> dict[str, Path]:
   if config.is_file():
     name = json.loads(config.read_text()).get("_class_name")
     if name not in _KIND_OF_CLASS:
-      raise ValueError(f"{config} describes a {name!r}; expected one of "
-                       f"{', '.join(_KIND_OF_CLASS)}")
+      raise UserError(f"{config} describes a {name!r}; expected one of "
+                      f"{', '.join(_KIND_OF_CLASS)}")
     return {_KIND_OF_CLASS[name]: src}
   found = {kind: src / sub for kind, (_, _, sub) in KINDS.items()
            if (src / sub / "config.json").is_file()}
   if not found:
-    raise ValueError(f"{src} is neither an SVD pipeline folder (with unet/ and vae/) nor a "
-                     "UNet or VAE folder with config.json")
+    raise UserError(f"{src} is neither an SVD pipeline folder (with unet/ and vae/) nor a "
+                    "UNet or VAE folder with config.json")
   return found
 
 
@@ -179,10 +180,10 @@ def convert_command(src: str, dst: str, to: str = "ours", overwrite: bool = Fals
                     progress: bool = True) -> dict[str, Any]:
   """diffusers folder -> our folder (to="ours"), or our folder -> diffusers folder."""
   if dtype not in _DTYPES:
-    raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
+    raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
   src_path, dst_path = Path(src), Path(dst)
   if not src_path.is_dir():
-    raise FileNotFoundError(f"--src {src}: no such folder")
+    raise InputNotFound(f"--src {src}: no such folder")
   components = _components(src_path)
   single = (src_path / "config.json").is_file()
   started = time.perf_counter()
@@ -198,7 +199,7 @@ def convert_command(src: str, dst: str, to: str = "ours", overwrite: bool = Fals
         model = _load(kind, folder)
         save_diffusers(model, out, dtype=_DTYPES[dtype], overwrite=True)
       else:
-        raise ValueError(f"--to {to!r}: choose 'ours' or 'diffusers'")
+        raise UserError(f"--to {to!r}: choose 'ours' or 'diffusers'")
       leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
       summary["components"][kind] = {
           "tensors": len(leaves),

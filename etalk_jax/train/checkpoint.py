@@ -40,6 +40,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from etalk_jax.errors import InputNotFound, UserError
+
 ITEM_NAMES = ("model", "optimizer", "rng", "data", "meta")
 
 
@@ -149,11 +151,11 @@ class TrainCheckpointer:
     """
     step = self.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"{self.directory}: no checkpoint to resume from; start the run "
-                              f"fresh (check `latest_step()` first) or pass the run's --workdir")
+      raise InputNotFound(f"{self.directory}: no checkpoint to resume from; start the run "
+                          f"fresh (check `latest_step()` first) or pass the run's --workdir")
     if step not in self._manager.all_steps():
-      raise FileNotFoundError(f"{self.directory}: no checkpoint at step {step}; it has steps "
-                              f"{self.all_steps()}")
+      raise InputNotFound(f"{self.directory}: no checkpoint at step {step}; it has steps "
+                          f"{self.all_steps()}")
     model_state = nnx.state(model)
     optimizer_state = nnx.state(optimizer)
     model_live = nnx.to_pure_dict(model_state)
@@ -167,21 +169,21 @@ class TrainCheckpointer:
         data=grain.checkpoint.CheckpointRestore(iterator),
         meta=ocp.args.JsonRestore()))
     except (ValueError, KeyError, TypeError) as error:
-      raise ValueError(f"{self.directory} step {step}: the checkpoint does not match this run's "
-                       f"model, optimizer or data pipeline ({error}); resume with the config it "
-                       f"was saved with or use a fresh --workdir") from error
+      raise UserError(f"{self.directory} step {step}: the checkpoint does not match this run's "
+                      f"model, optimizer or data pipeline ({error}); resume with the config it "
+                      f"was saved with or use a fresh --workdir") from error
     nnx.replace_by_pure_dict(model_state, _from_storable(restored["model"], model_live))
     nnx.update(model, model_state)
     nnx.replace_by_pure_dict(optimizer_state, _from_storable(restored["optimizer"], optimizer_live))
     nnx.update(optimizer, optimizer_state)
     meta = restored["meta"]
     if meta["step"] != step:
-      raise ValueError(f"{self.directory} step {step}: its metadata says step {meta['step']}; the "
-                       f"folder was renamed or corrupted")
+      raise UserError(f"{self.directory} step {step}: its metadata says step {meta['step']}; the "
+                      f"folder was renamed or corrupted")
     rng_data = restored["rng"]["key"]
     if meta["rng_impl"] != _rng_impl(rng):
-      raise ValueError(f"{self.directory} step {step}: saved with RNG key implementation "
-                       f"{meta['rng_impl']}, this run uses {_rng_impl(rng)}")
+      raise UserError(f"{self.directory} step {step}: saved with RNG key implementation "
+                      f"{meta['rng_impl']}, this run uses {_rng_impl(rng)}")
     restored_rng = (jax.random.wrap_key_data(rng_data, impl=jax.random.key_impl(rng))
                     if _is_key(rng) else rng_data)
     return Restored(step=step, rng=restored_rng)

@@ -7,6 +7,8 @@ from typing import Sequence
 
 import ml_collections
 
+from etalk_jax.errors import UserError
+
 
 def base_config(stage: str, *, steps: int, lr: float, batch_size: int, window: int
                 ) -> ml_collections.ConfigDict:
@@ -58,7 +60,7 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   from ml_collections import config_flags  # noqa: PLC0415
   for override in overrides:
     if not override.startswith("--config."):
-      raise ValueError(f"unknown argument {override!r}; overrides look like --config.key=value")
+      raise UserError(f"unknown argument {override!r}; overrides look like --config.key=value")
   argv = ["etalk", f"--config={path}", *overrides]
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", default=None, flag_values=flag_values,
@@ -66,5 +68,5 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   try:
     flag_values(argv)
   except (flags.Error, FileNotFoundError, AttributeError, KeyError, TypeError) as error:
-    raise ValueError(f"--config {path}: {error}") from error
+    raise UserError(f"--config {path}: {error}") from error
   return flag_values.config

@@ -40,6 +40,7 @@ import optax
 from flax import nnx
 
 from etalk_jax import parallel
+from etalk_jax.errors import UserError
 from etalk_jax.train.checkpoint import StopRequest, TrainCheckpointer
 from etalk_jax.train.optim import Optimizer, adam_8bit
 
@@ -83,7 +84,7 @@ def learning_rate_schedule(optim: Mapping[str, Any], total_steps: int) -> optax.
     return optax.warmup_cosine_decay_schedule(
         0.0, lr, max(warmup, 1), max(total_steps, warmup + 1),
         end_value=lr * float(optim.get("final_lr_fraction", 0.0)))
-  raise ValueError(f"config.optim.schedule={kind!r}: use 'constant' or 'cosine'")
+  raise UserError(f"config.optim.schedule={kind!r}: use 'constant' or 'cosine'")
 
 
 def params_ema(decay: float) -> optax.GradientTransformation:
@@ -121,7 +122,7 @@ def make_optimizer(optim: Mapping[str, Any], total_steps: int
   elif name == "adam":
     parts.append(optax.adamw(schedule, weight_decay=weight_decay, **adam_args))
   else:
-    raise ValueError(f"config.optim.name={name!r}: use 'adam' or 'adam8bit'")
+    raise UserError(f"config.optim.name={name!r}: use 'adam' or 'adam8bit'")
   if optim.get("ema_decay"):
     parts.append(params_ema(float(optim["ema_decay"])))
   return optax.chain(*parts), schedule
@@ -141,9 +142,9 @@ def ema_state(optimizer: nnx.Optimizer):
 def _split_micro(batch: Batch, accumulation: int) -> Batch:
   def split(x):
     if x.shape[0] % accumulation:
-      raise ValueError(f"a batch of {x.shape[0]} does not split into {accumulation} "
-                       "micro-batches; make config.data.batch_size a multiple of "
-                       "config.optim.grad_accum")
+      raise UserError(f"a batch of {x.shape[0]} does not split into {accumulation} "
+                      "micro-batches; make config.data.batch_size a multiple of "
+                      "config.optim.grad_accum")
     return x.reshape((accumulation, x.shape[0] // accumulation) + x.shape[1:])
   return jax.tree.map(split, batch)
 

@@ -27,6 +27,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from etalk_jax.errors import InputNotFound, UserError
+
 FORMAT = "etalk_precomputed"
 # 3: l_v / e_v of PD-FGC's aligned crops (`vision.alignment`; 2 and before: of the loose crops
 # resized, which the pretrained trunk never saw); 2: per-frame arrays stored as raw float16 bytes.
@@ -53,9 +55,9 @@ def folder_digest(folder: str | Path) -> str:
 
 def _existing_folder(folder: str | Path | None, what: str, flag: str) -> Path:
   if not folder:
-    raise ValueError(f"no {what} given; pass {flag}")
+    raise UserError(f"no {what} given; pass {flag}")
   if not Path(folder).is_dir():
-    raise FileNotFoundError(f"{what} {folder} is not a folder")
+    raise InputNotFound(f"{what} {folder} is not a folder")
   return Path(folder)
 
 
@@ -74,11 +76,11 @@ def _codec_record(codec_spec: dict[str, Any]) -> dict[str, Any]:
   elif codec["kind"] == "patch_pca":
     codec_file = Path(spec.get("file", ""))
     if not codec_file.is_file():
-      raise FileNotFoundError(f"patch-PCA codec file {codec_file} does not exist; pass --codec "
-                              "patch_pca:FILE (config.codec.file in training)")
+      raise InputNotFound(f"patch-PCA codec file {codec_file} does not exist; pass --codec "
+                          "patch_pca:FILE (config.codec.file in training)")
     codec["sha256"] = hashlib.sha256(codec_file.read_bytes()).hexdigest()
   else:
-    raise ValueError(f"codec kind {codec['kind']!r}: use 'pixel_shuffle', 'patch_pca' or 'vae'")
+    raise UserError(f"codec kind {codec['kind']!r}: use 'pixel_shuffle', 'patch_pca' or 'vae'")
   return codec
 
 
@@ -117,16 +119,16 @@ def check_precomputed(folder: str | Path, codec_spec: dict[str, Any] | None,
   from data_pipeline.loader import read_precompute_info  # noqa: PLC0415
   info = read_precompute_info(folder)
   if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{folder} is not a precomputed dataset of format {FORMAT} "
-                     f"v{FORMAT_VERSION} (it says {info.get('format')} "
-                     f"v{info.get('format_version')}; before v3 its l_v / e_v were computed on "
-                     "unaligned crops); run etalk precompute again")
+    raise UserError(f"{folder} is not a precomputed dataset of format {FORMAT} "
+                    f"v{FORMAT_VERSION} (it says {info.get('format')} "
+                    f"v{info.get('format_version')}; before v3 its l_v / e_v were computed on "
+                    "unaligned crops); run etalk precompute again")
   wanted = encoder_record(codec_spec, audio_encoder_dir, vision_encoders_dir, audio_features)
   differing = [name for name, value in wanted.items() if info["encoders"].get(name) != value]
   if differing:
-    raise ValueError(f"{folder} was precomputed with other encoders ({', '.join(differing)} differ "
-                     "from the ones this config names); run etalk precompute again with them, or "
-                     "point config.data.precomputed at a matching folder")
+    raise UserError(f"{folder} was precomputed with other encoders ({', '.join(differing)} differ "
+                    "from the ones this config names); run etalk precompute again with them, or "
+                    "point config.data.precomputed at a matching folder")
   return info
 
 
@@ -139,24 +141,24 @@ def parse_codec(text: str) -> dict[str, Any]:
     try:
       return {"kind": kind, "factor": int(factor or 4), "scale": float(scale or 2.0)}
     except ValueError:
-      raise ValueError(f"--codec {text}: the pixel-shuffle factor must be an integer and the "
-                       "scale a number") from None
+      raise UserError(f"--codec {text}: the pixel-shuffle factor must be an integer and the "
+                      "scale a number") from None
   if kind == "vae" and argument:
     return {"kind": kind, "folder": argument}
   if kind == "patch_pca" and argument:
     return {"kind": kind, "file": argument}
-  raise ValueError(f"--codec {text}: use pixel_shuffle[:FACTOR[:SCALE]], vae:DIR (a folder "
-                   "of `etalk convert svd`, or its vae/) or patch_pca:FILE (a fitted codec's "
-                   "JSON)")
+  raise UserError(f"--codec {text}: use pixel_shuffle[:FACTOR[:SCALE]], vae:DIR (a folder "
+                  "of `etalk convert svd`, or its vae/) or patch_pca:FILE (a fitted codec's "
+                  "JSON)")
 
 
 def _float16(array, what: str) -> np.ndarray:
   """float32 -> float16, refusing values past its range (65504) rather than storing infinities."""
   half = np.asarray(array, np.float16)
   if not np.isfinite(half).all():
-    raise ValueError(f"{what} does not fit in float16 (largest magnitude "
-                     f"{np.abs(np.asarray(array)).max():.4g}); these encoders cannot be "
-                     "precomputed")
+    raise UserError(f"{what} does not fit in float16 (largest magnitude "
+                    f"{np.abs(np.asarray(array)).max():.4g}); these encoders cannot be "
+                    "precomputed")
   return half
 
 
@@ -204,10 +206,10 @@ def precompute_command(dataset_dir: str | Path, dst: str | Path, *, codec_spec: 
 
   started = time.time()
   if chunk_frames < 1:
-    raise ValueError(f"chunk_frames is {chunk_frames}; encode at least one frame per call")
+    raise UserError(f"chunk_frames is {chunk_frames}; encode at least one frame per call")
   records = loader.data_source(dataset_dir, split)
   if len(records) == 0:
-    raise ValueError(f"{dataset_dir} split {split!r} has no clips to precompute")
+    raise UserError(f"{dataset_dir} split {split!r} has no clips to precompute")
   with atomic_folder(Path(dst), overwrite=overwrite) as tmp:  # refuses an existing dst first
     encoders = encoder_record(codec_spec, audio_encoder_dir, vision_encoders_dir, audio_features)
     _, encode = latent_codec_from_spec(codec_spec)
@@ -226,8 +228,8 @@ def precompute_command(dataset_dir: str | Path, dst: str | Path, *, codec_spec: 
         num_frames = int(record["num_frames"])
         frames = media.decode_frames(record["video"], 0, num_frames)
         if frames.shape[1:3] != (resolution, resolution):
-          raise ValueError(f"clip {clip_id} is {frames.shape[2]}x{frames.shape[1]} px, the first "
-                           f"clip {resolution}² px; precompute one resolution at a time")
+          raise UserError(f"clip {clip_id} is {frames.shape[2]}x{frames.shape[1]} px, the first "
+                          f"clip {resolution}² px; precompute one resolution at a time")
         # Each frame aligned on its own landmarks (the record's, in [0, 1] crop coordinates).
         lip, expression = featurizer.encode_frames(
             frames, np.asarray(record["landmarks"], np.float32) * resolution)

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from etalk_jax import model_io
+from etalk_jax.errors import UserError
 from etalk_jax.layers.attention import Attention
 from etalk_jax.layers.compute import FP32, Compute
 from etalk_jax.layers.embeddings import TimestepEmbedding, timestep_features
@@ -62,19 +63,19 @@ class DiCTEConfig(model_io.ModelConfig):
   def __post_init__(self):
     object.__setattr__(self, "identity_channels", tuple(self.identity_channels))
     if self.dim % self.num_heads:
-      raise ValueError(f"DiCTEConfig.dim={self.dim} must be a multiple of "
-                       f"num_heads={self.num_heads}.")
+      raise UserError(f"DiCTEConfig.dim={self.dim} must be a multiple of "
+                      f"num_heads={self.num_heads}.")
     if not 0 <= self.prefix_frames < self.window_frames:
-      raise ValueError(f"DiCTEConfig.prefix_frames={self.prefix_frames} must be at least 0 and "
-                       f"less than window_frames={self.window_frames}.")
+      raise UserError(f"DiCTEConfig.prefix_frames={self.prefix_frames} must be at least 0 and "
+                      f"less than window_frames={self.window_frames}.")
     if not 0.0 <= self.prefix_probability <= 1.0:
-      raise ValueError(f"DiCTEConfig.prefix_probability={self.prefix_probability} must lie in "
-                       "[0, 1].")
+      raise UserError(f"DiCTEConfig.prefix_probability={self.prefix_probability} must lie in "
+                      "[0, 1].")
     if not 1 <= self.sample_steps <= self.train_steps:
-      raise ValueError(f"DiCTEConfig.sample_steps={self.sample_steps} must lie in "
-                       f"[1, train_steps={self.train_steps}].")
+      raise UserError(f"DiCTEConfig.sample_steps={self.sample_steps} must lie in "
+                      f"[1, train_steps={self.train_steps}].")
     if not self.identity_channels:
-      raise ValueError("DiCTEConfig.identity_channels needs at least one conv width.")
+      raise UserError("DiCTEConfig.identity_channels needs at least one conv width.")
 
   @classmethod
   def tiny(cls) -> "DiCTEConfig":

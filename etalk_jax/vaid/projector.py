@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from etalk_jax import model_io
+from etalk_jax.errors import UserError
 from etalk_jax.layers.attention import Attention
 from etalk_jax.layers.compute import FP32, Compute
 from etalk_jax.layers.norm import layer_norm
@@ -48,12 +49,12 @@ class ProjectorConfig(model_io.ModelConfig):
 
   def __post_init__(self):
     if self.dim % self.num_heads:
-      raise ValueError(f"ProjectorConfig.dim={self.dim} must be a multiple of "
-                       f"num_heads={self.num_heads}.")
+      raise UserError(f"ProjectorConfig.dim={self.dim} must be a multiple of "
+                      f"num_heads={self.num_heads}.")
     for name in ("window", "audio_layers", "audio_dim", "dim", "num_blocks", "num_heads",
                  "ff_mult", "output_dim"):
       if getattr(self, name) < 1:
-        raise ValueError(f"ProjectorConfig.{name}={getattr(self, name)} must be at least 1.")
+        raise UserError(f"ProjectorConfig.{name}={getattr(self, name)} must be at least 1.")
 
   @property
   def tokens_per_frame(self) -> int:

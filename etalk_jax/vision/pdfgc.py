@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from etalk_jax import model_io
+from etalk_jax.errors import UserError
 from etalk_jax.layers.compute import FP32, Compute
 
 # torch's BatchNorm defaults: eps 1e-5, momentum 0.1 (flax counts momentum the other way round).
@@ -66,17 +67,17 @@ class PDFGCConfig(model_io.ModelConfig):
   def __post_init__(self):
     for name in ("stem_channels", "block_channels", "hourglass_channels"):
       if getattr(self, name) % 4:
-        raise ValueError(f"PDFGCConfig.{name}={getattr(self, name)} must be a multiple of 4 "
-                         "(a ConvBlock splits its output into halves and quarters).")
+        raise UserError(f"PDFGCConfig.{name}={getattr(self, name)} must be a multiple of 4 "
+                        "(a ConvBlock splits its output into halves and quarters).")
     if self.hourglass_depth < 1:
-      raise ValueError(f"PDFGCConfig.hourglass_depth={self.hourglass_depth} must be at least 1.")
+      raise UserError(f"PDFGCConfig.hourglass_depth={self.hourglass_depth} must be at least 1.")
     if self.mouth_embed_dim < 1:
-      raise ValueError(f"PDFGCConfig.feature_dim={self.feature_dim} must exceed pose_dim + "
-                       f"eye_dim = {self.pose_dim + self.eye_dim}.")
+      raise UserError(f"PDFGCConfig.feature_dim={self.feature_dim} must exceed pose_dim + "
+                      f"eye_dim = {self.pose_dim + self.eye_dim}.")
     hourglass_input, _ = _summary_size(self.image_size, self.hourglass_depth)
     if hourglass_input >> self.hourglass_depth < 1:
-      raise ValueError(f"PDFGCConfig.image_size={self.image_size} is too small for an hourglass "
-                       f"of depth {self.hourglass_depth}.")
+      raise UserError(f"PDFGCConfig.image_size={self.image_size} is too small for an hourglass "
+                      f"of depth {self.hourglass_depth}.")
 
   @property
   def mouth_embed_dim(self) -> int:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 
+from etalk_jax.errors import UserError
+
 STAGES = ("encoders", "projector", "dicte", "vaid", "ethd", "ser")
 
 
@@ -20,6 +22,6 @@ def make_task(config, mesh):
   """The `Task` of `config.stage`."""
   stage = config.get("stage")
   if stage not in STAGES:
-    raise ValueError(f"config.stage={stage!r} is not a training stage; use one of "
-                     f"{', '.join(STAGES)}")
+    raise UserError(f"config.stage={stage!r} is not a training stage; use one of "
+                    f"{', '.join(STAGES)}")
   return importlib.import_module(f"etalk_jax.train.stages.{stage}").make_task(config, mesh)

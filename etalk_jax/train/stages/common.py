@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from etalk_jax import parallel
+from etalk_jax.errors import InputNotFound, UserError
 from etalk_jax.layers.compute import Compute
 from etalk_jax.svd.codec import VAECodec, reference_noise
 
@@ -23,7 +24,7 @@ def compute_of(config) -> Compute:
   train = config.train
   dtype = train.get("compute_dtype", "float32")
   if dtype not in COMPUTE_DTYPES:
-    raise ValueError(f"config.train.compute_dtype={dtype!r}: use float32 or bfloat16")
+    raise UserError(f"config.train.compute_dtype={dtype!r}: use float32 or bfloat16")
   return Compute(dtype=jax.numpy.dtype(dtype), param_dtype=jax.numpy.float32,
                  attention=train.get("attention", "auto"), remat=train.get("remat", "none"))
 
@@ -37,11 +38,11 @@ def loader_iterator(config, *, with_frames: bool = True, with_reference: bool = 
   data = config.data
   dataset_dir = data.get("dataset_dir")
   if not dataset_dir:
-    raise ValueError("config.data.dataset_dir is not set; pass --config.data.dataset_dir=DIR (a "
-                     "folder written by `etalk prepare` or `etalk synthesize`)")
+    raise UserError("config.data.dataset_dir is not set; pass --config.data.dataset_dir=DIR (a "
+                    "folder written by `etalk prepare` or `etalk synthesize`)")
   if not Path(dataset_dir).exists():
-    raise FileNotFoundError(f"config.data.dataset_dir={dataset_dir} does not exist; run `etalk "
-                            "prepare` or `etalk synthesize` first")
+    raise InputNotFound(f"config.data.dataset_dir={dataset_dir} does not exist; run `etalk "
+                        "prepare` or `etalk synthesize` first")
   loader_config = _loader_config(config, window, with_frames=with_frames,
                                  with_reference=with_reference, with_masks=with_masks,
                                  frame_masks=frame_masks)
@@ -108,9 +109,9 @@ def build_sharded(build: Callable[[Any], nnx.Module], mesh, config) -> nnx.Modul
 def required_folder(config, name: str) -> str:
   folder = config.encoders.get(name)
   if not folder:
-    raise ValueError(f"config.encoders.{name} is not set; pass --config.encoders.{name}=DIR")
+    raise UserError(f"config.encoders.{name} is not set; pass --config.encoders.{name}=DIR")
   if not Path(folder).is_dir():
-    raise FileNotFoundError(f"config.encoders.{name}={folder} is not a folder")
+    raise InputNotFound(f"config.encoders.{name}={folder} is not a folder")
   return folder
 
 
@@ -226,8 +227,8 @@ def latent_codec_from_spec(spec: dict):
       return VAECodec(nnx.merge(graphdef, state)).encode(frames)
 
     return codec, lambda frames: encode(state, frames)
-  raise ValueError(f"config.codec.kind={spec.get('kind')!r}: use 'pixel_shuffle', 'patch_pca' "
-                   "or 'vae'")
+  raise UserError(f"config.codec.kind={spec.get('kind')!r}: use 'pixel_shuffle', 'patch_pca' "
+                  "or 'vae'")
 
 
 def reference_encoder(codec, noise_aug_strength: float):
@@ -275,8 +276,8 @@ def masks_on_grid(masks: np.ndarray, height: int, width: int) -> np.ndarray:
   masks = np.asarray(masks, np.float32)
   *lead, full_height, full_width = masks.shape
   if full_height % height or full_width % width:
-    raise ValueError(f"masks of {full_height}x{full_width} do not divide into the {height}x{width} "
-                     "latent grid; use a resolution that is a multiple of it")
+    raise UserError(f"masks of {full_height}x{full_width} do not divide into the {height}x{width} "
+                    "latent grid; use a resolution that is a multiple of it")
   blocks = masks.reshape(*lead, height, full_height // height, width, full_width // width)
   return blocks.mean(axis=(-3, -1))
 
@@ -309,7 +310,7 @@ def require_ethd_init(config) -> None:
   1.58 G ETHD trains for the whole budget without learning to render a face."""
   ethd = config.get("ethd") or {}
   if ethd.get("require_init", False) and not ethd.get("init", ""):
-    raise ValueError(
+    raise UserError(
         "config.ethd.init is not set, and this config trains ETHD from SVD-XT's UNet: pass "
         "--config.ethd.init=svd:DIR (a folder of `etalk convert svd`) or "
         "--config.ethd.init=ethd:DIR (an ETHD export, e.g. the encoder stage's export/renderer); "
@@ -342,12 +343,12 @@ def build_ethd(config, mesh, lip_dim: int, expression_dim: int, lip_stats=None):
                                    lip_std=model.ethd_config.lip_std)
     if dataclasses.replace(model.ethd_config, lip_mean=wanted.lip_mean, lip_std=wanted.lip_std,
                            target_scale=wanted.target_scale) != wanted:
-      raise ValueError(f"config.ethd.init={init}: that ETHD's config differs from config.ethd "
-                       "(UNet sizes, lip / expression dims); make them match")
+      raise UserError(f"config.ethd.init={init}: that ETHD's config differs from config.ethd "
+                      "(UNet sizes, lip / expression dims); make them match")
     model.ethd_config = wanted
     return model
   if kind == "svd":
     from etalk_jax.svd.params import load_unet  # noqa: PLC0415
     unet_folder = Path(folder) / "unet" if (Path(folder) / "unet").is_dir() else Path(folder)
     return ethd_from_svd(load_unet(unet_folder, compute=compute), wanted, compute=compute)
-  raise ValueError(f"config.ethd.init={init!r}: use '', 'svd:DIR' or 'ethd:DIR'")
+  raise UserError(f"config.ethd.init={init!r}: use '', 'svd:DIR' or 'ethd:DIR'")

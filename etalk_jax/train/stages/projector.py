@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from flax import nnx
 
+from etalk_jax.errors import UserError
 from etalk_jax.train.loop import Task
 from etalk_jax.train.stages import common
 from etalk_jax.vaid.projector import AudioLipProjector, ProjectorConfig, projector_loss
@@ -21,8 +22,8 @@ def make_task(config, mesh) -> Task:
   featurizer = common.featurizer(config)
   projector_config = featurizer.projector_config(ProjectorConfig(**config.projector))
   if projector_config.use_push:
-    raise ValueError("config.projector.use_push needs Di-CTE's e_a during projector training, "
-                     "which this stage does not run; leave it off")
+    raise UserError("config.projector.use_push needs Di-CTE's e_a during projector training, "
+                    "which this stage does not run; leave it off")
   compute = common.compute_of(config)
   model = common.build_sharded(
       lambda rngs: AudioLipProjector(projector_config, compute=compute, rngs=rngs), mesh, config)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from flax import nnx
 
+from etalk_jax.errors import UserError
 from etalk_jax.train.loop import Task
 from etalk_jax.train.stages import common
 from etalk_jax.vaid.dicte import DiCTE, DiCTEConfig, dicte_loss
@@ -39,7 +40,7 @@ def make_task(config, mesh) -> Task:
   featurizer = common.featurizer(config)
   push_weight = float(config.get("push_weight", 0.0))
   if push_weight < 0:
-    raise ValueError(f"config.push_weight={push_weight}: the push term's weight must be >= 0")
+    raise UserError(f"config.push_weight={push_weight}: the push term's weight must be >= 0")
   # The push switch and weight are this stage's (config.push_weight), not the projector's fields.
   projector_config = dataclasses.replace(
       featurizer.projector_config(ProjectorConfig(**config.projector)),

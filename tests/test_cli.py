@@ -1,0 +1,49 @@
+"""`etalk`'s error handling: the project's user errors (`etalk_jax.errors.UserError` and its
+subclasses) print one line and exit 2; any other exception, a ValueError included, is a bug and
+keeps its traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from etalk_jax import cli
+from etalk_jax.emotion import codebook
+from etalk_jax.errors import InputNotFound, UserError
+
+
+def test_an_internal_value_error_keeps_its_traceback(monkeypatch, tmp_path):
+  def broken(*args, **kwargs):
+    raise ValueError("shape (3, 4) does not broadcast to (4, 3)")
+
+  monkeypatch.setattr(codebook, "codebook_build_command", broken)
+  with pytest.raises(ValueError, match="shape"):
+    cli.main(["codebook", "build", "--data", str(tmp_path), "--dst", str(tmp_path / "c.json")])
+
+
+def test_a_user_error_prints_one_line_and_exits_2(monkeypatch, tmp_path, capsys):
+  def missing(*args, **kwargs):
+    raise InputNotFound(f"{tmp_path / 'data'} does not exist; run `etalk prepare` first.")
+
+  monkeypatch.setattr(codebook, "codebook_build_command", missing)
+  argv = ["codebook", "build", "--data", str(tmp_path / "data"), "--dst", str(tmp_path / "c.json")]
+  assert cli.main(argv) == 2
+  assert capsys.readouterr().err == (f"etalk codebook: error: {tmp_path / 'data'} does not exist; "
+                                     "run `etalk prepare` first.\n")
+  with pytest.raises(FileNotFoundError):  # --verbose: the traceback too
+    cli.main(["--verbose"] + argv)
+
+
+def test_bad_input_from_the_commands_themselves_exits_2(tmp_path, capsys):
+  taken = tmp_path / "codebook.json"
+  taken.write_text("{}")
+  assert cli.main(["codebook", "build", "--data", str(tmp_path), "--dst", str(taken)]) == 2
+  assert "already exists" in capsys.readouterr().err
+  assert cli.main(["precompute", "--data", "d", "--dst", "o", "--codec", "pixel_shuffle",
+                   "--audio-encoder", "a", "--vision-encoders", "v",
+                   "--audio-features", "{not json"]) == 2
+  assert "--audio-features" in capsys.readouterr().err
+
+
+def test_user_errors_are_the_built_in_errors_they_replace():
+  assert issubclass(UserError, ValueError) and issubclass(InputNotFound, FileNotFoundError)
+  assert cli.USER_ERRORS == (UserError,)
