@@ -98,9 +98,9 @@ from flops import xla_flops  # XLA's FLOP count of a lowered function
 from svd_vs_torch import MEDIUM_UNET
 
 REPO = Path(__file__).resolve().parents[1]
-# The tests' diffusers builders (tests/svd_reference.py), as benchmarks/sharding_overhead.py
-# imports tests/parallel_step.py.
-sys.path.insert(0, str(REPO / "tests"))
+# The tests' diffusers builders (tests/helpers/svd_reference.py), as benchmarks/sharding_overhead.py
+# imports tests/helpers/parallel_step.py.
+sys.path.insert(0, str(REPO))
 
 FP32_TOLERANCE = 1e-4
 # bf16 keeps 8 bits of mantissa (relative step 2^-8 = 4e-3); through ~40 layers the output stays
@@ -262,7 +262,7 @@ class ParityModels:
   def __init__(self, sizes: Sizes):
     # torch and the tests' builders are needed by the parity rows only.
     import torch
-    import svd_reference
+    from tests.helpers import svd_reference
     self.torch, self.reference, self.sizes = torch, svd_reference, sizes
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
