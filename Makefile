@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-slow-subset test-all bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,25 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -n 2
+
+# The slow tests CI runs after `make test` (within ~8 min on 2 cores): the device check's CPU dry
+# run, the full-size TPU export, the V-AID joint stage, V-AID learning (projector and Di-CTE), the
+# ETHD objective under jit, the loader's worker processes and the MEAD layout. Left to `make
+# test-all`: the ETHD overfit (its smoke version runs in `make test`) and the 500-frame Di-CTE
+# generation (over 6 min of CPU alone). -m slow picks the slow tests of the files listed;
+# loadfile keeps a file on one worker, so its module fixtures are built once.
+SLOW_SUBSET := \
+  tests/benchmarks/test_device_check.py \
+  tests/layers/test_attention.py \
+  tests/train/test_loop.py \
+  tests/vaid/test_learning.py::test_projector_pull_loss_falls_tenfold \
+  tests/vaid/test_learning.py::test_dicte_loss_falls_tenfold \
+  tests/ethd/test_objective.py \
+  tests/data_pipeline/test_loader.py \
+  tests/data_pipeline/test_synthetic.py
+
+test-slow-subset: setup
+	$(PY) -m pytest -q -n 2 --dist loadfile -m slow $(SLOW_SUBSET)
 
 test-all: setup
 	$(PY) -m pytest -q -n 2 -m "not gpu and not tpu"

@@ -30,7 +30,7 @@ them); a row a group did not report by then is failed with the reason. Rows:
     matmuls and cuDNN): max relative error (max |ours - theirs| / max |theirs|) under 1e-4.
     bf16 (ours `Compute.bf16()`: bf16 compute over fp32 weights, attention "auto" = cuDNN;
     torch: bf16 autocast), both against torch fp32: under 5e-2, the bound of the bf16 test in
-    tests/test_svd_models.py (8 bits of mantissa through ~40 layers stay within a few percent;
+    tests/svd/test_models.py (8 bits of mantissa through ~40 layers stay within a few percent;
     a dtype bug gives O(1)); torch's own bf16 error is printed beside ours.
   attention: the first level's spatial self-attention, (120 frames, 4096 tokens, 5 heads, 64)
     bf16: `jax.nn.dot_product_attention(implementation="cudnn")`, `blocked_attention` with key
@@ -104,15 +104,15 @@ from etalk_jax.train.loop import Task, make_step, peak_flops_per_device
 from etalk_jax.train.optim import Optimizer, adam_8bit
 
 REPO = Path(__file__).resolve().parents[1]
-# The tests' diffusers builders (tests/svd_reference.py), as benchmarks/sharding_overhead.py
-# imports tests/parallel_step.py.
-sys.path.insert(0, str(REPO / "tests"))
+# The tests' diffusers builders (tests/helpers/svd_reference.py), as
+# benchmarks/sharding_overhead.py imports tests/helpers/parallel_step.py.
+sys.path.insert(0, str(REPO))
 
 FP32_TOLERANCE = 1e-4
 # bf16 keeps 8 bits of mantissa (relative step 2^-8 = 4e-3); through ~40 layers the output stays
 # within a few percent of fp32 (torch's own bf16 autocast: 1e-2 to 2e-2 on the dry run's
 # models), while a dtype bug (a cast missed, a norm in bf16) gives O(1). The bound of
-# tests/test_svd_models.py's bf16 test.
+# tests/svd/test_models.py's bf16 test.
 BF16_TOLERANCE = 5e-2
 MEDIUM_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
                   block_out_channels=(64, 128, 256), layers_per_block=2, latent_channels=4)
@@ -267,8 +267,9 @@ class ParityModels:
 
   def __init__(self, sizes: Sizes):
     # torch and the tests' builders are needed by the parity rows only.
-    import svd_reference  # noqa: PLC0415 (the tests' diffusers builders; they import PyTorch)
     import torch  # noqa: PLC0415 (PyTorch is optional on the device machine)
+
+    from tests.helpers import svd_reference  # noqa: PLC0415 (imports PyTorch)
     self.torch, self.reference, self.sizes = torch, svd_reference, sizes
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

@@ -34,9 +34,9 @@ from etalk_jax import parallel  # noqa: E402
 from etalk_jax.svd import UNetConfig, UNetSpatioTemporal  # noqa: E402
 from etalk_jax.train.optim import adam_8bit  # noqa: E402
 
-# The 8-device parity test's step and batch (tests/parallel_step.py), on a wider UNet.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from parallel_step import UNET_ONE_LEVEL, make_batch, train_step  # noqa: E402
+# The 8-device parity test's step and batch (tests/helpers/parallel_step.py), on a wider UNet.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.helpers.parallel_step import UNET_ONE_LEVEL, make_batch, train_step  # noqa: E402
 
 UNET = dict(UNET_ONE_LEVEL, block_out_channels=(64,), cross_attention_dim=32)
 

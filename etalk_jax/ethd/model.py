@@ -17,7 +17,7 @@ At initialisation from SVD (`ethd_from_svd`) the token projections' output layer
 every token is a zero vector: each cross-attention over them returns what it returns for SVD's
 unconditional (all-zero) image embedding, EDI's Δ is 0, and outside the face mask the temporal
 blocks add that same zero-context term. ETHD then equals the SVD UNet run with a zero image
-embedding, for any lip and expression latents and any face mask (tests/test_ethd.py).
+embedding, for any lip and expression latents and any face mask (tests/ethd/test_ethd.py).
 """
 
 from __future__ import annotations
