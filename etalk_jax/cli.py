@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "overrides a config field, e.g. --config.data.dataset_dir=DIR "
                   "--config.optim.lr=2e-5.")
   train.add_argument("--config", required=True,
-                     help="config file, e.g. configs/vaid.py or configs/vaid.py:tiny")
+                     help="config file, e.g. configs/vaid.py or configs/vaid.py:tiny, or a "
+                          "shipped config by name, e.g. vaid:tiny")
   train.add_argument("--workdir", required=True,
                      help="run folder: checkpoints/, metrics.jsonl, tensorboard/, export/; an "
                           "existing one resumes")

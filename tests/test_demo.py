@@ -51,13 +51,13 @@ def test_mouth_reader_reads_emotional_mouths_in_the_portraits_box():
   clip's own box read this face's sad and angry mouths inverted (it shows teeth, not a dark
   cavity): correlation -0.86 and -0.49 with the true opening."""
   from data_pipeline import synthetic
-  from etalk_jax import demo
+  from etalk_jax.demo import report
 
   def clips_of(identity_index, emotions):
     identity = synthetic.make_identity(identity_index)
     made = {emotion: synthetic.make_clip(identity, emotion, 3, 60, 64, head_motion_scale=0.3)
             for emotion in emotions}
-    return {emotion: demo.HeldOutClip(
+    return {emotion: report.HeldOutClip(
         clip_id=clip.clip_id, emotion=emotion, frames=clip.frames,
         speech=clip.audio.astype(np.float32), landmarks_px=clip.landmarks * 64,
         mouth_open=clip.mouth_open) for emotion, clip in made.items()}
@@ -68,7 +68,7 @@ def test_mouth_reader_reads_emotional_mouths_in_the_portraits_box():
     clips = clips_of(index, emotions)
     portrait = clips["neutral"]
     training += [(clip, portrait.frames[0], portrait.landmarks_px[0]) for clip in clips.values()]
-  reader = demo.MouthReader(training)
+  reader = report.MouthReader(training)
   held_out = clips_of(6, emotions)
   portrait = held_out["neutral"]
   for emotion in emotions:

@@ -21,11 +21,11 @@ def compute_of(config) -> Compute:
   """config.train.compute_dtype (float32 | bfloat16 over fp32 master weights), .remat and
   .attention -> `Compute`."""
   train = config.train
-  dtype = train.get("compute_dtype", "float32")
+  dtype = train.compute_dtype
   if dtype not in COMPUTE_DTYPES:
     raise ValueError(f"config.train.compute_dtype={dtype!r}: use float32 or bfloat16")
   return Compute(dtype=jax.numpy.dtype(dtype), param_dtype=jax.numpy.float32,
-                 attention=train.get("attention", "auto"), remat=train.get("remat", "none"))
+                 attention=train.attention, remat=train.remat)
 
 
 def loader_iterator(config, *, with_frames: bool = True, with_reference: bool = True,
@@ -35,7 +35,7 @@ def loader_iterator(config, *, with_frames: bool = True, with_reference: bool = 
   from data_pipeline import loader  # noqa: PLC0415
 
   data = config.data
-  dataset_dir = data.get("dataset_dir")
+  dataset_dir = data.dataset_dir
   if not dataset_dir:
     raise ValueError("config.data.dataset_dir is not set; pass --config.data.dataset_dir=DIR (a "
                      "folder written by `etalk prepare` or `etalk synthesize`)")
@@ -45,7 +45,7 @@ def loader_iterator(config, *, with_frames: bool = True, with_reference: bool = 
   loader_config = _loader_config(config, window, with_frames=with_frames,
                                  with_reference=with_reference, with_masks=with_masks,
                                  frame_masks=frame_masks)
-  return iter(loader.make_dataset(dataset_dir, data.get("split", "train"), loader_config))
+  return iter(loader.make_dataset(dataset_dir, data.split, loader_config))
 
 
 def _loader_config(config, window: int | None = None, **switches):
@@ -54,9 +54,8 @@ def _loader_config(config, window: int | None = None, **switches):
   data = config.data
   return loader.LoaderConfig(
       window=int(window or data.window), batch_size=int(data.batch_size),
-      seed=int(data.get("seed", 0)), num_workers=int(data.get("num_workers", 0)),
-      reference=str(data.get("reference", "keyframe")),
-      cross_clip_reference=float(data.get("cross_clip_reference", 0.0)),
+      seed=int(data.seed), num_workers=int(data.num_workers), reference=str(data.reference),
+      cross_clip_reference=float(data.cross_clip_reference),
       shard_index=jax.process_index(), shard_count=jax.process_count(), **switches)
 
 
@@ -65,7 +64,7 @@ def precomputed_iterator(config, window: int | None = None, frame_masks: bool = 
   precompute`): windows of latents and encoder outputs, `loader.PrecomputedWindowSampler`'s."""
   from data_pipeline import loader  # noqa: PLC0415
   return iter(loader.make_precomputed_dataset(config.data.precomputed,
-                                              config.data.get("split", "train"),
+                                              config.data.split,
                                               _loader_config(config, window,
                                                              frame_masks=frame_masks)))
 
@@ -85,7 +84,7 @@ def vaid_data(config, featurizer, window: int | None = None):
   same examples read from its records: each clip's frames and speech were encoded once, not at
   every window drawn from it (the projector stage of `etalk demo`: 375 ms of host encoding per
   8 ms step)."""
-  if not config.data.get("precomputed"):
+  if not config.data.precomputed:
     return (loader_iterator(config, with_masks=False, window=window), featurizer.from_batch)
   from etalk_jax.vaid.data import TrainingExamples, to_unit_range  # noqa: PLC0415
   check_precomputed(config, with_codec=False)
@@ -139,7 +138,7 @@ def vision_encoders(config, name: str = "vision"):
   """Lip / expression encoders: a folder written by `save_encoders` (trained adapters), or a bare
   PD-FGC folder (`etalk convert pdfgc`) wrapped with untrained (identity) adapters."""
   return vision_encoders_from_folder(required_folder(config, name),
-                                     int(config.train.get("seed", 0)))
+                                     int(config.train.seed))
 
 
 def vision_encoders_from_folder(folder, seed: int = 0):

@@ -48,7 +48,7 @@ def make_task(config, mesh) -> Task:
   common.require_ethd_init(config)
   lip_weight = float(config.get("lip_weight", 0.0))
   frame_masks = lip_weight > 0  # per-frame lip masks only when they weigh the loss
-  precomputed = config.data.get("precomputed", "")
+  precomputed = config.data.precomputed
   if precomputed:  # latents and encoder outputs of `etalk precompute`: no codec, no encoders
     info = common.check_precomputed(config, with_codec=True)
     lip_dim, expression_dim = int(info["lip_dim"]), int(info["expression_dim"])
