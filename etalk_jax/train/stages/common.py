@@ -261,10 +261,10 @@ def ethd_config(config, lip_dim: int, expression_dim: int):
   fields = {name: tuple(value) if isinstance(value, list) else value
             for name, value in dict(config.ethd.unet).items()}
   return ETHDConfig(unet=UNetConfig(**fields), lip_dim=lip_dim, expression_dim=expression_dim,
-                    window=int(config.ethd.get("window", 5)),
-                    added_time_ids=tuple(config.ethd.get("added_time_ids", (24.0, 127.0, 0.02))),
-                    latent_target=str(config.ethd.get("latent_target", "absolute")),
-                    target_scale=float(config.ethd.get("target_scale", 1.0)))
+                    window=int(config.ethd.window),
+                    added_time_ids=tuple(config.ethd.added_time_ids),
+                    latent_target=str(config.ethd.latent_target),
+                    target_scale=float(config.ethd.target_scale))
 
 
 def masks_on_grid(masks: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -294,7 +294,7 @@ def measure_lip_statistics(config, lip_of_batch: Callable[[Any], np.ndarray],
   """`lip_statistics` of the stage's own lip stream over the first
   `config.ethd.lip_statistics_batches` batches of a fresh `iterator(config)` (the same batches
   on every run and resume, so a resumed run rebuilds the same ETHD config); None when 0."""
-  count = int(config.ethd.get("lip_statistics_batches", 0))
+  count = int(config.ethd.lip_statistics_batches)
   if count <= 0:
     return None
   batches = iterator(config)
@@ -330,7 +330,7 @@ def build_ethd(config, mesh, lip_dim: int, expression_dim: int, lip_stats=None):
   wanted = ethd_config(config, lip_dim, expression_dim)
   if lip_stats is not None:
     wanted = dataclasses.replace(wanted, lip_mean=lip_stats[0], lip_std=lip_stats[1])
-  init = config.ethd.get("init", "")
+  init = config.ethd.init
   if not init:
     return build_sharded(lambda rngs: ETHD(wanted, compute=compute, rngs=rngs), mesh, config)
   kind, _, folder = init.partition(":")

@@ -46,7 +46,7 @@ def _window_key(batch) -> jax.Array:
 
 def make_task(config, mesh) -> Task:
   common.require_ethd_init(config)
-  lip_weight = float(config.get("lip_weight", 0.0))
+  lip_weight = float(config.lip_weight)
   frame_masks = lip_weight > 0  # per-frame lip masks only when they weigh the loss
   precomputed = config.data.precomputed
   if precomputed:  # latents and encoder outputs of `etalk precompute`: no codec, no encoders
@@ -59,7 +59,7 @@ def make_task(config, mesh) -> Task:
     batches = common.loader_iterator(config, frame_masks=frame_masks)
   projector = load_projector(config.vaid.projector)
   dicte = load_dicte(config.vaid.dicte)
-  dicte_steps = int(config.vaid.get("dicte_steps", 0)) or dicte.config.sample_steps
+  dicte_steps = int(config.vaid.dicte_steps) or dicte.config.sample_steps
   project = nnx.jit(lambda projector, audio_windows: projector(audio_windows))
   # ETHD reads l_a here (l_v in the encoder stage): standardised with l_a's own statistics.
   lip_stats = common.measure_lip_statistics(
@@ -76,8 +76,8 @@ def make_task(config, mesh) -> Task:
   if not precomputed or dict(config.codec).get("kind") == "vae":
     codec, encode = common.latent_codec(config)
     encode_reference = common.reference_encoder(codec, target.noise_aug_strength)
-  truth_probability = float(config.get("expression_from_truth", 0.6))
-  dropout = float(config.get("condition_dropout", 0.05))
+  truth_probability = float(config.expression_from_truth)
+  dropout = float(config.condition_dropout)
   sigma = {name: float(value) for name, value in dict(config.sigma).items()}
 
   def conditions(batch, audio_windows, reference_image, reference_expression, **features):
