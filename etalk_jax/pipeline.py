@@ -453,7 +453,7 @@ class EmotiveTalkPipeline:
     from etalk_jax.audio.params import load_wav2vec2, load_wavlm  # noqa: PLC0415
     from etalk_jax.emotion.codebook import Codebook  # noqa: PLC0415
     from etalk_jax.ethd.model import load_ethd  # noqa: PLC0415
-    from etalk_jax.svd.codec import codec_from_spec  # noqa: PLC0415
+    from etalk_jax.codecs import codec_from_spec  # noqa: PLC0415
     from etalk_jax.vaid.storage import load_dicte, load_projector  # noqa: PLC0415
     from etalk_jax.vision.params import load_encoders  # noqa: PLC0415
 

@@ -32,6 +32,7 @@ from etalk_jax import parallel
 from etalk_jax.audio import FeatureConfig, Wav2Vec2, Wav2Vec2Config, WavLM, WavLMConfig
 from etalk_jax.audio.params import load_wav2vec2, load_wavlm
 from etalk_jax.audio.params import save as save_audio
+from etalk_jax.codecs import PatchPCACodec, codec_from_spec
 from etalk_jax.demo.report import (KINDS, EmotionReader, MouthReader,
                                    clip_from_record, fit_readers, held_out_clips, lip_sync_score,
                                    speech_envelope, write_report)
@@ -42,7 +43,6 @@ from etalk_jax.emotion.codebook import Codebook, codebook_build_command
 from etalk_jax.emotion.ser import load_ser
 from etalk_jax.ethd.model import load_ethd, save_ethd
 from etalk_jax.pipeline import EmotiveTalkPipeline, Result, save_pipeline
-from etalk_jax.svd.codec import PatchPCACodec, codec_from_spec
 from etalk_jax.train.config import load_config
 from etalk_jax.train.loop import train
 from etalk_jax.train.precompute import precompute_command

@@ -86,13 +86,13 @@ def vaid_data(config, featurizer, window: int | None = None):
   8 ms step)."""
   if not config.data.precomputed:
     return (loader_iterator(config, with_masks=False, window=window), featurizer.from_batch)
-  from etalk_jax.vaid.data import TrainingExamples, to_unit_range  # noqa: PLC0415
+  from etalk_jax.vaid.data import TrainingExamples, unit_range_on_host  # noqa: PLC0415
   check_precomputed(config, with_codec=False)
 
   def examples(batch) -> TrainingExamples:
     return TrainingExamples(audio_windows=batch["audio_windows"], lip=batch["lip_vision"],
                             expression=batch["expression"],
-                            reference=to_unit_range(batch["reference"]),
+                            reference=unit_range_on_host(batch["reference"]),
                             reference_expression=batch["reference_expression"])
 
   return precomputed_iterator(config, window), examples
@@ -209,7 +209,7 @@ def codec_weights_folder(spec: dict) -> Path | None:
 
 def latent_codec_from_spec(spec: dict):
   """`latent_codec` of a codec spec dict (what config.codec holds)."""
-  from etalk_jax.svd.codec import VAECodec, codec_from_spec  # noqa: PLC0415
+  from etalk_jax.codecs import codec_from_spec  # noqa: PLC0415
   spec = dict(spec)
   # Weight-free codecs; patch_pca as {"kind": "patch_pca", "file": codec.json}.
   if spec.get("kind") in ("pixel_shuffle", "patch_pca"):

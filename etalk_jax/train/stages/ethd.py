@@ -31,7 +31,7 @@ from etalk_jax.diffusion.edm import choose_expression, denoising_loss, drop_cond
 from etalk_jax.ethd.model import save_ethd
 from etalk_jax.train.loop import Task
 from etalk_jax.train.stages import common
-from etalk_jax.vaid.data import to_unit_range
+from etalk_jax.vaid.data import unit_range_on_host
 from etalk_jax.vaid.dicte import generate_expressions
 from etalk_jax.vaid.storage import load_dicte, load_projector
 
@@ -99,7 +99,7 @@ def make_task(config, mesh) -> Task:
       latents, reference_latents = batch["latents"], batch["reference_latents"]
       if encode_reference is not None:
         reference_latents = np.asarray(encode_reference(batch["reference"], key))
-      return conditions(batch, batch["audio_windows"], to_unit_range(batch["reference"]),
+      return conditions(batch, batch["audio_windows"], unit_range_on_host(batch["reference"]),
                         batch["reference_expression"],
                         latents=target.to_target(latents, reference_latents[:, None]),
                         reference_latents=reference_latents, expression=batch["expression"])
