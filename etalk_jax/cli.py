@@ -163,8 +163,8 @@ def _precompute(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-  from etalk_jax import demo
-  return demo.run(args.workdir, quick=args.quick, progress=not args.no_progress)
+  from etalk_jax.demo import wiring
+  return wiring.run(args.workdir, quick=args.quick, progress=not args.no_progress)
 
 
 def build_parser() -> argparse.ArgumentParser:

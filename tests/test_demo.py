@@ -75,3 +75,18 @@ def test_mouth_reader_reads_emotional_mouths_in_the_portraits_box():
     clip = held_out[emotion]
     read = reader(clip.frames, portrait.frames[0], portrait.landmarks_px[0])
     assert np.corrcoef(read, clip.mouth_open)[0, 1] > 0.8, emotion
+
+
+def test_the_stage_graph_runs_each_step_after_what_it_needs():
+  """Every step needs only earlier steps (the scheduler walks the graph in its order), and the
+  demo trains every stage of `train.stages.STAGES` but the joint V-AID one, in that order."""
+  from etalk_jax.demo import stages
+
+  names = [step.name for step in stages.STEPS]
+  for index, step in enumerate(stages.STEPS):
+    assert set(step.needs) <= set(names[:index]), step.name
+  assert stages.TRAINED_STAGES == ("encoders", "projector", "dicte", "ethd", "ser")
+  assert set(stages.TRAINED_STAGES) <= set(names) and set(stages.CONFIG_FILES) == set(
+      stages.TRAINED_STAGES)
+  ethd = next(step for step in stages.STEPS if step.name == "ethd")
+  assert {"projector", "dicte"} <= set(ethd.needs)  # ETHD reads their exports

@@ -6,7 +6,3 @@
                pipeline checkpoint), the held-out generation, and `run`
   report.py    the report's readers (mouth opening, emotion), lip-sync score and report.json
 """
-
-from etalk_jax.demo.wiring import run
-
-__all__ = ["run"]

@@ -69,6 +69,8 @@ def demo_config(quick: bool):
 
 
 def build_dataset(workdir: Path, config, progress: bool) -> str:
+  """The synthetic talking-face dataset of configs/tiny.py's `data` (whole identities held out
+  for the test split), built once under workdir/data; returns its folder."""
   data = dict(config.data)
   test_fraction = float(data.pop("test_fraction"))
   spec = synthetic.SyntheticSpec(**{name: tuple(value) if isinstance(value, list) else value
