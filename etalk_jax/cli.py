@@ -164,8 +164,8 @@ def _precompute(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-  from etalk_jax import demo
-  return demo.run(args.workdir, quick=args.quick, progress=not args.no_progress)
+  from etalk_jax.demo import wiring
+  return wiring.run(args.workdir, quick=args.quick, progress=not args.no_progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "overrides a config field, e.g. --config.data.dataset_dir=DIR "
                   "--config.optim.lr=2e-5.")
   train.add_argument("--config", required=True,
-                     help="config file, e.g. configs/vaid.py or configs/vaid.py:tiny")
+                     help="config file, e.g. configs/vaid.py or configs/vaid.py:tiny, or a "
+                          "shipped config by name, e.g. vaid:tiny")
   train.add_argument("--workdir", required=True,
                      help="run folder: checkpoints/, metrics.jsonl, tensorboard/, export/; an "
                           "existing one resumes")

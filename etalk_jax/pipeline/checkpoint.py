@@ -22,6 +22,7 @@ from typing import Any
 
 from etalk_jax.audio import params as audio_params
 from etalk_jax.audio.features import AudioFeatures, FeatureConfig
+from etalk_jax.codecs import codec_from_spec
 from etalk_jax.diffusion.sampling import WINDOWS_512, WINDOWS_1024, SamplerConfig, WindowConfig
 from etalk_jax.emotion.codebook import Codebook
 from etalk_jax.emotion.ser import load_ser, save_ser
@@ -30,7 +31,7 @@ from etalk_jax.ethd.model import load_ethd, save_ethd
 from etalk_jax.layers.compute import FP32, Compute
 from etalk_jax.records import read_record
 from etalk_jax.svd import params as svd_params
-from etalk_jax.svd.codec import VAECodec, codec_from_spec
+from etalk_jax.svd.codec import VAECodec
 from etalk_jax.vaid.storage import load_dicte, load_projector, save_vaid_model
 from etalk_jax.vision.params import load_encoders, save_encoders
 from etalk_jax.weights import atomic_folder

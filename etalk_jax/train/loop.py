@@ -42,6 +42,7 @@ from flax import nnx
 from etalk_jax import parallel
 from etalk_jax.errors import UserError
 from etalk_jax.train.checkpoint import StopRequest, TrainCheckpointer
+from etalk_jax.train.config import MESH_DEFAULTS, OPTIM_DEFAULTS, TRAIN_DEFAULTS, with_defaults
 from etalk_jax.train.optim import Optimizer, adam_8bit
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,9 @@ class Task:
 def learning_rate_schedule(optim: Mapping[str, Any], total_steps: int) -> optax.Schedule:
   """Linear warmup from 0 over `warmup_steps`, then `constant` or `cosine` decay to
   `lr * final_lr_fraction` at `total_steps`."""
-  lr, warmup = float(optim["lr"]), int(optim.get("warmup_steps", 0))
-  kind = optim.get("schedule", "constant")
+  optim = with_defaults(optim, OPTIM_DEFAULTS)
+  lr, warmup = float(optim["lr"]), int(optim["warmup_steps"])
+  kind = optim["schedule"]
   if kind == "constant":
     if not warmup:
       return optax.constant_schedule(lr)
@@ -83,7 +85,7 @@ def learning_rate_schedule(optim: Mapping[str, Any], total_steps: int) -> optax.
   if kind == "cosine":
     return optax.warmup_cosine_decay_schedule(
         0.0, lr, max(warmup, 1), max(total_steps, warmup + 1),
-        end_value=lr * float(optim.get("final_lr_fraction", 0.0)))
+        end_value=lr * float(optim["final_lr_fraction"]))
   raise UserError(f"config.optim.schedule={kind!r}: use 'constant' or 'cosine'")
 
 
@@ -109,21 +111,21 @@ def params_ema(decay: float) -> optax.GradientTransformation:
 def make_optimizer(optim: Mapping[str, Any], total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """config.optim -> (transformation, learning-rate schedule)."""
+  optim = with_defaults(optim, OPTIM_DEFAULTS)
   schedule = learning_rate_schedule(optim, total_steps)
   parts = []
-  if optim.get("clip_norm"):
+  if optim["clip_norm"]:
     parts.append(optax.clip_by_global_norm(float(optim["clip_norm"])))
-  name = optim.get("name", "adam")
-  adam_args = dict(b1=float(optim.get("b1", 0.9)), b2=float(optim.get("b2", 0.999)),
-                   eps=float(optim.get("eps", 1e-8)))
-  weight_decay = float(optim.get("weight_decay", 0.0))
+  name = optim["name"]
+  adam_args = dict(b1=float(optim["b1"]), b2=float(optim["b2"]), eps=float(optim["eps"]))
+  weight_decay = float(optim["weight_decay"])
   if name == "adam8bit":
     parts.append(adam_8bit(schedule, weight_decay=weight_decay, **adam_args))
   elif name == "adam":
     parts.append(optax.adamw(schedule, weight_decay=weight_decay, **adam_args))
   else:
     raise UserError(f"config.optim.name={name!r}: use 'adam' or 'adam8bit'")
-  if optim.get("ema_decay"):
+  if optim["ema_decay"]:
     parts.append(params_ema(float(optim["ema_decay"])))
   return optax.chain(*parts), schedule
 
@@ -258,12 +260,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, task: Task 
 
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
-  train_config = config.train
-  total_steps = int(train_config.steps)
-  mesh = parallel.make_mesh(dict(config.get("mesh", {"data": -1})))
+  train_config = with_defaults(config.train, TRAIN_DEFAULTS)
+  total_steps = int(train_config["steps"])
+  mesh = parallel.make_mesh(dict(config.get("mesh", MESH_DEFAULTS)))
   rules = tuple(tuple(rule) for rule in config.get("rules", parallel.DEFAULT_RULES))
   task = task or stages.make_task(config, mesh)
-  accumulation = int(config.optim.get("grad_accum", 1))
+  accumulation = int(with_defaults(config.optim, OPTIM_DEFAULTS)["grad_accum"])
   tx, schedule = make_optimizer(config.optim, total_steps)
 
   model = task.model
@@ -278,11 +280,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, task: Task 
 
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  rng = jax.random.key(int(train_config.get("seed", 0)))
+  rng = jax.random.key(int(train_config["seed"]))
   start = 0
-  checkpoint_every = int(train_config.get("checkpoint_every", 1000))
-  checkpointer = TrainCheckpointer(workdir / "checkpoints",
-                                   max_to_keep=int(train_config.get("keep", 3)))
+  checkpoint_every = int(train_config["checkpoint_every"])
+  checkpointer = TrainCheckpointer(workdir / "checkpoints", max_to_keep=int(train_config["keep"]))
   if checkpointer.latest_step() is not None:
     restored = checkpointer.restore(model=model, optimizer=optimizer, iterator=task.batches, rng=rng)
     start, rng = restored.step, restored.rng
@@ -292,8 +293,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, task: Task 
   step_fn = jax.jit(make_step(task, graphdef, accumulation, schedule),
                     out_shardings=(shardings, None), donate_argnums=(0,))
   writer = MetricWriter(workdir)
-  log_every = int(train_config.get("log_every", 10))
-  peak = peak_flops_per_device(float(train_config.get("peak_tflops", 0.0)))
+  log_every = int(train_config["log_every"])
+  peak = peak_flops_per_device(float(train_config["peak_tflops"]))
   compiled, flops_per_step, compile_seconds = None, None, 0.0
   summary: dict[str, Any] = {"stage": task.name, "start_step": start}
   window_start, window_steps = time.perf_counter(), 0

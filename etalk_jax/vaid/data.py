@@ -40,8 +40,11 @@ class TrainingExamples(NamedTuple):
   #                                   "uncond." condition
 
 
-def to_unit_range(images: np.ndarray) -> np.ndarray:
-  """uint8 pixels -> float32 in [-1, 1], as PD-FGC and Di-CTE's identity encoder read them."""
+def unit_range_on_host(images: np.ndarray) -> np.ndarray:
+  """uint8 pixels -> float32 NumPy in [-1, 1], as PD-FGC and Di-CTE's identity encoder read them,
+  computed on the host for host batches. Not `svd.codec.to_unit_range`: that one runs in XLA, whose
+  division by 127.5 differs from NumPy's in the last bit for some pixel values, and it takes float
+  frames as already in [-1, 1]."""
   return np.asarray(images, np.float32) / 127.5 - 1.0
 
 
@@ -131,7 +134,7 @@ class VAIDFeaturizer:
         audio_windows=np.stack(audio_windows).astype(np.float32),
         lip=lip[:split].reshape(batch, num_frames, -1),
         expression=expression[:split].reshape(batch, num_frames, -1),
-        reference=to_unit_range(references),
+        reference=unit_range_on_host(references),
         reference_expression=expression[split:])
 
   def from_batch(self, batch: dict[str, Any], audio_context_frames: int = 2) -> TrainingExamples:

@@ -51,13 +51,13 @@ def test_mouth_reader_reads_emotional_mouths_in_the_portraits_box():
   clip's own box read this face's sad and angry mouths inverted (it shows teeth, not a dark
   cavity): correlation -0.86 and -0.49 with the true opening."""
   from data_pipeline import synthetic
-  from etalk_jax import demo
+  from etalk_jax.demo import report
 
   def clips_of(identity_index, emotions):
     identity = synthetic.make_identity(identity_index)
     made = {emotion: synthetic.make_clip(identity, emotion, 3, 60, 64, head_motion_scale=0.3)
             for emotion in emotions}
-    return {emotion: demo.HeldOutClip(
+    return {emotion: report.HeldOutClip(
         clip_id=clip.clip_id, emotion=emotion, frames=clip.frames,
         speech=clip.audio.astype(np.float32), landmarks_px=clip.landmarks * 64,
         mouth_open=clip.mouth_open) for emotion, clip in made.items()}
@@ -68,10 +68,25 @@ def test_mouth_reader_reads_emotional_mouths_in_the_portraits_box():
     clips = clips_of(index, emotions)
     portrait = clips["neutral"]
     training += [(clip, portrait.frames[0], portrait.landmarks_px[0]) for clip in clips.values()]
-  reader = demo.MouthReader(training)
+  reader = report.MouthReader(training)
   held_out = clips_of(6, emotions)
   portrait = held_out["neutral"]
   for emotion in emotions:
     clip = held_out[emotion]
     read = reader(clip.frames, portrait.frames[0], portrait.landmarks_px[0])
     assert np.corrcoef(read, clip.mouth_open)[0, 1] > 0.8, emotion
+
+
+def test_the_stage_graph_runs_each_step_after_what_it_needs():
+  """Every step needs only earlier steps (the scheduler walks the graph in its order), and the
+  demo trains every stage of `train.stages.STAGES` but the joint V-AID one, in that order."""
+  from etalk_jax.demo import stages
+
+  names = [step.name for step in stages.STEPS]
+  for index, step in enumerate(stages.STEPS):
+    assert set(step.needs) <= set(names[:index]), step.name
+  assert stages.TRAINED_STAGES == ("encoders", "projector", "dicte", "ethd", "ser")
+  assert set(stages.TRAINED_STAGES) <= set(names) and set(stages.CONFIG_FILES) == set(
+      stages.TRAINED_STAGES)
+  ethd = next(step for step in stages.STEPS if step.name == "ethd")
+  assert {"projector", "dicte"} <= set(ethd.needs)  # ETHD reads their exports

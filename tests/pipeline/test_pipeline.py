@@ -32,7 +32,7 @@ from etalk_jax.emotion.codebook import Codebook
 from etalk_jax.ethd import ETHD, ETHDConfig
 from etalk_jax.layers.compute import Compute
 from etalk_jax.pipeline import EmotiveTalkPipeline, save_pipeline
-from etalk_jax.svd.codec import PixelShuffleCodec
+from etalk_jax.codecs import PixelShuffleCodec
 from etalk_jax.vaid.dicte import DiCTE, DiCTEConfig
 from etalk_jax.vaid.projector import AudioLipProjector, ProjectorConfig
 from etalk_jax.vaid.storage import save_vaid_model

@@ -1,6 +1,7 @@
-"""Latent codecs (etalk_jax/svd/codec.py): pixel shuffle is exact; patch PCA is exact at full
-rank, close with few channels, and survives its JSON spec (inline or in a file); the reference
-latent is SVD's conditioning for the VAE and the plain encoding for the weight-free codecs."""
+"""Latent codecs (etalk_jax/codecs.py, etalk_jax/svd/codec.py): pixel shuffle is exact; patch PCA
+is exact at full rank, close with few channels, and survives its JSON spec (inline or in a file);
+the reference latent is SVD's conditioning for the VAE and the plain encoding for the weight-free
+codecs."""
 
 import json
 
@@ -9,10 +10,10 @@ import numpy as np
 import torch
 
 from data_pipeline import synthetic
-from tests.helpers.svd_reference import VAE_TINY, make_vae, relative_error
-from etalk_jax.svd.codec import (PatchPCACodec, PixelShuffleCodec, VAECodec, codec_from_spec,
-                                 reference_noise, to_uint8)
+from etalk_jax.codecs import PatchPCACodec, PixelShuffleCodec, codec_from_spec
+from etalk_jax.svd.codec import VAECodec, reference_noise, to_uint8
 from etalk_jax.svd.params import vae_from_diffusers
+from tests.helpers.svd_reference import VAE_TINY, make_vae, relative_error
 
 
 def _frames() -> np.ndarray:

@@ -172,6 +172,16 @@ def test_every_stage_config_loads_with_its_documented_fields():
   assert (full.train.compute_dtype, full.train.remat) == ("bfloat16", "layers")
 
 
+def test_a_shipped_config_loads_by_name_as_by_its_path():
+  """`--config vaid:tiny` is configs/vaid.py:tiny wherever the package is installed."""
+  from etalk_jax.train.config import config_file
+  assert config_file(f"{CONFIGS / 'vaid.py'}:tiny") == f"{CONFIGS / 'vaid.py'}:tiny"
+  for name in ("vaid:tiny", "ethd_512", "tiny:quick"):
+    file, _, variant = name.partition(":")
+    by_path = f"{CONFIGS / file}.py" + (f":{variant}" if variant else "")
+    assert load_config(name).to_dict() == load_config(by_path).to_dict(), name
+
+
 def test_paper_configs_ethd_1024_windows_dicte_steps_and_references():
   from etalk_jax.diffusion.sampling import WINDOWS_1024, WINDOWS_512
   full = load_config(f"{CONFIGS / 'ethd_1024.py'}")

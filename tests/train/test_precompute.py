@@ -66,7 +66,7 @@ def _by_clip(source) -> dict:
 
 def test_records_are_fp16_and_equal_the_pixel_path(precomputed):
   from etalk_jax.audio.features import normalize
-  from etalk_jax.svd.codec import PixelShuffleCodec
+  from etalk_jax.codecs import PixelShuffleCodec
   from etalk_jax.vaid.data import INT16_SCALE
 
   info = loader.read_precompute_info(precomputed["dst"])
@@ -227,7 +227,7 @@ def test_vaid_stages_read_precomputed_examples_like_pixel_ones(precomputed):
 
 
 def test_patch_pca_codec_is_recorded_by_its_file(tmp_path):
-  from etalk_jax.svd.codec import PatchPCACodec
+  from etalk_jax.codecs import PatchPCACodec
   from etalk_jax.train.precompute import encoder_record, parse_codec
 
   frames = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)

@@ -22,11 +22,11 @@ def compute_of(config) -> Compute:
   """config.train.compute_dtype (float32 | bfloat16 over fp32 master weights), .remat and
   .attention -> `Compute`."""
   train = config.train
-  dtype = train.get("compute_dtype", "float32")
+  dtype = train.compute_dtype
   if dtype not in COMPUTE_DTYPES:
     raise UserError(f"config.train.compute_dtype={dtype!r}: use float32 or bfloat16")
   return Compute(dtype=jax.numpy.dtype(dtype), param_dtype=jax.numpy.float32,
-                 attention=train.get("attention", "auto"), remat=train.get("remat", "none"))
+                 attention=train.attention, remat=train.remat)
 
 
 def loader_iterator(config, *, with_frames: bool = True, with_reference: bool = True,
@@ -36,7 +36,7 @@ def loader_iterator(config, *, with_frames: bool = True, with_reference: bool = 
   from data_pipeline import loader  # noqa: PLC0415
 
   data = config.data
-  dataset_dir = data.get("dataset_dir")
+  dataset_dir = data.dataset_dir
   if not dataset_dir:
     raise UserError("config.data.dataset_dir is not set; pass --config.data.dataset_dir=DIR (a "
                     "folder written by `etalk prepare` or `etalk synthesize`)")
@@ -46,7 +46,7 @@ def loader_iterator(config, *, with_frames: bool = True, with_reference: bool = 
   loader_config = _loader_config(config, window, with_frames=with_frames,
                                  with_reference=with_reference, with_masks=with_masks,
                                  frame_masks=frame_masks)
-  return iter(loader.make_dataset(dataset_dir, data.get("split", "train"), loader_config))
+  return iter(loader.make_dataset(dataset_dir, data.split, loader_config))
 
 
 def _loader_config(config, window: int | None = None, **switches):
@@ -55,9 +55,8 @@ def _loader_config(config, window: int | None = None, **switches):
   data = config.data
   return loader.LoaderConfig(
       window=int(window or data.window), batch_size=int(data.batch_size),
-      seed=int(data.get("seed", 0)), num_workers=int(data.get("num_workers", 0)),
-      reference=str(data.get("reference", "keyframe")),
-      cross_clip_reference=float(data.get("cross_clip_reference", 0.0)),
+      seed=int(data.seed), num_workers=int(data.num_workers), reference=str(data.reference),
+      cross_clip_reference=float(data.cross_clip_reference),
       shard_index=jax.process_index(), shard_count=jax.process_count(), **switches)
 
 
@@ -66,7 +65,7 @@ def precomputed_iterator(config, window: int | None = None, frame_masks: bool = 
   precompute`): windows of latents and encoder outputs, `loader.PrecomputedWindowSampler`'s."""
   from data_pipeline import loader  # noqa: PLC0415
   return iter(loader.make_precomputed_dataset(config.data.precomputed,
-                                              config.data.get("split", "train"),
+                                              config.data.split,
                                               _loader_config(config, window,
                                                              frame_masks=frame_masks)))
 
@@ -86,15 +85,15 @@ def vaid_data(config, featurizer, window: int | None = None):
   same examples read from its records: each clip's frames and speech were encoded once, not at
   every window drawn from it (the projector stage of `etalk demo`: 375 ms of host encoding per
   8 ms step)."""
-  if not config.data.get("precomputed"):
+  if not config.data.precomputed:
     return (loader_iterator(config, with_masks=False, window=window), featurizer.from_batch)
-  from etalk_jax.vaid.data import TrainingExamples, to_unit_range  # noqa: PLC0415
+  from etalk_jax.vaid.data import TrainingExamples, unit_range_on_host  # noqa: PLC0415
   check_precomputed(config, with_codec=False)
 
   def examples(batch) -> TrainingExamples:
     return TrainingExamples(audio_windows=batch["audio_windows"], lip=batch["lip_vision"],
                             expression=batch["expression"],
-                            reference=to_unit_range(batch["reference"]),
+                            reference=unit_range_on_host(batch["reference"]),
                             reference_expression=batch["reference_expression"])
 
   return precomputed_iterator(config, window), examples
@@ -140,7 +139,7 @@ def vision_encoders(config, name: str = "vision"):
   """Lip / expression encoders: a folder written by `save_encoders` (trained adapters), or a bare
   PD-FGC folder (`etalk convert pdfgc`) wrapped with untrained (identity) adapters."""
   return vision_encoders_from_folder(required_folder(config, name),
-                                     int(config.train.get("seed", 0)))
+                                     int(config.train.seed))
 
 
 def vision_encoders_from_folder(folder, seed: int = 0):
@@ -211,7 +210,7 @@ def codec_weights_folder(spec: dict) -> Path | None:
 
 def latent_codec_from_spec(spec: dict):
   """`latent_codec` of a codec spec dict (what config.codec holds)."""
-  from etalk_jax.svd.codec import VAECodec, codec_from_spec  # noqa: PLC0415
+  from etalk_jax.codecs import codec_from_spec  # noqa: PLC0415
   spec = dict(spec)
   # Weight-free codecs; patch_pca as {"kind": "patch_pca", "file": codec.json}.
   if spec.get("kind") in ("pixel_shuffle", "patch_pca"):
@@ -263,10 +262,10 @@ def ethd_config(config, lip_dim: int, expression_dim: int):
   fields = {name: tuple(value) if isinstance(value, list) else value
             for name, value in dict(config.ethd.unet).items()}
   return ETHDConfig(unet=UNetConfig(**fields), lip_dim=lip_dim, expression_dim=expression_dim,
-                    window=int(config.ethd.get("window", 5)),
-                    added_time_ids=tuple(config.ethd.get("added_time_ids", (24.0, 127.0, 0.02))),
-                    latent_target=str(config.ethd.get("latent_target", "absolute")),
-                    target_scale=float(config.ethd.get("target_scale", 1.0)))
+                    window=int(config.ethd.window),
+                    added_time_ids=tuple(config.ethd.added_time_ids),
+                    latent_target=str(config.ethd.latent_target),
+                    target_scale=float(config.ethd.target_scale))
 
 
 def masks_on_grid(masks: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -296,7 +295,7 @@ def measure_lip_statistics(config, lip_of_batch: Callable[[Any], np.ndarray],
   """`lip_statistics` of the stage's own lip stream over the first
   `config.ethd.lip_statistics_batches` batches of a fresh `iterator(config)` (the same batches
   on every run and resume, so a resumed run rebuilds the same ETHD config); None when 0."""
-  count = int(config.ethd.get("lip_statistics_batches", 0))
+  count = int(config.ethd.lip_statistics_batches)
   if count <= 0:
     return None
   batches = iterator(config)
@@ -332,7 +331,7 @@ def build_ethd(config, mesh, lip_dim: int, expression_dim: int, lip_stats=None):
   wanted = ethd_config(config, lip_dim, expression_dim)
   if lip_stats is not None:
     wanted = dataclasses.replace(wanted, lip_mean=lip_stats[0], lip_std=lip_stats[1])
-  init = config.ethd.get("init", "")
+  init = config.ethd.init
   if not init:
     return build_sharded(lambda rngs: ETHD(wanted, compute=compute, rngs=rngs), mesh, config)
   kind, _, folder = init.partition(":")

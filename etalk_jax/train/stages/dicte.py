@@ -27,7 +27,7 @@ def make_task(config, mesh) -> Task:
   compute = common.compute_of(config)
   model = common.build_sharded(lambda rngs: DiCTE(dicte_config, compute=compute, rngs=rngs),
                                mesh, config)
-  from_clip = float(config.get("condition_from_clip", 0.5))
+  from_clip = float(config.condition_from_clip)
 
   batches, examples_of = common.vaid_data(config, featurizer, window=dicte_config.window_frames)
 

@@ -69,7 +69,7 @@ def make_task(config, mesh) -> Task:
   # The reference as SVD conditions on it, augmented as the renderer's added time ids announce.
   encode_reference = common.reference_encoder(codec, renderer.ethd_config.noise_aug_strength)
   options = ReconstructionConfig(
-      mode_probabilities=tuple(config.get("mode_probabilities", (1 / 3, 1 / 3, 1 / 3))),
+      mode_probabilities=tuple(config.mode_probabilities),
       **{name: float(value) for name, value in dict(config.sigma).items()})
 
   def featurize(batch, key):

@@ -31,7 +31,7 @@ from etalk_jax.diffusion.edm import choose_expression, denoising_loss, drop_cond
 from etalk_jax.ethd.model import save_ethd
 from etalk_jax.train.loop import Task
 from etalk_jax.train.stages import common
-from etalk_jax.vaid.data import to_unit_range
+from etalk_jax.vaid.data import unit_range_on_host
 from etalk_jax.vaid.dicte import generate_expressions
 from etalk_jax.vaid.storage import load_dicte, load_projector
 
@@ -46,9 +46,9 @@ def _window_key(batch) -> jax.Array:
 
 def make_task(config, mesh) -> Task:
   common.require_ethd_init(config)
-  lip_weight = float(config.get("lip_weight", 0.0))
+  lip_weight = float(config.lip_weight)
   frame_masks = lip_weight > 0  # per-frame lip masks only when they weigh the loss
-  precomputed = config.data.get("precomputed", "")
+  precomputed = config.data.precomputed
   if precomputed:  # latents and encoder outputs of `etalk precompute`: no codec, no encoders
     info = common.check_precomputed(config, with_codec=True)
     lip_dim, expression_dim = int(info["lip_dim"]), int(info["expression_dim"])
@@ -59,7 +59,7 @@ def make_task(config, mesh) -> Task:
     batches = common.loader_iterator(config, frame_masks=frame_masks)
   projector = load_projector(config.vaid.projector)
   dicte = load_dicte(config.vaid.dicte)
-  dicte_steps = int(config.vaid.get("dicte_steps", 0)) or dicte.config.sample_steps
+  dicte_steps = int(config.vaid.dicte_steps) or dicte.config.sample_steps
   project = nnx.jit(lambda projector, audio_windows: projector(audio_windows))
   # ETHD reads l_a here (l_v in the encoder stage): standardised with l_a's own statistics.
   lip_stats = common.measure_lip_statistics(
@@ -76,8 +76,8 @@ def make_task(config, mesh) -> Task:
   if not precomputed or dict(config.codec).get("kind") == "vae":
     codec, encode = common.latent_codec(config)
     encode_reference = common.reference_encoder(codec, target.noise_aug_strength)
-  truth_probability = float(config.get("expression_from_truth", 0.6))
-  dropout = float(config.get("condition_dropout", 0.05))
+  truth_probability = float(config.expression_from_truth)
+  dropout = float(config.condition_dropout)
   sigma = {name: float(value) for name, value in dict(config.sigma).items()}
 
   def conditions(batch, audio_windows, reference_image, reference_expression, **features):
@@ -99,7 +99,7 @@ def make_task(config, mesh) -> Task:
       latents, reference_latents = batch["latents"], batch["reference_latents"]
       if encode_reference is not None:
         reference_latents = np.asarray(encode_reference(batch["reference"], key))
-      return conditions(batch, batch["audio_windows"], to_unit_range(batch["reference"]),
+      return conditions(batch, batch["audio_windows"], unit_range_on_host(batch["reference"]),
                         batch["reference_expression"],
                         latents=target.to_target(latents, reference_latents[:, None]),
                         reference_latents=reference_latents, expression=batch["expression"])

@@ -38,7 +38,7 @@ class VAIDModels(nnx.Module):
 
 def make_task(config, mesh) -> Task:
   featurizer = common.featurizer(config)
-  push_weight = float(config.get("push_weight", 0.0))
+  push_weight = float(config.push_weight)
   if push_weight < 0:
     raise UserError(f"config.push_weight={push_weight}: the push term's weight must be >= 0")
   # The push switch and weight are this stage's (config.push_weight), not the projector's fields.
@@ -52,7 +52,7 @@ def make_task(config, mesh) -> Task:
   model = common.build_sharded(
       lambda rngs: VAIDModels(AudioLipProjector(projector_config, compute=compute, rngs=rngs),
                               DiCTE(dicte_config, compute=compute, rngs=rngs)), mesh, config)
-  from_clip = float(config.get("condition_from_clip", 0.5))
+  from_clip = float(config.condition_from_clip)
   batches, examples_of = common.vaid_data(config, featurizer, window=dicte_config.window_frames)
 
   def featurize(batch):
