@@ -9,13 +9,18 @@ Every clip is a function of (seed, identity, emotion, level, number of frames, r
   closed on plosives and nasals, shut in pauses), so lip sync is exact by construction;
 - each of the eight emotions moves brows, eye opening, mouth corners and width, upper lip and jaw,
   scaled by the MEAD-like intensity level 1..3 (alpha 0.5, 1.0, 1.5);
-- blinks and a small head sway (yaw, pitch, roll, translation, scale) with nods on stressed syllables.
+- blinks and a small head sway (yaw, pitch, roll, translation, scale) with nods on stressed
+  syllables.
 
 Faces are drawn from MediaPipe's 478-point mesh (a frontal template, symmetrised), deformed by those
 parameters and projected, so the stored landmarks are exactly the ones the renderer drew: masks,
 crops and mouth measurements work as on real data, with no detector. Ground truth per frame:
-`mouth_open` (0 shut .. 1 wide), `eye_open` (0 shut .. ~1.6 wide), `pose` (yaw, pitch, roll in degrees,
-tx, ty in crop fractions, scale); per clip: emotion and level.
+`mouth_open` (0 shut .. 1 wide), `eye_open` (0 shut .. ~1.6 wide), `pose` (yaw, pitch, roll in
+degrees, tx, ty in crop fractions, scale); per clip: emotion and level.
+
+Modules: `identity` (who), `face_mesh` (the template mesh, expressions and projection), `speech`
+(audio and articulation), `motion` (head pose and blinks), `render` (the rasteriser), `clips`
+(one clip; a dataset's spec), `mead` (a spec written in MEAD's folder layout).
 """
 
 from data_pipeline.synthetic.clips import SyntheticClip, SyntheticSpec, make_clip

@@ -57,11 +57,12 @@ def make_clip(identity: Identity, emotion: str, level: int, num_frames: int, res
   landmarks = np.empty((num_frames, NUM_LANDMARKS, 2), np.float32)
   eye_open = np.empty(num_frames, np.float32)
   for i in range(num_frames):
-    points, eye_open[i] = face_points(identity, expression, alpha, float(mouth_open[i]), float(lids[i]))
+    points, eye_open[i] = face_points(identity, expression, alpha, float(mouth_open[i]),
+                                      float(lids[i]))
     frames[i], landmarks[i] = renderer(points, pose[i])
   return SyntheticClip(identity=identity, emotion=emotion, level=level, frames=frames, audio=audio,
-                       landmarks=landmarks, mouth_open=mouth_open.astype(np.float32), eye_open=eye_open,
-                       pose=pose.astype(np.float32))
+                       landmarks=landmarks, mouth_open=mouth_open.astype(np.float32),
+                       eye_open=eye_open, pose=pose.astype(np.float32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,5 +93,6 @@ class SyntheticSpec:
                      self.head_motion, self.face_scale)
 
   def __len__(self) -> int:
-    per_identity = sum(1 if e == "neutral" else len(self.levels) for e in self.emotions) * self.takes
+    per_identity = sum(1 if e == "neutral" else len(self.levels)
+                       for e in self.emotions) * self.takes
     return self.identities * per_identity

@@ -1,6 +1,6 @@
-"""The synthetic face's geometry: MediaPipe's 478-point template, the eight emotions' facial actions,
-the face of an identity with an expression, mouth opening and eyelids, and its projection into the
-crop under a head pose."""
+"""The synthetic face's geometry: MediaPipe's 478-point template, the eight emotions' facial
+actions, the face of an identity with an expression, mouth opening and eyelids, and its projection
+into the crop under a head pose."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import numpy as np
 from data_pipeline import NUM_LANDMARKS, faces
 from data_pipeline.synthetic.identity import Identity
 
-# MediaPipe's face mesh of the public-domain portrait skimage.data.astronaut(), refined (478 points):
-# pixels / face height (forehead top 10 to chin 152), origin between the eye corners, eye line
-# levelled, left/right symmetrised by averaging each point with its mirror partner. float16 (478, 3).
+# MediaPipe's face mesh of the public-domain portrait skimage.data.astronaut(), refined (478
+# points): pixels / face height (forehead top 10 to chin 152), origin between the eye corners, eye
+# line levelled, left/right symmetrised by averaging each point with its mirror partner. float16
+# (478, 3).
 _TEMPLATE_F16_B64 = (
   "AACaNTSvAAAGNLSzAABjNFqwO6g9L12yAADDMhy0AAD8MNyzAAAvJeKwXrSIGhYcAAC2rDmwAADRr5qwAADNtPqvAADGNb6u"
   "AADuNQOuAAAENgqtAAAON0WrAAA9Nx6sAAB3N7WsAAC8N2WsAAAuOM2oAABONAOzsKkpNN2xcLadsEUxULFWKAWogbKlKGmn"
@@ -73,14 +74,20 @@ class ExpressionShape:
 
 
 EXPRESSIONS = {
-  "happy": ExpressionShape(brow_raise=0.2, eye_open=-0.35, mouth_corner=1.0, mouth_width=0.6, jaw=0.05),
-  "angry": ExpressionShape(brow_raise=-0.6, brow_inner=-1.0, eye_open=-0.3, mouth_corner=-0.4, mouth_width=-0.3),
-  "sad": ExpressionShape(brow_raise=-0.1, brow_inner=1.0, eye_open=-0.35, mouth_corner=-0.9, mouth_width=-0.1),
-  "surprised": ExpressionShape(brow_raise=1.0, brow_inner=0.2, eye_open=0.8, mouth_width=-0.3, jaw=0.3),
-  "fearful": ExpressionShape(brow_raise=0.6, brow_inner=0.8, eye_open=0.6, mouth_corner=-0.3, mouth_width=0.6,
-                             jaw=0.1),
-  "disgusted": ExpressionShape(brow_raise=-0.4, brow_inner=-0.4, eye_open=-0.45, mouth_corner=-0.5, upper_lip=1.0),
-  "worried": ExpressionShape(brow_raise=0.3, brow_inner=1.0, eye_open=0.1, mouth_corner=-0.4, mouth_width=-0.1),
+  "happy": ExpressionShape(brow_raise=0.2, eye_open=-0.35, mouth_corner=1.0, mouth_width=0.6,
+                           jaw=0.05),
+  "angry": ExpressionShape(brow_raise=-0.6, brow_inner=-1.0, eye_open=-0.3, mouth_corner=-0.4,
+                           mouth_width=-0.3),
+  "sad": ExpressionShape(brow_raise=-0.1, brow_inner=1.0, eye_open=-0.35, mouth_corner=-0.9,
+                         mouth_width=-0.1),
+  "surprised": ExpressionShape(brow_raise=1.0, brow_inner=0.2, eye_open=0.8, mouth_width=-0.3,
+                               jaw=0.3),
+  "fearful": ExpressionShape(brow_raise=0.6, brow_inner=0.8, eye_open=0.6, mouth_corner=-0.3,
+                             mouth_width=0.6, jaw=0.1),
+  "disgusted": ExpressionShape(brow_raise=-0.4, brow_inner=-0.4, eye_open=-0.45, mouth_corner=-0.5,
+                               upper_lip=1.0),
+  "worried": ExpressionShape(brow_raise=0.3, brow_inner=1.0, eye_open=0.1, mouth_corner=-0.4,
+                             mouth_width=-0.1),
   "neutral": ExpressionShape(),
 }
 
@@ -115,7 +122,8 @@ _UPPER_LIPS = INNER_UPPER_LIP + _OUTER_UPPER
 def _mouth_frame(points: np.ndarray) -> tuple[float, float, float]:
   """(centre x, mouth-line y, half width) of the mouth."""
   corners = points[[61, 291]]
-  return float(corners[:, 0].mean()), float(points[[13, 14], 1].mean()), float(abs(corners[1, 0] - corners[0, 0]) / 2)
+  return (float(corners[:, 0].mean()), float(points[[13, 14], 1].mean()),
+          float(abs(corners[1, 0] - corners[0, 0]) / 2))
 
 
 def _jaw_weights(points: np.ndarray) -> np.ndarray:
@@ -144,12 +152,14 @@ def face_points(identity: Identity, expression: ExpressionShape, alpha: float, m
   below_mouth = np.clip((points[:, 1] - mouth_y) / 0.25, 0.0, 1.0)
   points[:, 0] *= 1.0 + (identity.jaw_width - 1.0) * below_mouth
   lips = _LIPS
-  points[lips, 0] = cx + (points[lips, 0] - cx) * identity.mouth_width * (1 + 0.12 * expression.mouth_width * alpha)
+  points[lips, 0] = cx + (points[lips, 0] - cx) * identity.mouth_width * (
+      1 + 0.12 * expression.mouth_width * alpha)
   # Brows: raise, and inner ends up/down (weight 1 at the inner end, 0 at the outer end).
   for brow in (faces.RIGHT_BROW, faces.LEFT_BROW):
     index = list(brow)
     inner = 1.0 - np.clip((np.abs(points[index, 0]) - 0.05) / 0.3, 0.0, 1.0)
-    points[index, 1] -= (0.035 * expression.brow_raise + 0.03 * expression.brow_inner * inner) * alpha
+    points[index, 1] -= (0.035 * expression.brow_raise
+                         + 0.03 * expression.brow_inner * inner) * alpha
   # Eyes: scale about each eye's centre; the upper lid closes more than the lower rises.
   eye_open = float(np.clip(1.0 + 0.45 * expression.eye_open * alpha, 0.2, 1.6) * lid)
   for eye, iris in ((faces.RIGHT_EYE, faces.RIGHT_IRIS), (faces.LEFT_EYE, faces.LEFT_IRIS)):
@@ -206,7 +216,7 @@ def hair_points(points: np.ndarray, identity: Identity) -> tuple[np.ndarray, np.
   volume = 1.12 if identity.hair_style != 2 else 1.04
   back = centre + (oval - centre) * [volume, volume, 1.0]
   back[:, 2] += 0.05
-  if identity.hair_style == 1:  # long hair falls to the shoulders beside the face, not under the chin
+  if identity.hair_style == 1:  # long hair falls to the shoulders beside the face, not under it
     low = back[:, 1] > 0.2
     lateral = np.clip((np.abs(back[low, 0]) - 0.2) / 0.25, 0.0, 1.0)
     back[low, 1] = 0.2 + (back[low, 1] + 0.45 - 0.2) * lateral
@@ -214,6 +224,7 @@ def hair_points(points: np.ndarray, identity: Identity) -> tuple[np.ndarray, np.
   hairline_y = -identity.hairline - 0.05 * (identity.hair_style == 2)
   top = back[back[:, 1] < hairline_y + 0.06]
   arc_x = np.linspace(top[:, 0].max(), top[:, 0].min(), 9)
-  arc = np.stack([arc_x, hairline_y + 0.10 * (arc_x / max(abs(arc_x).max(), 1e-6)) ** 2, np.full(9, -0.1)], 1)
+  arc = np.stack([arc_x, hairline_y + 0.10 * (arc_x / max(abs(arc_x).max(), 1e-6)) ** 2,
+                  np.full(9, -0.1)], 1)
   fringe = np.concatenate([top[np.argsort(np.arctan2(top[:, 1] - 0.18, top[:, 0]))], arc[::-1]])
   return back, fringe

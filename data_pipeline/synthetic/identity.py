@@ -6,13 +6,16 @@ import dataclasses
 
 import numpy as np
 
-SKIN_TONES = ((255, 224, 196), (241, 194, 160), (224, 172, 130), (198, 134, 99), (161, 102, 70), (110, 70, 50))
-HAIR_COLOURS = ((30, 22, 18), (70, 45, 30), (120, 80, 45), (190, 150, 90), (150, 150, 150), (140, 50, 30))
+SKIN_TONES = ((255, 224, 196), (241, 194, 160), (224, 172, 130), (198, 134, 99), (161, 102, 70),
+              (110, 70, 50))
+HAIR_COLOURS = ((30, 22, 18), (70, 45, 30), (120, 80, 45), (190, 150, 90), (150, 150, 150),
+                (140, 50, 30))
 IRIS_COLOURS = ((70, 45, 25), (40, 90, 150), (60, 110, 70), (100, 80, 50))
 
 
 @dataclasses.dataclass(frozen=True)
 class Identity:
+  """One synthetic person: colours, face proportions, framing and voice pitch."""
   index: int
   skin: tuple[int, int, int]
   hair: tuple[int, int, int]
@@ -45,11 +48,13 @@ def make_identity(index: int, seed: int = 0) -> Identity:
   """Identity `index` of the family `seed` (same arguments, same person)."""
   rng = np.random.default_rng([seed, index, 0x1D])
   skin = _colour(rng, SKIN_TONES[rng.integers(len(SKIN_TONES))], 8)
-  lips = tuple(int(c) for c in np.clip(np.array(skin) * np.array([0.85, 0.55, 0.55]) + [20, 0, 0], 0, 255))
+  lips = tuple(int(c) for c in np.clip(np.array(skin) * np.array([0.85, 0.55, 0.55]) + [20, 0, 0],
+                                       0, 255))
   background = rng.uniform(40, 220, size=3)
   return Identity(
     index=index, skin=skin, hair=_colour(rng, HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))], 10),
-    hair_style=int(rng.integers(3)), iris=_colour(rng, IRIS_COLOURS[rng.integers(len(IRIS_COLOURS))], 10),
+    hair_style=int(rng.integers(3)),
+    iris=_colour(rng, IRIS_COLOURS[rng.integers(len(IRIS_COLOURS))], 10),
     lips=lips,
     background_top=tuple(int(c) for c in background),
     background_bottom=tuple(int(c) for c in np.clip(background * rng.uniform(0.5, 0.9), 0, 255)),

@@ -18,13 +18,17 @@ def head_motion(rng: np.random.Generator, num_frames: int, stress: np.ndarray, e
   pose = np.zeros((num_frames, 6))
   for axis, degrees in enumerate((4.0, 2.5, 2.0)):
     for frequency in rng.uniform(0.08, 0.5, size=3):
-      pose[:, axis] += amplitude * degrees / 2 * np.sin(2 * np.pi * frequency * time + rng.uniform(0, 2 * np.pi))
+      pose[:, axis] += amplitude * degrees / 2 * np.sin(2 * np.pi * frequency * time
+                                                        + rng.uniform(0, 2 * np.pi))
   kernel = np.exp(-0.5 * (np.arange(-6, 7) / 3.0) ** 2)
-  pose[:, 1] += 3.0 * amplitude * np.convolve(stress, kernel / kernel.sum(), mode="same")  # nods on stress
+  # Nods on stressed syllables.
+  pose[:, 1] += 3.0 * amplitude * np.convolve(stress, kernel / kernel.sum(), mode="same")
   pose[:, 1] += prosody.head_pitch * alpha
   for axis, size in ((3, 0.012), (4, 0.008)):
-    pose[:, axis] = amplitude * size * np.sin(2 * np.pi * rng.uniform(0.05, 0.2) * time + rng.uniform(0, 6.3))
-  pose[:, 5] = 1.0 + 0.01 * scale * np.sin(2 * np.pi * rng.uniform(0.05, 0.15) * time + rng.uniform(0, 6.3))
+    pose[:, axis] = amplitude * size * np.sin(2 * np.pi * rng.uniform(0.05, 0.2) * time
+                                              + rng.uniform(0, 6.3))
+  pose[:, 5] = 1.0 + 0.01 * scale * np.sin(2 * np.pi * rng.uniform(0.05, 0.15) * time
+                                            + rng.uniform(0, 6.3))
   return pose
 
 

@@ -25,11 +25,13 @@ class Renderer:
     self.size = resolution * _supersampling(resolution)
     size = self.size
     ramp = np.linspace(0, 1, size)[:, None, None]
-    background = (1 - ramp) * np.array(identity.background_top) + ramp * np.array(identity.background_bottom)
+    background = ((1 - ramp) * np.array(identity.background_top)
+                  + ramp * np.array(identity.background_bottom))
     image = Image.fromarray(np.broadcast_to(background, (size, size, 3)).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     # Shoulders and neck do not follow the head's sway: the body stays put as in real footage.
-    neck = project(np.array([[-0.17, 0.45, 0.2], [0.17, 0.45, 0.2], [0.2, 1.3, 0.2], [-0.2, 1.3, 0.2]]),
+    neck = project(np.array([[-0.17, 0.45, 0.2], [0.17, 0.45, 0.2], [0.2, 1.3, 0.2],
+                             [-0.2, 1.3, 0.2]]),
                    np.array([0, 0, 0, 0, 0, 1.0]), identity, face_scale) * size
     draw.ellipse((size * -0.05, size * 0.86, size * 1.05, size * 1.6), fill=identity.shirt)
     shade = tuple(int(c * 0.85) for c in identity.skin)
@@ -56,8 +58,8 @@ class Renderer:
       draw.line(polygon(brow) + polygon(brow)[:1], fill=brow_colour,
                 width=max(1, int(0.012 * height * identity.brow_thickness)))
     nose_colour = tuple(int(c * 0.78) for c in identity.skin)
-    draw.line([tuple(pixels[i]) for i in (168, 197, 5, 4)], fill=tuple(int(c * 0.9) for c in identity.skin),
-              width=max(1, int(0.015 * height)))
+    draw.line([tuple(pixels[i]) for i in (168, 197, 5, 4)],
+              fill=tuple(int(c * 0.9) for c in identity.skin), width=max(1, int(0.015 * height)))
     for nostril in (98, 327):
       x, y = pixels[nostril]
       r = 0.018 * height
@@ -77,7 +79,8 @@ class Renderer:
       iris_draw.ellipse((x - r * 0.45, y - r * 0.45, x + r * 0.45, y + r * 0.45), fill=(10, 10, 10))
     image.paste(irises, mask=eye_mask)
     for eye in (faces.RIGHT_EYE, faces.LEFT_EYE):
-      draw.line(polygon(eye) + polygon(eye)[:1], fill=(40, 30, 30), width=max(1, int(0.008 * height)))
+      draw.line(polygon(eye) + polygon(eye)[:1], fill=(40, 30, 30),
+                width=max(1, int(0.008 * height)))
     # Mouth: lips, then the dark opening with upper teeth clipped to it.
     draw.polygon(polygon(faces.LIPS_OUTER), fill=identity.lips)
     inner = polygon(faces.LIPS_INNER)
@@ -89,8 +92,9 @@ class Renderer:
       cavity_draw.polygon(inner, fill=(70, 20, 25))
       teeth = pixels[INNER_UPPER_LIP]
       teeth_bottom = teeth + [0, 0.03 * height]
-      cavity_draw.polygon([tuple(p) for p in np.concatenate([teeth, teeth_bottom[::-1]])], fill=(235, 232, 220))
+      cavity_draw.polygon([tuple(p) for p in np.concatenate([teeth, teeth_bottom[::-1]])],
+                          fill=(235, 232, 220))
       image.paste(cavity, mask=mouth_mask)
-    frame = image.resize((self.resolution, self.resolution), Image.Resampling.BOX) if size != self.resolution \
-      else image
+    frame = (image.resize((self.resolution, self.resolution), Image.Resampling.BOX)
+             if size != self.resolution else image)
     return np.asarray(frame), landmarks.astype(np.float32)

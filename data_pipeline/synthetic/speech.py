@@ -1,6 +1,6 @@
-"""Speech-like audio of a synthetic identity: syllables of voiced harmonics shaped by vowel formants,
-consonant closures and noise bursts, with emotion-dependent prosody, and the mouth opening that
-made each frame's sound."""
+"""Speech-like audio of a synthetic identity: syllables of voiced harmonics shaped by vowel
+formants, consonant closures and noise bursts, with emotion-dependent prosody, and the mouth
+opening that made each frame's sound."""
 
 from __future__ import annotations
 
@@ -27,13 +27,18 @@ class Prosody:
 
 PROSODY = {
   "happy": Prosody(pitch=1.15, pitch_range=1.6, rate=1.1, energy=1.15, tilt=0.8, motion=1.3),
-  "angry": Prosody(pitch=1.1, pitch_range=1.3, rate=1.15, energy=1.5, tilt=0.6, motion=1.2, head_pitch=2.0),
-  "sad": Prosody(pitch=0.9, pitch_range=0.5, rate=0.8, energy=0.65, tilt=1.4, motion=0.6, head_pitch=4.0),
-  "surprised": Prosody(pitch=1.25, pitch_range=1.9, energy=1.2, tilt=0.9, motion=1.1, head_pitch=-3.0),
-  "fearful": Prosody(pitch=1.2, pitch_range=1.1, rate=1.2, energy=0.9, tremor=0.03, tilt=1.1, motion=0.8),
-  "disgusted": Prosody(pitch=0.95, pitch_range=0.8, rate=0.9, tilt=1.0, motion=0.9, head_pitch=-1.0),
-  "worried": Prosody(pitch=1.05, pitch_range=0.7, rate=0.95, energy=0.85, tremor=0.02, tilt=1.2, motion=0.8,
-                     head_pitch=1.5),
+  "angry": Prosody(pitch=1.1, pitch_range=1.3, rate=1.15, energy=1.5, tilt=0.6, motion=1.2,
+                   head_pitch=2.0),
+  "sad": Prosody(pitch=0.9, pitch_range=0.5, rate=0.8, energy=0.65, tilt=1.4, motion=0.6,
+                 head_pitch=4.0),
+  "surprised": Prosody(pitch=1.25, pitch_range=1.9, energy=1.2, tilt=0.9, motion=1.1,
+                       head_pitch=-3.0),
+  "fearful": Prosody(pitch=1.2, pitch_range=1.1, rate=1.2, energy=0.9, tremor=0.03, tilt=1.1,
+                     motion=0.8),
+  "disgusted": Prosody(pitch=0.95, pitch_range=0.8, rate=0.9, tilt=1.0, motion=0.9,
+                       head_pitch=-1.0),
+  "worried": Prosody(pitch=1.05, pitch_range=0.7, rate=0.95, energy=0.85, tremor=0.02, tilt=1.2,
+                     motion=0.8, head_pitch=1.5),
   "neutral": Prosody(),
 }
 
@@ -139,11 +144,15 @@ def synthesize_speech(rng: np.random.Generator, num_frames: int, identity: Ident
   voiced = np.zeros(num_samples, np.float32)
   for k in range(harmonics):
     voiced += (at_samples(envelope[:, k]) * np.sin((k + 1) * phase)).astype(np.float32)
-  hiss = np.diff(rng.standard_normal(num_samples + 1)).astype(np.float32)  # white noise tilted upwards
+  # White noise tilted upwards.
+  hiss = np.diff(rng.standard_normal(num_samples + 1)).astype(np.float32)
   breath = 0.04 * max(tilt - 1.0, 0.0) * at_samples(voicing)  # breathy voice (sad, worried)
   signal = voiced + hiss * (0.25 * at_samples(noise) + breath)
   energy = scaled_by_intensity(prosody.energy, alpha)
   audio = np.clip(signal * 5000.0 * energy, -32767, 32767).astype(np.int16)
 
-  per_frame = lambda x: at_samples(x).reshape(num_frames, SAMPLES_PER_FRAME).mean(axis=1)  # noqa: E731
-  return audio, np.clip(per_frame(opening), 0.0, 1.0), np.clip(per_frame(np.abs(accent) * voicing), 0.0, 1.0)
+  def per_frame(x):
+    return at_samples(x).reshape(num_frames, SAMPLES_PER_FRAME).mean(axis=1)
+
+  return (audio, np.clip(per_frame(opening), 0.0, 1.0),
+          np.clip(per_frame(np.abs(accent) * voicing), 0.0, 1.0))
