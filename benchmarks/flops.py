@@ -126,7 +126,7 @@ def step_timing(frames: int, size: int, repeats: int) -> None:
   import torch
   from diffusers import EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
 
-  from etalk_jax.svd.compare import _interleaved_medians
+  from svd_compare import interleaved_medians
   from etalk_jax.diffusion import sampling
   from etalk_jax.svd import unet_from_diffusers
 
@@ -167,7 +167,7 @@ def step_timing(frames: int, size: int, repeats: int) -> None:
       return scheduler.step(output, t, latents).prev_sample
 
   error = float(np.abs(np.asarray(ours()) - np.moveaxis(theirs().numpy(), 2, -1)).max())
-  jax_seconds, torch_seconds = _interleaved_medians(ours, theirs, repeats)
+  jax_seconds, torch_seconds = interleaved_medians(ours, theirs, repeats)
   print(f"[step] tiny SVD UNet ({sum(p.numel() for p in torch_unet.parameters()):,} "
         f"parameters), 1 x {frames} frames x {size}² latents, one Euler step; "
         f"torch threads {torch.get_num_threads()}, cores {os.cpu_count()}")

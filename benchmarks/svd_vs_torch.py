@@ -38,7 +38,7 @@ MEDIUM_UNET = dict(
 
 def speed(repeats: int) -> None:
   import torch
-  from etalk_jax.svd.compare import compare_unet
+  from svd_compare import compare_unet
   print(f"torch threads: {torch.get_num_threads()}, cores: {os.cpu_count()}")
   result = compare_unet(MEDIUM_UNET, frames=8, size=32, repeats=repeats)
   print(f"[speed] medium UNet, {result['parameters']:,} parameters, 1 x 8 frames x 32 x 32")
