@@ -104,8 +104,8 @@ def save_frozen_encoders(workdir: Path, config) -> dict[str, Path]:
   """Random tiny wav2vec2, PD-FGC trunk and WavLM, saved once (seeded: the same every run)."""
   from etalk_jax import parallel  # noqa: PLC0415
   from etalk_jax.audio import Wav2Vec2, Wav2Vec2Config, WavLM, WavLMConfig  # noqa: PLC0415
-  from etalk_jax.audio.params import save as save_audio  # noqa: PLC0415
-  from etalk_jax.vision.params import save as save_pdfgc  # noqa: PLC0415
+  from etalk_jax.audio.params import save_speech_encoder  # noqa: PLC0415
+  from etalk_jax.vision.params import save_pdfgc  # noqa: PLC0415
   from etalk_jax.vision.pdfgc import PDFGC_SMALL, PDFGCEncoder  # noqa: PLC0415
 
   def sizes(fields):
@@ -116,14 +116,14 @@ def save_frozen_encoders(workdir: Path, config) -> dict[str, Path]:
   mesh = parallel.make_mesh({"data": -1})
   folders = {name: workdir / "frozen" / name for name in ("wav2vec2", "pdfgc", "wavlm")}
   if not folders["wav2vec2"].exists():
-    save_audio(parallel.create_sharded(
+    save_speech_encoder(parallel.create_sharded(
         lambda rngs: Wav2Vec2(Wav2Vec2Config(**sizes(config.wav2vec2)), rngs=rngs), mesh, seed=0),
         folders["wav2vec2"])
   if not folders["pdfgc"].exists():
     save_pdfgc(parallel.create_sharded(lambda rngs: PDFGCEncoder(PDFGC_SMALL, rngs=rngs), mesh,
                                        seed=1), folders["pdfgc"])
   if not folders["wavlm"].exists():
-    save_audio(parallel.create_sharded(
+    save_speech_encoder(parallel.create_sharded(
         lambda rngs: WavLM(WavLMConfig(**sizes(config.wavlm)), rngs=rngs), mesh, seed=2),
         folders["wavlm"])
   return folders

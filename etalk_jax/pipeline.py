@@ -334,17 +334,17 @@ def save_pipeline(folder: str | Path, *, ethd, projector, dicte, encoders, audio
     save_vaid_model(projector, tmp / components["projector"])
     save_vaid_model(dicte, tmp / components["dicte"])
     save_encoders(encoders, tmp / components["encoders"])
-    audio_params.save(audio_encoder, tmp / components["audio_encoder"])
+    audio_params.save_speech_encoder(audio_encoder, tmp / components["audio_encoder"])
     codebook.save(tmp / components["codebook"])
     if wavlm is not None:
       from etalk_jax.emotion.ser import save_ser  # noqa: PLC0415
       components.update(wavlm=OPTIONAL_FOLDERS["wavlm"], ser=OPTIONAL_FOLDERS["ser"])
-      audio_params.save(wavlm, tmp / components["wavlm"])
+      audio_params.save_speech_encoder(wavlm, tmp / components["wavlm"])
       save_ser(ser, tmp / components["ser"])
     if isinstance(codec, VAECodec):
-      from etalk_jax.svd.params import save as save_svd  # noqa: PLC0415
+      from etalk_jax.svd.params import save_svd_model  # noqa: PLC0415
       components["vae"] = OPTIONAL_FOLDERS["vae"]
-      save_svd(codec.vae, tmp / components["vae"])
+      save_svd_model(codec.vae, tmp / components["vae"])
     record = {
         "format": FORMAT, "version": VERSION, "resolution": int(resolution),
         "codec": codec.spec(), "components": components,
