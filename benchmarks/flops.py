@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from svd_compare import interleaved_medians  # benchmarks/ sibling
 from etalk_jax import model_io
 from etalk_jax.diffusion import sampling
 from etalk_jax.ethd import ETHD, ETHDConfig
@@ -56,7 +57,7 @@ from etalk_jax.svd import (
   VAEConfig,
   unet_from_diffusers,
 )
-from etalk_jax.svd.compare import _interleaved_medians
+
 
 PAPER_BACKBONE_TFLOPS = 3668.16
 PAPER_VAE_DECODER_TFLOPS = 180.51
@@ -174,7 +175,7 @@ def step_timing(frames: int, size: int, repeats: int) -> None:
       return scheduler.step(output, t, latents).prev_sample
 
   error = float(np.abs(np.asarray(ours()) - np.moveaxis(theirs().numpy(), 2, -1)).max())
-  jax_seconds, torch_seconds = _interleaved_medians(ours, theirs, repeats)
+  jax_seconds, torch_seconds = interleaved_medians(ours, theirs, repeats)
   print(f"[step] tiny SVD UNet ({sum(p.numel() for p in torch_unet.parameters()):,} "
         f"parameters), 1 x {frames} frames x {size}² latents, one Euler step; "
         f"torch threads {torch.get_num_threads()}, cores {os.cpu_count()}")

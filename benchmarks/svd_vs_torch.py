@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from etalk_jax.svd.compare import compare_unet
+
+from svd_compare import compare_unet  # benchmarks/ sibling
 from etalk_jax.svd.config import UNetConfig
 from etalk_jax.svd.params import WEIGHTS_STEM, abstract_model, conversion_table
 

@@ -37,7 +37,7 @@ USER_ERRORS = (UserError,)
 
 # model family -> (the "upstream" value of --to, command function "module:name")
 CONVERTERS = {
-    "svd": ("diffusers", "etalk_jax.svd.params:convert_command"),
+    "svd": ("diffusers", "etalk_jax.svd.params:convert_svd_command"),
     "wav2vec2": ("transformers", "etalk_jax.audio.params:convert_wav2vec2_command"),
     "wavlm": ("transformers", "etalk_jax.audio.params:convert_wavlm_command"),
     "pdfgc": (None, "etalk_jax.vision.params:convert_pdfgc_command"),  # motion_model.pth -> ours

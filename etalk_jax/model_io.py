@@ -77,7 +77,7 @@ def _checkpointer() -> ocp.Checkpointer:
       save_concurrent_gb=1, restore_concurrent_gb=1, use_compression=False))
 
 
-def save_model(folder: str | Path, model: nnx.Module, config: dict[str, Any], *,
+def save_model(model: nnx.Module, folder: str | Path, config: dict[str, Any], *,
                overwrite: bool = False) -> Path:
   folder = Path(folder).absolute()
   with atomic_folder(folder, overwrite=overwrite) as tmp:
@@ -123,8 +123,8 @@ def restore_model(folder: str | Path, build_abstract: Callable[[], nnx.Module]) 
   return nnx.merge(graphdef, state)
 
 
-def load_configured(folder: str | Path, config_class, model_class, compute) -> nnx.Module:
-  """A folder saved with `save_model(folder, model, model.config.to_dict())` of a model whose
+def load_model(folder: str | Path, config_class, model_class, compute) -> nnx.Module:
+  """A folder saved with `save_model(model, folder, model.config.to_dict())` of a model whose
   config is a `ModelConfig`: `model_class(config, compute=compute, rngs=...)` restored."""
   try:
     config = config_class.from_dict(read_config(folder))

@@ -10,8 +10,8 @@ skipped. The positional convolution's weight norm is read in either layout
 legacy `weight_g/weight_v`), or from a plain fused `weight`. Loading is as strict as every
 converter here: one `ConversionError` lists all missing, unexpected and mis-shaped keys.
 
-Export: `wav2vec2_to_transformers(model)` / `wavlm_to_transformers(model)` give a state dict that
-`Wav2Vec2Model` / `WavLMModel` load with `strict=True`.
+Export: `to_transformers(model)` gives a state dict that `Wav2Vec2Model` / `WavLMModel` load with
+`strict=True`; `export_transformers(model, folder)` writes a folder their `from_pretrained` loads.
 
 Our format (a folder): `config.json` (transformers' field names plus an `etalk_format` record) and
 `state/`, an Orbax `StandardCheckpointer` checkpoint of the model's `nnx.state`.
@@ -221,15 +221,11 @@ def to_transformers(model: nnx.Module, dtype: Any = None,
   return out
 
 
-wav2vec2_to_transformers = to_transformers
-wavlm_to_transformers = to_transformers
-
-
 def _family_of(model: nnx.Module) -> _Family:
   return WAVLM if isinstance(model, WavLM) else WAV2VEC2
 
 
-def save_transformers(model: nnx.Module, dst: str | Path, overwrite: bool = False) -> dict:
+def export_transformers(model: nnx.Module, dst: str | Path, *, overwrite: bool = False) -> dict:
   """Writes config.json + model.safetensors that `XModel.from_pretrained(dst)` loads."""
   family = _family_of(model)
   tensors = to_transformers(model)
@@ -246,12 +242,13 @@ def save_transformers(model: nnx.Module, dst: str | Path, overwrite: bool = Fals
 # ----------------------------------------------------------------------------------------------
 
 
-def save(model: nnx.Module, dst: str | Path, overwrite: bool = False) -> dict:
-  """Writes our format: config.json + state/ (Orbax). Nothing is left half-written."""
+def save_speech_encoder(model: nnx.Module, dst: str | Path, *, overwrite: bool = False) -> dict:
+  """Writes a wav2vec2 or WavLM in our format: config.json + state/ (Orbax). Nothing is left
+  half-written."""
   family = _family_of(model)
   config = model.config.to_dict()
   config["etalk_format"] = {"model": family.name, "version": FORMAT_VERSION}
-  model_io.save_model(dst, model, config, overwrite=overwrite)
+  model_io.save_model(model, dst, config, overwrite=overwrite)
   return _summary(np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
@@ -293,12 +290,12 @@ def _load_ours(family: _Family, folder: str | Path, compute: Compute = FP32):
 
 
 def load_wav2vec2(folder: str | Path, compute: Compute = FP32) -> Wav2Vec2:
-  """Our format (written by `save` / `etalk convert wav2vec2`) -> `Wav2Vec2`."""
+  """Our format (written by `save_speech_encoder` / `etalk convert wav2vec2`) -> `Wav2Vec2`."""
   return _load_ours(WAV2VEC2, folder, compute)
 
 
 def load_wavlm(folder: str | Path, compute: Compute = FP32) -> WavLM:
-  """Our format (written by `save` / `etalk convert wavlm`) -> `WavLM`."""
+  """Our format (written by `save_speech_encoder` / `etalk convert wavlm`) -> `WavLM`."""
   return _load_ours(WAVLM, folder, compute)
 
 
@@ -327,8 +324,8 @@ def _convert_command(family: _Family, src: str, dst: str, to: str, overwrite: bo
     model = _load_ours(family, src_path)
   else:
     model = _from_transformers(family, src_path, progress=False)
-  summary = save(model, dst, overwrite) if to == "ours" else save_transformers(model, dst,
-                                                                               overwrite)
+  summary = (save_speech_encoder(model, dst, overwrite=overwrite) if to == "ours" else
+             export_transformers(model, dst, overwrite=overwrite))
   summary.update(model=family.name, src=str(src), dst=str(dst), to=to,
                  seconds=round(time.perf_counter() - start, 3))
   return summary

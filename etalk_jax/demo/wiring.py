@@ -31,7 +31,7 @@ from data_pipeline.loader import data_source
 from etalk_jax import parallel
 from etalk_jax.audio import FeatureConfig, Wav2Vec2, Wav2Vec2Config, WavLM, WavLMConfig
 from etalk_jax.audio.params import load_wav2vec2, load_wavlm
-from etalk_jax.audio.params import save as save_audio
+from etalk_jax.audio.params import save_speech_encoder
 from etalk_jax.codecs import PatchPCACodec, codec_from_spec
 from etalk_jax.demo.report import (KINDS, EmotionReader, MouthReader,
                                    clip_from_record, fit_readers, held_out_clips, lip_sync_score,
@@ -49,7 +49,7 @@ from etalk_jax.train.precompute import precompute_command
 from etalk_jax.train.stages.common import build_ethd
 from etalk_jax.vaid.storage import load_dicte, load_projector
 from etalk_jax.vision.params import load_encoders
-from etalk_jax.vision.params import save as save_pdfgc
+from etalk_jax.vision.params import save_pdfgc
 from etalk_jax.vision.pdfgc import PDFGC_SMALL, PDFGCEncoder
 
 
@@ -97,14 +97,14 @@ def save_frozen_encoders(workdir: Path, config) -> dict[str, Path]:
   mesh = parallel.make_mesh({"data": -1})
   folders = {name: workdir / "frozen" / name for name in ("wav2vec2", "pdfgc", "wavlm")}
   if not folders["wav2vec2"].exists():
-    save_audio(parallel.create_sharded(
+    save_speech_encoder(parallel.create_sharded(
         lambda rngs: Wav2Vec2(Wav2Vec2Config(**sizes(config.wav2vec2)), rngs=rngs), mesh, seed=0),
         folders["wav2vec2"])
   if not folders["pdfgc"].exists():
     save_pdfgc(parallel.create_sharded(lambda rngs: PDFGCEncoder(PDFGC_SMALL, rngs=rngs), mesh,
                                        seed=1), folders["pdfgc"])
   if not folders["wavlm"].exists():
-    save_audio(parallel.create_sharded(
+    save_speech_encoder(parallel.create_sharded(
         lambda rngs: WavLM(WavLMConfig(**sizes(config.wavlm)), rngs=rngs), mesh, seed=2),
         folders["wavlm"])
   return folders

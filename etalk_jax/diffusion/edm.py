@@ -153,10 +153,3 @@ def drop_conditions(key: jax.Array, conditions: Mapping[str, jax.Array],
                               jnp.zeros_like(value))
   return dropped, keep
 
-
-def choose_expression(key: jax.Array, ground_truth: jax.Array, predicted: jax.Array,
-                      probability: float = 0.6) -> jax.Array:
-  """Per batch element: the ground-truth expression latents with `probability`, else the ones
-  Di-CTE generated (ETHD learns to render both; ARCHITECTURE.md §2)."""
-  use_truth = jax.random.uniform(key, (ground_truth.shape[0],)) < probability
-  return jnp.where(_per_sample(use_truth, ground_truth.ndim), ground_truth, predicted)

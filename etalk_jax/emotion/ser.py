@@ -195,8 +195,8 @@ def keyword_from_speech(head: SpeechEmotionHead, audio: AudioFeatures, speech: A
 
 def save_ser(head: SpeechEmotionHead, folder: str | Path, *, overwrite: bool = False) -> Path:
   """The head -> `folder` (config.json + Orbax state, `model_io`)."""
-  return model_io.save_model(folder, head, head.config.to_dict(), overwrite=overwrite)
+  return model_io.save_model(head, folder, head.config.to_dict(), overwrite=overwrite)
 
 
 def load_ser(folder: str | Path, compute: Compute = FP32) -> SpeechEmotionHead:
-  return model_io.load_configured(folder, SERConfig, SpeechEmotionHead, compute)
+  return model_io.load_model(folder, SERConfig, SpeechEmotionHead, compute)

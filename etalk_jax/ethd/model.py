@@ -23,6 +23,7 @@ embedding, for any lip and expression latents and any face mask (tests/ethd/test
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -252,12 +253,12 @@ def ethd_from_diffusers(src: Any, config: ETHDConfig | None = None, **options) -
                        compute=compute)
 
 
-def save_ethd(model: ETHD, folder, *, overwrite: bool = False):
+def save_ethd(model: ETHD, folder: str | Path, *, overwrite: bool = False) -> Path:
   config = dict(model.ethd_config.to_dict(), _class_name="ETHD")
-  return model_io.save_model(folder, model, config, overwrite=overwrite)
+  return model_io.save_model(model, folder, config, overwrite=overwrite)
 
 
-def load_ethd(folder, compute: Compute = FP32) -> ETHD:
+def load_ethd(folder: str | Path, compute: Compute = FP32) -> ETHD:
   fields = model_io.read_config(folder)
   if fields.pop("_class_name", None) != "ETHD":
     raise UserError(f"{folder} does not hold an ETHD model")

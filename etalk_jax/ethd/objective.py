@@ -18,6 +18,10 @@ reference frame, always available at inference) is kept in every mode. The pixel
 area-downsampled to the latent grid (`area_downsample`), so the loss weight of a latent is the
 fraction of its pixels inside the mask, and each sample's loss is normalised by its mask area so
 that small lip masks are not down-weighted against whole frames.
+
+The ETHD stage's own objective (`audio_driven_loss`) is here too: SVD's EDM loss on ETHD driven
+by the audio's lip tokens l_a and, per sample, the ground-truth expression or the one Di-CTE
+generated (`choose_expression`), with classifier-free-guidance condition dropout.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from etalk_jax.diffusion.edm import denoise, loss_weight, sample_sigmas
+from etalk_jax.diffusion.edm import (denoise, denoising_loss, drop_conditions, loss_weight,
+                                     sample_sigmas)
 from etalk_jax.ethd.edi import area_downsample
 
 DROP_LIP, DROP_EXPRESSION, KEEP_BOTH = 0, 1, 2
@@ -153,3 +158,45 @@ def encoder_reconstruction_loss(encoders, ethd, clean: jax.Array, reference_late
       ethd, clean, reference_latents, codes.lip.reshape(batch, frames, -1),
       codes.expression.reshape(batch, frames, -1), reference_expression, face_mask, lip_mask,
       key, **options)
+
+
+def choose_expression(key: jax.Array, ground_truth: jax.Array, predicted: jax.Array,
+                      probability: float = 0.6) -> jax.Array:
+  """Per batch element: the ground-truth expression latents with `probability`, else the ones
+  Di-CTE generated (ETHD learns to render both; ARCHITECTURE.md §2)."""
+  use_truth = jax.random.uniform(key, (ground_truth.shape[0],)) < probability
+  use_truth = use_truth.reshape(use_truth.shape + (1,) * (ground_truth.ndim - 1))
+  return jnp.where(use_truth, ground_truth, predicted)
+
+
+def audio_driven_loss(ethd, clean: jax.Array, reference_latents: jax.Array, lip: jax.Array,
+                      expression: jax.Array, predicted_expression: jax.Array,
+                      reference_expression: jax.Array, face_mask: jax.Array, lip_mask: jax.Array,
+                      key: jax.Array, *, truth_probability: float = 0.6, dropout: float = 0.05,
+                      lip_weight: float = 0.0, p_mean: float = 0.7, p_std: float = 1.6
+                      ) -> jax.Array:
+  """The ETHD stage's loss: SVD's EDM objective (`edm.denoising_loss`) on ETHD driven by l_a.
+
+  ethd: an `ETHD` (or anything called like one); clean: the clip's latent target
+  `(batch, frames, h, w, 4)`; reference_latents `(batch, h, w, 4)`: the reference frame's latent,
+  concatenated beside the noisy input; lip `(batch, frames, lip_dim)`: l_a; expression and
+  predicted_expression `(batch, frames, expression_dim)`: the ground-truth e_v and Di-CTE's e_a,
+  one of them per sample (`choose_expression` with `truth_probability`); reference_expression
+  `(batch, expression_dim)`: e_ref; face_mask: the reference's, what ETHD's EDI reads; lip_mask
+  at latent resolution, broadcastable to `(batch, frames, h, w)`: where `lip_weight` adds weight.
+  Lip, expression and reference conditions are each dropped with `dropout` (classifier-free
+  guidance). Differentiable in the model.
+  """
+  choice_key, dropout_key, noise_key = jax.random.split(key, 3)
+  expression = choose_expression(choice_key, expression, predicted_expression, truth_probability)
+  kept, _ = drop_conditions(
+      dropout_key, {"lip": lip, "expression": expression, "reference": reference_latents},
+      {"lip": dropout, "expression": dropout, "reference": dropout})
+  reference = jnp.broadcast_to(kept["reference"][:, None], clean.shape)
+
+  def render(scaled, c_noise):
+    return ethd(jnp.concatenate([scaled, reference], axis=-1), c_noise, kept["lip"],
+                kept["expression"], reference_expression, face_mask)
+
+  return denoising_loss(render, clean, noise_key, lip_mask=lip_mask[..., None],
+                        lip_weight=lip_weight, p_mean=p_mean, p_std=p_std)

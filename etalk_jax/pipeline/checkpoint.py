@@ -143,15 +143,15 @@ def save_pipeline(folder: str | Path, *, ethd, projector, dicte, encoders, audio
     save_vaid_model(projector, tmp / components["projector"])
     save_vaid_model(dicte, tmp / components["dicte"])
     save_encoders(encoders, tmp / components["encoders"])
-    audio_params.save(audio_encoder, tmp / components["audio_encoder"])
+    audio_params.save_speech_encoder(audio_encoder, tmp / components["audio_encoder"])
     codebook.save(tmp / components["codebook"])
     if wavlm is not None:
       components.update(wavlm=OPTIONAL_FOLDERS["wavlm"], ser=OPTIONAL_FOLDERS["ser"])
-      audio_params.save(wavlm, tmp / components["wavlm"])
+      audio_params.save_speech_encoder(wavlm, tmp / components["wavlm"])
       save_ser(ser, tmp / components["ser"])
     if isinstance(codec, VAECodec):
       components["vae"] = OPTIONAL_FOLDERS["vae"]
-      svd_params.save(codec.vae, tmp / components["vae"])
+      svd_params.save_svd_model(codec.vae, tmp / components["vae"])
     record = {
         "format": FORMAT, "version": VERSION, "resolution": int(resolution),
         "codec": codec.spec(), "components": components,

@@ -106,10 +106,6 @@ def to_diffusers(model: nnx.Module, dtype=None) -> dict[str, np.ndarray]:
   return dict(export_tensors(model, conversion_table(model), dtype=dtype))
 
 
-unet_to_diffusers = to_diffusers
-vae_to_diffusers = to_diffusers
-
-
 def _kind_of(model: nnx.Module) -> str:
   for kind, (_, model_cls, _) in KINDS.items():
     if isinstance(model, model_cls):
@@ -117,8 +113,8 @@ def _kind_of(model: nnx.Module) -> str:
   raise TypeError(f"not an SVD model: {type(model).__name__}")
 
 
-def save_diffusers(model: nnx.Module, folder: str | Path, *, dtype=None,
-                   overwrite: bool = False) -> Path:
+def export_diffusers(model: nnx.Module, folder: str | Path, *, dtype=None,
+                     overwrite: bool = False) -> Path:
   """Writes config.json + diffusion_pytorch_model.safetensors that diffusers' from_pretrained
   loads."""
   config = dict(model.config.to_dict(), _diffusers_version="0.35.0")
@@ -129,9 +125,9 @@ def save_diffusers(model: nnx.Module, folder: str | Path, *, dtype=None,
   return Path(folder)
 
 
-def save(model: nnx.Module, folder: str | Path, *, overwrite: bool = False) -> Path:
-  """Our format: config.json (diffusers fields) + Orbax state."""
-  return model_io.save_model(folder, model, model.config.to_dict(), overwrite=overwrite)
+def save_svd_model(model: nnx.Module, folder: str | Path, *, overwrite: bool = False) -> Path:
+  """A UNet or VAE in our format: config.json (diffusers fields) + Orbax state."""
+  return model_io.save_model(model, folder, model.config.to_dict(), overwrite=overwrite)
 
 
 def _load(kind: str, folder: str | Path, compute: Compute = FP32):
@@ -175,9 +171,9 @@ def _components(src: Path) -> dict[str, Path]:
   return found
 
 
-def convert_command(src: str, dst: str, to: str = "ours", overwrite: bool = False,
-                    dtype: str = "float32", variant: str | None = None,
-                    progress: bool = True) -> dict[str, Any]:
+def convert_svd_command(src: str, dst: str, to: str = "ours", overwrite: bool = False,
+                        dtype: str = "float32", variant: str | None = None,
+                        progress: bool = True) -> dict[str, Any]:
   """diffusers folder -> our folder (to="ours"), or our folder -> diffusers folder."""
   if dtype not in _DTYPES:
     raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
@@ -194,10 +190,10 @@ def convert_command(src: str, dst: str, to: str = "ours", overwrite: bool = Fals
       if to == "ours":
         model = _from_diffusers(kind, folder, variant=variant, dtype=_DTYPES[dtype],
                                 progress=progress)
-        model_io.save_model(out, model, model.config.to_dict(), overwrite=True)
+        save_svd_model(model, out, overwrite=True)
       elif to == "diffusers":
         model = _load(kind, folder)
-        save_diffusers(model, out, dtype=_DTYPES[dtype], overwrite=True)
+        export_diffusers(model, out, dtype=_DTYPES[dtype], overwrite=True)
       else:
         raise UserError(f"--to {to!r}: choose 'ours' or 'diffusers'")
       leaves = jax.tree.leaves(nnx.state(model, nnx.Param))

@@ -13,12 +13,12 @@ from etalk_jax.vaid.projector import AudioLipProjector, ProjectorConfig
 def save_vaid_model(model: AudioLipProjector | DiCTE, folder: str | Path, *,
                     overwrite: bool = False) -> Path:
   """The projector or Di-CTE -> `folder` (config.json names its model_type)."""
-  return model_io.save_model(folder, model, model.config.to_dict(), overwrite=overwrite)
+  return model_io.save_model(model, folder, model.config.to_dict(), overwrite=overwrite)
 
 
 def load_projector(folder: str | Path, compute: Compute = FP32) -> AudioLipProjector:
-  return model_io.load_configured(folder, ProjectorConfig, AudioLipProjector, compute)
+  return model_io.load_model(folder, ProjectorConfig, AudioLipProjector, compute)
 
 
 def load_dicte(folder: str | Path, compute: Compute = FP32) -> DiCTE:
-  return model_io.load_configured(folder, DiCTEConfig, DiCTE, compute)
+  return model_io.load_model(folder, DiCTEConfig, DiCTE, compute)

@@ -174,7 +174,7 @@ def _summary(model: nnx.Module) -> dict:
           "bytes": sum(int(x.size * x.dtype.itemsize) for x in saved)}
 
 
-def save(encoder: PDFGCEncoder, dst: str | Path, overwrite: bool = False) -> dict:
+def save_pdfgc(encoder: PDFGCEncoder, dst: str | Path, *, overwrite: bool = False) -> dict:
   """Our format (config.json + Orbax state/); returns {tensors, parameters, bytes}.
 
   tensors and bytes count everything saved (parameters and BatchNorm running statistics);
@@ -182,7 +182,7 @@ def save(encoder: PDFGCEncoder, dst: str | Path, overwrite: bool = False) -> dic
   """
   config = encoder.config.to_dict()
   config["etalk_format"] = {"model": MODEL_NAME, "version": FORMAT_VERSION}
-  model_io.save_model(dst, encoder, config, overwrite=overwrite)
+  model_io.save_model(encoder, dst, config, overwrite=overwrite)
   return _summary(encoder)
 
 
@@ -220,7 +220,7 @@ def convert_pdfgc_command(src: str, dst: str, overwrite: bool = False) -> dict:
   src_path = Path(src)
   if not src_path.is_file():
     raise ConversionError(f"--src {src} is not a file; give PD-FGC's motion_model.pth.")
-  summary = save(pdfgc_from_torch(src_path), dst, overwrite=overwrite)
+  summary = save_pdfgc(pdfgc_from_torch(src_path), dst, overwrite=overwrite)
   summary.update(seconds=round(time.perf_counter() - start, 3), dst=str(dst))
   return summary
 
@@ -230,12 +230,12 @@ def convert_pdfgc_command(src: str, dst: str, overwrite: bool = False) -> dict:
 ENCODERS_NAME = "pdfgc_adapted"
 
 
-def save_encoders(encoders: AdaptedPDFGC, dst: str | Path, overwrite: bool = False) -> dict:
+def save_encoders(encoders: AdaptedPDFGC, dst: str | Path, *, overwrite: bool = False) -> dict:
   """`AdaptedPDFGC` (trunk + trained adapters) -> our format; returns {tensors, parameters,
   bytes}."""
   config = encoders.config.to_dict()
   config["etalk_format"] = {"model": ENCODERS_NAME, "version": FORMAT_VERSION}
-  model_io.save_model(dst, encoders, config, overwrite=overwrite)
+  model_io.save_model(encoders, dst, config, overwrite=overwrite)
   return _summary(encoders)
 
 

@@ -106,15 +106,6 @@ def test_condition_dropout():
   assert both < 0.006
 
 
-def test_choose_expression():
-  truth = jnp.ones((10_000, 4, 30))
-  predicted = -jnp.ones((10_000, 4, 30))
-  chosen = np.asarray(jax.jit(edm.choose_expression)(jax.random.key(0), truth, predicted))
-  per_sample = chosen[:, 0, 0]
-  assert (chosen == per_sample[:, None, None]).all()
-  assert abs((per_sample == 1).mean() - 0.6) < 0.02
-
-
 @pytest.mark.parametrize("sigma", [0.002, 1.0, 700.0])
 def test_loss_weight(sigma):
   np.testing.assert_allclose(edm.loss_weight(sigma), (sigma**2 + 1) / sigma**2, rtol=1e-6)

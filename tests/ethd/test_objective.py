@@ -10,8 +10,8 @@ from flax import nnx
 
 from etalk_jax.ethd import ETHD, ETHDConfig
 from etalk_jax.ethd.edi import area_downsample
-from etalk_jax.ethd.objective import (DROP_EXPRESSION, DROP_LIP, KEEP_BOTH, choose_modes,
-                                      drop_streams, encoder_reconstruction_loss,
+from etalk_jax.ethd.objective import (DROP_EXPRESSION, DROP_LIP, KEEP_BOTH, choose_expression,
+                                      choose_modes, drop_streams, encoder_reconstruction_loss,
                                       masked_weighted_loss, reconstruction_loss,
                                       reconstruction_mask)
 from etalk_jax.svd import UNetConfig
@@ -196,3 +196,12 @@ def test_objective_with_tiny_ethd_and_encoders_trains_both_adapters_under_jit():
   assert adapter_grads["lip_adapter.output.kernel"] > 0
   assert adapter_grads["expression_adapter.output.kernel"] > 0
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(ethd_grads))
+
+
+def test_choose_expression():
+  truth = jnp.ones((10_000, 4, 30))
+  predicted = -jnp.ones((10_000, 4, 30))
+  chosen = np.asarray(jax.jit(choose_expression)(jax.random.key(0), truth, predicted))
+  per_sample = chosen[:, 0, 0]
+  assert (chosen == per_sample[:, None, None]).all()
+  assert abs((per_sample == 1).mean() - 0.6) < 0.02

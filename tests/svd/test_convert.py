@@ -38,8 +38,8 @@ def test_pipeline_folder_both_ways(pipeline_folder, tmp_path, capsys):
   assert main(["convert", "svd", "--src", str(root), "--dst", str(tmp_path / "ours")]) == 0
   printed = capsys.readouterr().out
   assert "unet:" in printed and "vae:" in printed and "parameters" in printed
-  assert_same_weights(svd.unet_to_diffusers(svd.load_unet(tmp_path / "ours" / "unet")), unet)
-  assert_same_weights(svd.vae_to_diffusers(svd.load_vae(tmp_path / "ours" / "vae")), vae)
+  assert_same_weights(svd.to_diffusers(svd.load_unet(tmp_path / "ours" / "unet")), unet)
+  assert_same_weights(svd.to_diffusers(svd.load_vae(tmp_path / "ours" / "vae")), vae)
 
   assert main(["convert", "svd", "--src", str(tmp_path / "ours"), "--dst",
                str(tmp_path / "back"), "--to", "diffusers"]) == 0
@@ -57,14 +57,14 @@ def test_single_component_sharded_fp16_variant(pipeline_folder, tmp_path):
   assert len(list((tmp_path / "unet").glob("*.safetensors"))) > 1  # really sharded
   assert main(["convert", "svd", "--src", str(tmp_path / "unet"), "--dst",
                str(tmp_path / "ours")]) == 0
-  assert_same_weights(svd.unet_to_diffusers(svd.load_unet(tmp_path / "ours")), half)
+  assert_same_weights(svd.to_diffusers(svd.load_unet(tmp_path / "ours")), half)
 
 
 def test_torch_bin_weights(tmp_path):
   vae = make_vae(VAE_TINY)
   vae.save_pretrained(tmp_path / "vae", safe_serialization=False)
   assert (tmp_path / "vae" / f"{WEIGHTS_STEM}.bin").is_file()
-  assert_same_weights(svd.vae_to_diffusers(svd.vae_from_diffusers(tmp_path / "vae")), vae)
+  assert_same_weights(svd.to_diffusers(svd.vae_from_diffusers(tmp_path / "vae")), vae)
 
 
 def test_legacy_vae_attention_names(tmp_path):
@@ -80,7 +80,7 @@ def test_legacy_vae_attention_names(tmp_path):
   folder.mkdir()
   (folder / "config.json").write_text(json.dumps(dict(vae.config)))
   save_file(legacy, str(folder / f"{WEIGHTS_STEM}.safetensors"))
-  assert_same_weights(svd.vae_to_diffusers(svd.vae_from_diffusers(folder)), vae)
+  assert_same_weights(svd.to_diffusers(svd.vae_from_diffusers(folder)), vae)
 
 
 def _broken_copy(pipeline_folder, tmp_path, edit):

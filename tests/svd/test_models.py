@@ -111,13 +111,13 @@ def test_chunked_decoding_equals_diffusers_decode_chunk_size():
 def test_round_trip_and_exported_folder_loads_in_diffusers(unet_case, tmp_path):
   from diffusers import UNetSpatioTemporalConditionModel
   reference, ours, inputs, expected = unet_case
-  exported = svd.unet_to_diffusers(ours)
+  exported = svd.to_diffusers(ours)
   original = reference.state_dict()
   assert set(exported) == set(original)
   for key, tensor in original.items():
     np.testing.assert_array_equal(exported[key], tensor.numpy(), err_msg=key)
 
-  svd.save_diffusers(ours, tmp_path / "unet")
+  svd.export_diffusers(ours, tmp_path / "unet")
   reloaded = UNetSpatioTemporalConditionModel.from_pretrained(tmp_path / "unet").eval()
   np.testing.assert_array_equal(run_torch_unet(reloaded, inputs), expected)
 
@@ -125,10 +125,10 @@ def test_round_trip_and_exported_folder_loads_in_diffusers(unet_case, tmp_path):
 def test_vae_round_trip(vae_case, tmp_path):
   from diffusers import AutoencoderKLTemporalDecoder
   reference, ours = vae_case
-  exported = svd.vae_to_diffusers(ours)
+  exported = svd.to_diffusers(ours)
   for key, tensor in reference.state_dict().items():
     np.testing.assert_array_equal(exported[key], tensor.numpy(), err_msg=key)
-  svd.save_diffusers(ours, tmp_path / "vae")
+  svd.export_diffusers(ours, tmp_path / "vae")
   reloaded = AutoencoderKLTemporalDecoder.from_pretrained(tmp_path / "vae")
   for key, tensor in reloaded.state_dict().items():
     np.testing.assert_array_equal(exported[key], tensor.numpy(), err_msg=key)
@@ -137,7 +137,7 @@ def test_vae_round_trip(vae_case, tmp_path):
 def test_orbax_save_and_load(unet_case, tmp_path):
   import jax
   _, ours, _, _ = unet_case
-  svd.save(ours, tmp_path / "ours")
+  svd.save_svd_model(ours, tmp_path / "ours")
   restored = svd.load_unet(tmp_path / "ours")
   assert restored.config == ours.config
   saved, loaded = nnx.state(ours), nnx.state(restored)
@@ -151,7 +151,7 @@ def test_orbax_save_and_load(unet_case, tmp_path):
 def test_saved_state_that_does_not_match_its_config_is_refused(unet_case, tmp_path):
   import json
   _, ours, _, _ = unet_case
-  svd.save(ours, tmp_path / "ours")
+  svd.save_svd_model(ours, tmp_path / "ours")
   config_file = tmp_path / "ours" / "config.json"
   fields = json.loads(config_file.read_text())
   fields["cross_attention_dim"] = 24  # as if someone edited the config after converting

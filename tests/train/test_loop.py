@@ -97,12 +97,12 @@ def projector_inputs(tmp_path_factory):
   """The tiny synthetic set and random frozen encoders saved as folders."""
   from data_pipeline.builders import synthetic_talking_heads
   from etalk_jax.audio import Wav2Vec2
-  from etalk_jax.audio.params import save as save_audio
-  from etalk_jax.vision.params import save as save_pdfgc
+  from etalk_jax.audio.params import save_speech_encoder
+  from etalk_jax.vision.params import save_pdfgc
   from etalk_jax.vision.pdfgc import PDFGC_SMALL, PDFGCEncoder
   from tests.vaid.test_learning import TINY_WAV2VEC2
   root = tmp_path_factory.mktemp("loop")
-  save_audio(Wav2Vec2(TINY_WAV2VEC2, rngs=nnx.Rngs(0)), root / "wav2vec2")
+  save_speech_encoder(Wav2Vec2(TINY_WAV2VEC2, rngs=nnx.Rngs(0)), root / "wav2vec2")
   save_pdfgc(PDFGCEncoder(PDFGC_SMALL, rngs=nnx.Rngs(1)), root / "pdfgc")
   return {"dataset": synthetic_talking_heads.build(str(root / "data"), "tiny"),
           "wav2vec2": root / "wav2vec2", "pdfgc": root / "pdfgc"}

@@ -25,14 +25,14 @@ def precomputed(tmp_path_factory):
   set precomputed with them."""
   from data_pipeline.builders import synthetic_talking_heads
   from etalk_jax.audio import AudioFeatures, Wav2Vec2
-  from etalk_jax.audio.params import save as save_audio
+  from etalk_jax.audio.params import save_speech_encoder
   from etalk_jax.train.precompute import precompute_command
   from etalk_jax.train.stages.common import feature_config, vision_encoders_from_folder
   from etalk_jax.vaid.data import VAIDFeaturizer
   from etalk_jax.vaid.dicte import DICTE_TINY, DiCTE
   from etalk_jax.vaid.projector import PROJECTOR_TINY, AudioLipProjector
   from etalk_jax.vaid.storage import save_vaid_model
-  from etalk_jax.vision.params import save as save_pdfgc
+  from etalk_jax.vision.params import save_pdfgc
   from etalk_jax.vision.pdfgc import PDFGC_SMALL, PDFGCEncoder
   from tests.pipeline.test_pipeline import random_model
   from tests.vaid.test_learning import TINY_WAV2VEC2
@@ -40,7 +40,7 @@ def precomputed(tmp_path_factory):
   root = tmp_path_factory.mktemp("precompute")
   # Weights drawn by NumPy: flax's eager init of PD-FGC alone takes ~20 s on 2 busy cores.
   audio_model = random_model(lambda rngs: Wav2Vec2(TINY_WAV2VEC2, rngs=rngs), 0)
-  save_audio(audio_model, root / "wav2vec2")
+  save_speech_encoder(audio_model, root / "wav2vec2")
   save_pdfgc(random_model(lambda rngs: PDFGCEncoder(PDFGC_SMALL, rngs=rngs), 1), root / "pdfgc")
   featurizer = VAIDFeaturizer(AudioFeatures(audio_model, feature_config(AUDIO_FEATURES)),
                               vision_encoders_from_folder(root / "pdfgc"))

@@ -9,13 +9,14 @@ Di-CTE for the window (conditioned on e_ref, or on the window's mean e_v when th
 comes from another clip: `common.dicte_condition`; `config.vaid.dicte_steps` DDIM steps, 0 for
 the export's own sample_steps); with config.data.precomputed (a folder of `etalk
 precompute`, checked against the encoders the config names) the latents, e_v, e_ref and A_w come
-precomputed and only the projector and Di-CTE run. Loss: SVD's EDM objective (log-normal sigma,
-v-prediction, EDM weighting, optional extra weight inside the lip mask) on ETHD driven by l_a and
-the ground-truth expression with probability `expression_from_truth` (the paper's 0.6), else
-Di-CTE's; the lip weight inside each frame's own lip mask (its landmarks', not the reference's,
-which may be another clip's: `config.data.cross_clip_reference`); lip, expression and reference
-conditions dropped with `condition_dropout` each (for
-optional classifier-free guidance). Export: ETHD in our format (`ethd.model.load_ethd`).
+precomputed and only the projector and Di-CTE run. Loss (`ethd.objective.audio_driven_loss`):
+SVD's EDM objective (log-normal sigma, v-prediction, EDM weighting, optional extra weight inside
+the lip mask) on ETHD driven by l_a and the ground-truth expression with probability
+`expression_from_truth` (the paper's 0.6), else Di-CTE's; the lip weight inside each frame's own
+lip mask (its landmarks', not the reference's, which may be another clip's:
+`config.data.cross_clip_reference`); lip, expression and reference conditions dropped with
+`condition_dropout` each (for optional classifier-free guidance). Export: ETHD in our format
+(`ethd.model.load_ethd`).
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ from __future__ import annotations
 import zlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from etalk_jax.diffusion.edm import choose_expression, denoising_loss, drop_conditions
 from etalk_jax.ethd.model import save_ethd
+from etalk_jax.ethd.objective import audio_driven_loss
 from etalk_jax.train.loop import Task
 from etalk_jax.train.stages import common
 from etalk_jax.vaid.data import unit_range_on_host
@@ -112,22 +112,11 @@ def make_task(config, mesh) -> Task:
                       reference_latents=reference_latents, expression=examples.expression)
 
   def loss(model, batch, key):
-    choice_key, dropout_key, noise_key = jax.random.split(key, 3)
-    clean = batch["latents"]
-    expression = choose_expression(choice_key, batch["expression"],
-                                   batch["predicted_expression"], truth_probability)
-    kept, _ = drop_conditions(
-        dropout_key, {"lip": batch["lip"], "expression": expression,
-                      "reference": batch["reference_latents"]},
-        {"lip": dropout, "expression": dropout, "reference": dropout})
-    reference = jnp.broadcast_to(kept["reference"][:, None], clean.shape)
-
-    def render(scaled, c_noise):
-      return model(jnp.concatenate([scaled, reference], axis=-1), c_noise, kept["lip"],
-                   kept["expression"], batch["reference_expression"], batch["face_mask"])
-
-    value = denoising_loss(render, clean, noise_key, lip_mask=batch["lip_mask"][..., None],
-                           lip_weight=lip_weight, **sigma)
+    value = audio_driven_loss(
+        model, batch["latents"], batch["reference_latents"], batch["lip"], batch["expression"],
+        batch["predicted_expression"], batch["reference_expression"], batch["face_mask"],
+        batch["lip_mask"], key, truth_probability=truth_probability, dropout=dropout,
+        lip_weight=lip_weight, **sigma)
     return value, {}
 
   return Task(name="ethd", model=model, trainable=nnx.Param, loss=loss,

@@ -1,8 +1,7 @@
-"""`etalk demo`: the most complete path that runs on a fresh machine with nothing downloaded.
-
-Today that is the SVD backbone: build a random SVD UNet and VAE in diffusers, convert them to
-Flax NNX, run both frameworks on the same inputs and report the difference and the timings.
-`benchmarks/svd_vs_torch.py` uses the same comparison on a larger configuration.
+"""The SVD backbone against diffusers on the same random weights and inputs: our jitted UNet vs
+diffusers' eager one (outputs and interleaved timings), and the temporal VAE's encode and decode.
+A helper of the benchmark scripts (`svd_vs_torch.py`, `flops.py`), which run with benchmarks/ on
+sys.path.
 """
 
 from __future__ import annotations
@@ -11,23 +10,14 @@ import statistics
 import time
 from typing import Any
 
+import jax
 import numpy as np
+from flax import nnx
 
-# Small enough for a 2-core CPU in well under a minute, big enough to exercise every block type.
-DEMO_UNET = dict(
-    sample_size=16, in_channels=8, out_channels=4,
-    down_block_types=("CrossAttnDownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal",
-                      "DownBlockSpatioTemporal"),
-    up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal",
-                    "CrossAttnUpBlockSpatioTemporal"),
-    block_out_channels=(32, 64, 128), addition_time_embed_dim=32,
-    projection_class_embeddings_input_dim=96, layers_per_block=2, cross_attention_dim=64,
-    transformer_layers_per_block=1, num_attention_heads=(1, 2, 4), num_frames=8)
-DEMO_VAE = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                layers_per_block=1, latent_channels=4)
+from etalk_jax.svd import unet_from_diffusers, vae_from_diffusers
 
 
-def _interleaved_medians(first, second, repeats: int) -> tuple[float, float]:
+def interleaved_medians(first, second, repeats: int) -> tuple[float, float]:
   """Median seconds of two functions timed in alternation, so that background load on a shared
   machine hits both alike."""
   first(), second()  # warm-up
@@ -46,12 +36,9 @@ def compare_unet(fields: dict[str, Any], *, batch: int = 1, frames: int = 8, siz
 
   Returns conversion, compile and median forward times, their ratio and the relative error.
   """
-  import jax
-  import torch
-  from diffusers import UNetSpatioTemporalConditionModel
-  from flax import nnx
-
-  from etalk_jax.svd import unet_from_diffusers
+  # PyTorch and diffusers load only for a comparison: the helper imports without them.
+  import torch  # noqa: PLC0415
+  from diffusers import UNetSpatioTemporalConditionModel  # noqa: PLC0415
 
   torch.manual_seed(seed)
   reference = UNetSpatioTemporalConditionModel(**fields).eval()
@@ -83,7 +70,7 @@ def compare_unet(fields: dict[str, Any], *, batch: int = 1, frames: int = 8, siz
   compiled = forward.lower(*args).compile()
   compile_seconds = time.perf_counter() - start
   got = np.asarray(compiled(*args))
-  jax_seconds, torch_seconds = _interleaved_medians(
+  jax_seconds, torch_seconds = interleaved_medians(
       lambda: compiled(*args).block_until_ready(), torch_forward, repeats)
   error = float(np.abs(got - expected).max() / np.abs(expected).max())
   return {
@@ -100,10 +87,9 @@ def compare_unet(fields: dict[str, Any], *, batch: int = 1, frames: int = 8, siz
 def compare_vae(fields: dict[str, Any], *, frames: int = 4, size: int = 32, seed: int = 0
                 ) -> dict[str, float]:
   """Encode (posterior mean) and temporal decode through both frameworks; relative errors."""
-  import torch
-  from diffusers import AutoencoderKLTemporalDecoder
-
-  from etalk_jax.svd import vae_from_diffusers
+  # PyTorch and diffusers load only for a comparison (as in `compare_unet`).
+  import torch  # noqa: PLC0415
+  from diffusers import AutoencoderKLTemporalDecoder  # noqa: PLC0415
 
   torch.manual_seed(seed)
   reference = AutoencoderKLTemporalDecoder(**fields).eval()
@@ -119,22 +105,3 @@ def compare_vae(fields: dict[str, Any], *, frames: int = 4, size: int = 32, seed
   rel = lambda a, b: float(np.abs(a - b).max() / np.abs(b).max())
   return {"encode_relative_error": rel(mean, expected_mean),
           "decode_relative_error": rel(decoded, expected_frames)}
-
-
-def run() -> int:
-  print("etalk demo: the SVD backbone in Flax NNX against diffusers (random weights, CPU)")
-  unet = compare_unet(DEMO_UNET)
-  print(f"  UNet, {unet['parameters']:,} parameters, 1 x 8 frames x 16 x 16 latents")
-  print(f"    relative difference to diffusers: {unet['relative_error']:.2e}")
-  print(f"    conversion {unet['convert_s']:.2f} s, XLA compile {unet['jax_compile_s']:.1f} s")
-  print(f"    forward: ours (jit) {unet['jax_forward_s'] * 1e3:.1f} ms, "
-        f"diffusers (eager) {unet['torch_forward_s'] * 1e3:.1f} ms, "
-        f"ratio {unet['ratio_jax_over_torch']:.2f}x")
-  vae = compare_vae(DEMO_VAE)
-  print(f"  temporal VAE: encode {vae['encode_relative_error']:.2e}, "
-        f"decode {vae['decode_relative_error']:.2e} relative difference")
-  worst = max(unet["relative_error"], vae["encode_relative_error"], vae["decode_relative_error"])
-  ok = worst < 1e-4
-  print("  OK: equal to diffusers within 1e-4" if ok else
-        f"  MISMATCH: {worst:.2e} exceeds 1e-4")
-  return 0 if ok else 1
