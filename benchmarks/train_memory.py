@@ -180,7 +180,7 @@ def measure(frames: int, remat: str, devices: int, global_batch: int, tiny: bool
   step = jax.jit(step_fn(graphdef, tx), donate_argnums=(0, 1),
                  out_shardings=(param_shardings, opt_shardings, NamedSharding(mesh, P())))
   start = time.perf_counter()
-  with jax.set_mesh(mesh):  # the model's activation constraints (parallel.constrain_rows)
+  with jax.set_mesh(mesh):  # the model's activation constraints (layers.sharding)
     lowered = step.lower(params, opt_state, batch, key)
   lower_s = time.perf_counter() - start
   start = time.perf_counter()

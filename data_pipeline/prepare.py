@@ -10,6 +10,7 @@ complete, so a crash never leaves a partial dataset visible.
 
 Anything wrong with one input (corrupt, truncated or empty file, no audio, no face, too small) skips
 that input with its reason, counted in `<dst>/prepare_report.json`; it never stops the run.
+The command itself (`prepare_command`) sits above the builders, in data_pipeline.builders.real.
 """
 
 from __future__ import annotations
@@ -29,14 +30,12 @@ import numpy as np
 
 from data_pipeline import EMOTION_LABELS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from etalk_jax.errors import InputNotFound, UserError
-from etalk_jax.records import write_text_atomically
 
 LAYOUTS = ("hdtf", "mead", "folder")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 MEAD_EMOTIONS = {"angry": "angry", "contempt": "contempt", "disgusted": "disgusted", "fear": "fearful",
                  "happy": "happy", "neutral": "neutral", "sad": "sad", "surprised": "surprised"}
 MEAD_MIN_TRAIN_FRAMES = 120  # the paper drops MEAD clips shorter than one 120-frame window from training
-REPORT_NAME = "prepare_report.json"
 WORK_DIR_NAME = "_prepare_work"
 
 
@@ -295,44 +294,6 @@ def process_all(items: list[VideoItem], options: PrepareOptions, work_dir: Path,
         bar.update()
   bar.close()
   return results
-
-
-# ---------------------------------------------------------------------------------------------- command
-
-def prepare_command(src: str, layout: str, dst: str, resolution: int = 512, **options) -> dict:
-  """`etalk prepare`: videos in `src` (layout hdtf | mead | folder) -> TFDS dataset under `dst`.
-
-  Options (PrepareOptions fields): clip_frames, min_clip_frames, min_source_side, min_face_fraction,
-  max_gap_frames, crf, test_fraction, split_by_speaker, seed, workers; plus progress (bool).
-  Writes `<dst>/prepare_report.json` and returns it: counts of videos ok / skipped by reason, the
-  skipped files with reasons, clips and frames per split, and `dataset_dir` (what the loader reads).
-  """
-  from data_pipeline.builders import real  # noqa: PLC0415
-
-  progress = options.pop("progress", True)
-  unknown = set(options) - {f.name for f in dataclasses.fields(PrepareOptions)}
-  if unknown:
-    raise TypeError(f"unknown prepare option(s): {', '.join(sorted(unknown))}")
-  settings = PrepareOptions(resolution=resolution, **options)
-  if resolution % 16 or resolution < 64:
-    raise UserError(f"--resolution must be a multiple of 16 and >= 64 (the VAE downsamples by 8, the UNet "
-                    f"by 8 more), got {resolution}")
-  dst_path = Path(dst)
-  started = time.time()
-  builder = real.builder_for(layout, Path(src), dst_path, settings, progress=progress)
-  builder.download_and_prepare()
-  report = builder.report if builder.report is not None else _report_of_existing(builder)
-  report.update(src=str(src), layout=layout, resolution=resolution, dataset_dir=str(builder.data_path),
-                seconds=round(time.time() - started, 1))
-  dst_path.mkdir(parents=True, exist_ok=True)
-  write_text_atomically(dst_path / REPORT_NAME, json.dumps(report, indent=1))
-  return report
-
-
-def _report_of_existing(builder) -> dict:
-  """The dataset was already complete: report what it holds (no video was processed)."""
-  return {"already_prepared": True,
-          "clips": {split: info.num_examples for split, info in builder.info.splits.items()}}
 
 
 def summarize(results: list[dict], assignment: dict[str, str], dropped_short: int) -> dict:

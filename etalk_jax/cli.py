@@ -73,7 +73,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-  from data_pipeline.prepare import prepare_command
+  from data_pipeline.builders.real import prepare_command
   report = prepare_command(
       args.src, args.layout, args.dst, args.resolution, clip_frames=args.clip_frames,
       min_clip_frames=args.min_clip_frames, min_source_side=args.min_source_side,

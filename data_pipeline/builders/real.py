@@ -3,12 +3,15 @@
 They differ only in how the source folder is read (data_pipeline.prepare.list_videos); the per-video
 work (faces, crops, clips) is data_pipeline.prepare.process_video, cached under
 <data_dir>/_prepare_work/. Configs are named by resolution (`res512`, `res1024`; any `res<N>` can be
-passed as `config=RealConfig(name="res256", resolution=256)`).
+passed as `config=RealConfig(name="res256", resolution=256)`). `prepare_command` is `etalk
+prepare`: the builder for a layout, run, and its report.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,9 @@ import tensorflow_datasets as tfds
 from data_pipeline import prepare
 from data_pipeline.builders import common
 from etalk_jax.errors import InputNotFound, UserError
+from etalk_jax.records import write_text_atomically
+
+REPORT_NAME = "prepare_report.json"
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -124,3 +130,38 @@ def builder_for(layout: str, src: Path, data_dir: Path, options: prepare.Prepare
   return _BY_LAYOUT[layout](src=src, options=options, progress=progress, config=config, data_dir=str(data_dir),
                             file_format="array_record")
 
+
+# ---------------------------------------------------------------------------------------------- command
+
+def prepare_command(src: str, layout: str, dst: str, resolution: int = 512, **options) -> dict:
+  """`etalk prepare`: videos in `src` (layout hdtf | mead | folder) -> TFDS dataset under `dst`.
+
+  Options (prepare.PrepareOptions fields): clip_frames, min_clip_frames, min_source_side, min_face_fraction,
+  max_gap_frames, crf, test_fraction, split_by_speaker, seed, workers; plus progress (bool).
+  Writes `<dst>/prepare_report.json` and returns it: counts of videos ok / skipped by reason, the
+  skipped files with reasons, clips and frames per split, and `dataset_dir` (what the loader reads).
+  """
+  progress = options.pop("progress", True)
+  unknown = set(options) - {f.name for f in dataclasses.fields(prepare.PrepareOptions)}
+  if unknown:
+    raise TypeError(f"unknown prepare option(s): {', '.join(sorted(unknown))}")
+  settings = prepare.PrepareOptions(resolution=resolution, **options)
+  if resolution % 16 or resolution < 64:
+    raise UserError(f"--resolution must be a multiple of 16 and >= 64 (the VAE downsamples by 8, the UNet "
+                     f"by 8 more), got {resolution}")
+  dst_path = Path(dst)
+  started = time.time()
+  builder = builder_for(layout, Path(src), dst_path, settings, progress=progress)
+  builder.download_and_prepare()
+  report = builder.report if builder.report is not None else _report_of_existing(builder)
+  report.update(src=str(src), layout=layout, resolution=resolution, dataset_dir=str(builder.data_path),
+                seconds=round(time.time() - started, 1))
+  dst_path.mkdir(parents=True, exist_ok=True)
+  write_text_atomically(dst_path / REPORT_NAME, json.dumps(report, indent=1))
+  return report
+
+
+def _report_of_existing(builder) -> dict:
+  """The dataset was already complete: report what it holds (no video was processed)."""
+  return {"already_prepared": True,
+          "clips": {split: info.num_examples for split, info in builder.info.splits.items()}}

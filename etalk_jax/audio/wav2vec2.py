@@ -31,6 +31,8 @@ from flax import nnx
 from etalk_jax.errors import UserError
 from etalk_jax.layers.attention import dot_product_attention
 from etalk_jax.layers.compute import FP32, Compute
+from etalk_jax.layers.logical_axes import (COMMON, CONV_IN, CONV_OUT, CONV_W, EMBED, SCALAR, Rule,
+                                           parameter_of, register_family)
 
 TORCH_NORM_EPS = 1e-5  # torch.nn.LayerNorm / GroupNorm default, used where transformers gives none
 
@@ -549,7 +551,17 @@ class SpeechEncoderBase(nnx.Module):
     return AudioEncoderOutput(last, extract_features, states)
 
 
+# Logical-axis table of the speech encoders (wav2vec2, and WavLM's with its own extras).
+SPEECH_AXES = COMMON + (
+    Rule("masked_spec_embed", 1, (EMBED,)),
+    # Weight-normed grouped positional conv: v (taps, in per group, out), g one norm per tap.
+    Rule(parameter_of("conv", "weight_v"), 3, (CONV_W, CONV_IN, CONV_OUT)),
+    Rule(parameter_of("conv", "weight_g"), 3, (CONV_W, SCALAR, SCALAR)),
+)
+
+
 class Wav2Vec2(SpeechEncoderBase):
   """transformers' `Wav2Vec2Model` (inference: dropout, layer drop and random masking off)."""
 
   encoder_class = Encoder
+  logical_family = register_family("wav2vec2", SPEECH_AXES)

@@ -17,10 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from etalk_jax.audio.wav2vec2 import Encoder, FeedForward, SpeechEncoderBase, Wav2Vec2Config
+from etalk_jax.audio.wav2vec2 import (SPEECH_AXES, Encoder, FeedForward, SpeechEncoderBase,
+                                      Wav2Vec2Config)
 from etalk_jax.errors import UserError
 from etalk_jax.layers.attention import dot_product_attention
 from etalk_jax.layers.compute import FP32, Compute
+from etalk_jax.layers.logical_axes import (HEADS, POSITION, SCALAR, Rule, parameter_of,
+                                           register_family)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,9 +152,16 @@ class WavLMEncoder(Encoder):
     return states
 
 
+WAVLM_AXES = SPEECH_AXES + (
+    Rule(parameter_of("attention", "gru_rel_pos_const"), 4, (SCALAR, HEADS, SCALAR, SCALAR)),
+    Rule(parameter_of("rel_attn_embed", "embedding"), 2, (POSITION, HEADS)),
+)
+
+
 class WavLM(SpeechEncoderBase):
   """transformers' `WavLMModel` (inference: dropout, layer drop and random masking off)."""
 
   encoder_class = WavLMEncoder
+  logical_family = register_family("wavlm", WAVLM_AXES)
 
 

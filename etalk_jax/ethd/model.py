@@ -34,6 +34,8 @@ from etalk_jax import model_io
 from etalk_jax.errors import UserError
 from etalk_jax.ethd.edi import ETHDTransformer
 from etalk_jax.layers.compute import FP32, Compute
+from etalk_jax.layers.logical_axes import register_family
+from etalk_jax.layers.resnet import SPATIO_TEMPORAL_AXES
 from etalk_jax.svd.config import UNetConfig
 from etalk_jax.svd.unet import UNetSpatioTemporal
 
@@ -148,6 +150,8 @@ def frame_windows(values: jax.Array, window: int) -> tuple[jax.Array, jax.Array]
 
 class ETHD(UNetSpatioTemporal):
   transformer_cls = ETHDTransformer
+  # The UNet's table: it covers the token projections (Linear) and EDI (attention) too.
+  logical_family = register_family("ethd", SPATIO_TEMPORAL_AXES)
 
   def __init__(self, config: ETHDConfig, *, compute: Compute = FP32, rngs: nnx.Rngs):
     super().__init__(config.unet, compute=compute, rngs=rngs)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from etalk_jax.layers.compute import FP32, Compute
+from etalk_jax.layers.logical_axes import COMMON, SCALAR, Rule, parameter_of
 from etalk_jax.layers.norm import group_norm
 
 
@@ -106,6 +107,11 @@ class AlphaBlender(nnx.Module):
     if self.switch_spatial_to_temporal_mix:
       alpha = 1.0 - alpha
     return alpha * spatial + (1.0 - alpha) * temporal
+
+
+# Logical-axis table of the models built from these blocks (SVD's UNet and VAE, ETHD): the
+# common layers and the blenders' mix factors.
+SPATIO_TEMPORAL_AXES = COMMON + (Rule(parameter_of("time_mixer", "mix_factor"), 1, (SCALAR,)),)
 
 
 class SpatioTemporalResBlock(nnx.Module):

@@ -1,25 +1,8 @@
-"""Logical axis names for every parameter of every model family, without touching model code.
+"""Logical axis names of every parameter of a model, from its family's table of rules.
 
-Each family has a table of rules `(pattern, ndim, names)`: `pattern` is a regular expression
-matched in full against the parameter's dotted nnx path (`down_blocks.0.attentions.0.
-transformer_blocks.0.attn1.to_q.kernel`), `ndim` its rank and `names` one logical name per
-dimension, in the style of MaxText / levanter:
-
-  Linear kernels    attention in  ('embed', 'heads'), attention out ('heads', 'embed'),
-                    MLP in ('embed', 'mlp'), MLP out ('mlp', 'embed'); any other Linear
-                    ('embed', 'mlp')
-  conv kernels      Conv1d ('conv_w', 'conv_in', 'conv_out'), Conv2d ('conv_h', 'conv_w',
-                    'conv_in', 'conv_out'), Conv3d ('conv_t', 'conv_h', 'conv_w', 'conv_in',
-                    'conv_out')
-  norms             ('norm',) for scales, biases and running statistics
-  biases            ('bias',)
-  embeddings        ('position', 'embed'), learned queries (None..., 'embed'), ...
-  scalars           ('scalar',) (SVD's time-mixer factor)
-
-Why a table outside the models: the models mirror diffusers / transformers module by module and
-their converters depend on it; the sharding policy is a training concern and changes with the
-mesh, so it lives here, next to the rules that map these names to mesh axes (rules.py).
-
+The names, the rules and each family's table are etalk_jax.layers.logical_axes' (a model class
+names its family in `logical_family`); this module matches a model's parameter paths against
+its table and finds the names of a leaf in trees that embed parameter paths (optimizer states).
 Every parameter must match exactly one rule: `param_axes` raises listing every unmatched and
 every ambiguously matched path, so a new layer type cannot silently fall back to replication.
 """
@@ -28,107 +11,25 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from flax import nnx
 
-# Logical axis names of parameters (activations use `batch` and `frames`, see rules.py).
-EMBED = "embed"        # a model's residual / channel width on a Linear's "model" side
-MLP = "mlp"            # hidden width of an MLP (and any other Linear's output)
-HEADS = "heads"        # attention heads x head dim
-CONV_T, CONV_H, CONV_W = "conv_t", "conv_h", "conv_w"   # kernel taps
-CONV_IN, CONV_OUT = "conv_in", "conv_out"               # conv channels
-NORM = "norm"          # norm scales / biases / running statistics
-BIAS = "bias"          # Linear / conv biases
-POSITION = "position"  # rows of a learned position table
-SCALAR = "scalar"      # size-1 dims (mix factors, broadcast constants)
+# The tables' vocabulary, read through this module by its users too (tests, benchmarks).
+from etalk_jax.layers.logical_axes import FAMILIES, PARAM_LOGICAL_NAMES, Rule
 
-PARAM_LOGICAL_NAMES = (EMBED, MLP, HEADS, CONV_T, CONV_H, CONV_W, CONV_IN, CONV_OUT, NORM, BIAS,
-                       POSITION, SCALAR)
-
-
-class Rule(NamedTuple):
-  pattern: str
-  ndim: int
-  names: tuple[str | None, ...]
-
-
-def _at(parents: str, leaf: str) -> str:
-  """A path ending in `<parent>.<leaf>`, the parent one of the `|`-separated names."""
-  return rf"(?:.*\.)?(?:{parents})\.{leaf}"
-
-
-ATTENTION_IN = "to_q|to_k|to_v|q_proj|k_proj|v_proj"
-ATTENTION_OUT = "to_out|out_proj"
-MLP_IN = "proj_in|intermediate_dense|fc1"
-MLP_OUT = "proj_out|output_dense|fc2|linear_2|output"
-_NAMED_LINEAR = "|".join((ATTENTION_IN, ATTENTION_OUT, MLP_IN, MLP_OUT))
-# A norm is any module whose attribute name contains "norm" (norm1, group_norm, stem_norm, ...).
-_NORM_PARENT = r"[^.]*norm[^.]*"
-
-# Layers every family is built from: disjoint by (leaf name, parent name, rank).
-COMMON: tuple[Rule, ...] = (
-    Rule(_at(ATTENTION_IN, "kernel"), 2, (EMBED, HEADS)),
-    Rule(_at(ATTENTION_OUT, "kernel"), 2, (HEADS, EMBED)),
-    Rule(_at(MLP_IN, "kernel"), 2, (EMBED, MLP)),
-    Rule(_at(MLP_OUT, "kernel"), 2, (MLP, EMBED)),
-    Rule(rf"(?:.*\.)?(?!(?:{_NAMED_LINEAR})\.)[^.]+\.kernel", 2, (EMBED, MLP)),  # other Linear
-    Rule(r"(?:.*\.)?[^.]+\.kernel", 3, (CONV_W, CONV_IN, CONV_OUT)),
-    Rule(r"(?:.*\.)?[^.]+\.kernel", 4, (CONV_H, CONV_W, CONV_IN, CONV_OUT)),
-    Rule(r"(?:.*\.)?[^.]+\.kernel", 5, (CONV_T, CONV_H, CONV_W, CONV_IN, CONV_OUT)),
-    Rule(_at(_NORM_PARENT, "(?:scale|bias)"), 1, (NORM,)),
-    Rule(r"(?:.*\.)?(?![^.]*norm)[^.]+\.bias", 1, (BIAS,)),
-)
-
-SVD_EXTRA = (Rule(_at("time_mixer", "mix_factor"), 1, (SCALAR,)),)
-SPEECH_EXTRA = (
-    Rule("masked_spec_embed", 1, (EMBED,)),
-    # Weight-normed grouped positional conv: v (taps, in per group, out), g one norm per tap.
-    Rule(_at("conv", "weight_v"), 3, (CONV_W, CONV_IN, CONV_OUT)),
-    Rule(_at("conv", "weight_g"), 3, (CONV_W, SCALAR, SCALAR)),
-)
-WAVLM_EXTRA = (
-    Rule(_at("attention", "gru_rel_pos_const"), 4, (SCALAR, HEADS, SCALAR, SCALAR)),
-    Rule(_at("rel_attn_embed", "embedding"), 2, (POSITION, HEADS)),
-)
-PDFGC_EXTRA = (Rule(_at(_NORM_PARENT, "(?:mean|var)"), 1, (NORM,)),)  # BatchNorm statistics
-PROJECTOR_EXTRA = (
-    Rule("position_embedding", 3, (POSITION, SCALAR, EMBED)),  # (window, layers, dim)
-    Rule("query", 3, (SCALAR, SCALAR, EMBED)),
-)
-DICTE_EXTRA = (Rule("position_embedding", 2, (POSITION, EMBED)),)
-
-FAMILIES: dict[str, tuple[Rule, ...]] = {
-    # SVD's spatio-temporal UNet; ETHD adds TokenProjections (Linear) and EDI (attention).
-    "unet": COMMON + SVD_EXTRA,
-    "ethd": COMMON + SVD_EXTRA,
-    "vae": COMMON + SVD_EXTRA,
-    "wav2vec2": COMMON + SPEECH_EXTRA,
-    "wavlm": COMMON + SPEECH_EXTRA + WAVLM_EXTRA,
-    "pdfgc": COMMON + PDFGC_EXTRA,
-    "projector": COMMON + PROJECTOR_EXTRA,
-    "dicte": COMMON + DICTE_EXTRA,
-}
+__all__ = ["FAMILIES", "PARAM_LOGICAL_NAMES", "Rule", "WRAPPERS", "dotted", "family_of",
+           "key_names", "lookup", "match", "model_axes", "param_axes", "tree_axes"]
 
 
 def family_of(model: nnx.Module) -> str:
-  """The family name of a model instance (most specific class first: ETHD is a UNet)."""
-  from etalk_jax.audio.wav2vec2 import Wav2Vec2
-  from etalk_jax.audio.wavlm import WavLM
-  from etalk_jax.ethd.model import ETHD
-  from etalk_jax.svd.unet import UNetSpatioTemporal
-  from etalk_jax.svd.vae import TemporalVAE
-  from etalk_jax.vaid.dicte import DiCTE
-  from etalk_jax.vaid.projector import AudioLipProjector
-  from etalk_jax.vision.pdfgc import AdaptedPDFGC, PDFGCEncoder
-  for cls, name in ((ETHD, "ethd"), (UNetSpatioTemporal, "unet"), (TemporalVAE, "vae"),
-                    (WavLM, "wavlm"), (Wav2Vec2, "wav2vec2"), (AdaptedPDFGC, "pdfgc"),
-                    (PDFGCEncoder, "pdfgc"), (AudioLipProjector, "projector"),
-                    (DiCTE, "dicte")):
-    if isinstance(model, cls):
-      return name
-  raise ValueError(f"no logical-axis table for {type(model).__name__}; the families are "
-                   f"{', '.join(FAMILIES)}")
+  """The family name of a model instance: its class's `logical_family` (ETHD's own, though it
+  is a UNet)."""
+  family = getattr(type(model), "logical_family", None)
+  if family is None:
+    raise ValueError(f"no logical-axis table for {type(model).__name__}; the families are "
+                     f"{', '.join(FAMILIES)}")
+  return family
 
 
 @functools.cache

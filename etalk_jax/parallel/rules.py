@@ -1,14 +1,12 @@
 """Logical axis rules: which mesh axes each logical axis of a parameter or activation uses.
 
 Rules live in the config as a tuple of `(logical_name, mesh_axis)` pairs, where `mesh_axis` is
-one mesh axis name, a tuple of them, or None (replicated). Activation names:
+one mesh axis name, a tuple of them, or None (replicated). The activation names `batch` and
+`frames` and the constraints models put on activations are etalk_jax.layers.sharding's.
 
-- `batch`: the leading axis of every input batch (data parallel over `data` and `fsdp`: with
-  FSDP every device still sees its own slice of the batch).
-- `frames`: the frame axis of video activations (sequence parallel over `context`).
-
-Parameters carry logical names from the per-family tables in logical.py (`embed`, `mlp`,
-`heads`, `conv_in`, `conv_out`, `norm`, ...; pass `family_axes`). A parameter's spec:
+Parameters carry logical names from their model family's table (etalk_jax.layers.logical_axes;
+`embed`, `mlp`, `heads`, `conv_in`, `conv_out`, `norm`, ...; pass `family_axes`). A parameter's
+spec:
 
 1. tensors under `min_sharded_size` elements stay replicated (gathering a bias costs more in
    latency than it saves in memory);
@@ -33,59 +31,30 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from etalk_jax import model_io
-from etalk_jax.errors import UserError
+from etalk_jax.layers import logical_axes as axis_names
+from etalk_jax.layers.sharding import ACTIVATION_RULES, BATCH, Rules, mesh_axes
 from etalk_jax.parallel import logical
 
-BATCH = "batch"
-FRAMES = "frames"
 WEIGHT_SHARD = "weight_shard"
 
-DEFAULT_LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
-    (BATCH, ("data", "fsdp")),
-    (FRAMES, "context"),
+DEFAULT_LOGICAL_RULES: tuple[tuple[str, Any], ...] = ACTIVATION_RULES + (
     (WEIGHT_SHARD, "fsdp"),
-    # Parameter names (logical.py); the order breaks ties between equal-sized dimensions.
-    (logical.HEADS, "fsdp"),
-    (logical.MLP, "fsdp"),
-    (logical.CONV_OUT, "fsdp"),
-    (logical.EMBED, "fsdp"),
-    (logical.CONV_IN, "fsdp"),
-    (logical.CONV_T, None),
-    (logical.CONV_H, None),
-    (logical.CONV_W, None),
-    (logical.NORM, None),
-    (logical.BIAS, None),
-    (logical.POSITION, None),
-    (logical.SCALAR, None),
+    # Parameter names (layers/logical_axes.py); the order breaks ties between equal-sized dims.
+    (axis_names.HEADS, "fsdp"),
+    (axis_names.MLP, "fsdp"),
+    (axis_names.CONV_OUT, "fsdp"),
+    (axis_names.EMBED, "fsdp"),
+    (axis_names.CONV_IN, "fsdp"),
+    (axis_names.CONV_T, None),
+    (axis_names.CONV_H, None),
+    (axis_names.CONV_W, None),
+    (axis_names.NORM, None),
+    (axis_names.BIAS, None),
+    (axis_names.POSITION, None),
+    (axis_names.SCALAR, None),
 )
 DEFAULT_RULES = DEFAULT_LOGICAL_RULES
 MIN_SHARDED_SIZE = 4096
-
-Rules = Sequence[tuple[str, Any]]
-
-
-def _rule_table(rules: Rules) -> dict[str, tuple[str, ...]]:
-  table = {}
-  for entry in rules:
-    if len(entry) != 2 or not isinstance(entry[0], str):
-      raise UserError(f"sharding rule {entry!r} is not a (logical_name, mesh_axis) pair")
-    name, axes = entry
-    if name in table:
-      raise UserError(f"sharding rules name the logical axis {name!r} twice")
-    table[name] = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-  return table
-
-
-def mesh_axes(logical_name: str | None, mesh, rules: Rules) -> tuple[str, ...]:
-  """The mesh axes a logical axis maps to, leaving out those this mesh lacks (e.g. `context`
-  on a mesh built without it)."""
-  if logical_name is None:
-    return ()
-  table = _rule_table(rules)
-  if logical_name not in table:
-    raise ValueError(f"no sharding rule for logical axis {logical_name!r}; the rules name "
-                     f"{', '.join(sorted(table)) or 'nothing'}")
-  return tuple(axis for axis in table[logical_name] if axis in mesh.shape)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], mesh, rules: Rules) -> PartitionSpec:
@@ -217,23 +186,6 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, rules: Rules = DEFAULT_RU
                    ) -> NamedSharding:
   """Sharding of an input array with a leading batch axis (other axes replicated)."""
   return NamedSharding(mesh, logical_to_spec((BATCH,) + (None,) * (ndim - 1), mesh, rules))
-
-
-def constrain_rows(x: jax.Array, rules: Rules = DEFAULT_RULES) -> jax.Array:
-  """Shard an activation's leading axis, which holds (batch, frames) folded together, over the
-  `batch` and `frames` mesh axes of the mesh set by `jax.set_mesh` (a no-op without one, or
-  where those axes do not divide it). Per-frame layers then run data- and frame-parallel and
-  parameter shardings cannot leak into activations."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return x
-  axes, size = [], 1
-  for axis in mesh_axes(BATCH, mesh, rules) + mesh_axes(FRAMES, mesh, rules):
-    if mesh.shape[axis] > 1 and x.shape[0] % (size * mesh.shape[axis]) == 0:
-      axes.append(axis)
-      size *= mesh.shape[axis]
-  spec = PartitionSpec(tuple(axes) if axes else None, *([None] * (x.ndim - 1)))
-  return jax.lax.with_sharding_constraint(x, spec)
 
 
 def abstract_sharded(build: Callable[[Any], nnx.Module], mesh: jax.sharding.Mesh,

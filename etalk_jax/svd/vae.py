@@ -14,9 +14,10 @@ from flax import nnx, struct
 
 from etalk_jax.layers.attention import Attention
 from etalk_jax.layers.compute import FP32, Compute
+from etalk_jax.layers.logical_axes import register_family
 from etalk_jax.layers.norm import group_norm
-from etalk_jax.layers.resnet import (Downsample2D, ResnetBlock2D, SpatioTemporalResBlock,
-                                     Upsample2D, conv)
+from etalk_jax.layers.resnet import (SPATIO_TEMPORAL_AXES, Downsample2D, ResnetBlock2D,
+                                     SpatioTemporalResBlock, Upsample2D, conv)
 from etalk_jax.svd.config import VAEConfig
 
 
@@ -171,6 +172,8 @@ class TemporalDecoder(nnx.Module):
 
 
 class TemporalVAE(nnx.Module):
+  logical_family = register_family("vae", SPATIO_TEMPORAL_AXES)
+
   def __init__(self, config: VAEConfig, *, compute: Compute = FP32, rngs: nnx.Rngs):
     self.config = config
     self.compute_dtype = compute.dtype

@@ -41,6 +41,7 @@ from flax import nnx
 
 from etalk_jax import parallel
 from etalk_jax.errors import UserError
+from etalk_jax.layers.sharding import use_rules
 from etalk_jax.train.checkpoint import StopRequest, TrainCheckpointer
 from etalk_jax.train.config import MESH_DEFAULTS, OPTIM_DEFAULTS, TRAIN_DEFAULTS, with_defaults
 from etalk_jax.train.optim import Optimizer, adam_8bit
@@ -317,7 +318,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, task: Task 
           # Compiled once, ahead of time, so that its cost analysis gives the FLOPs for MFU;
           # every step's batch has the same shapes.
           began = time.perf_counter()
-          with jax.set_mesh(mesh):  # activation constraints inside models (constrain_rows)
+          # The mesh and the config's rules for the activation constraints inside models.
+          with jax.set_mesh(mesh), use_rules(rules):
             compiled = step_fn.lower(state, batch, key).compile()
           compile_seconds = time.perf_counter() - began
           cost = compiled.cost_analysis()

@@ -28,6 +28,8 @@ import jax
 import numpy as np
 
 from etalk_jax.errors import InputNotFound, UserError
+from etalk_jax.train.frozen import (codec_weights_folder, feature_config, latent_codec_from_spec,
+                                    vision_encoders_from_folder)
 
 FORMAT = "etalk_precomputed"
 # 3: l_v / e_v of PD-FGC's aligned crops (`vision.alignment`; 2 and before: of the loose crops
@@ -63,7 +65,6 @@ def _existing_folder(folder: str | Path | None, what: str, flag: str) -> Path:
 
 def _codec_record(codec_spec: dict[str, Any]) -> dict[str, Any]:
   """The codec's part of `encoder_record`: kind, and factor and scale or its weights' digest."""
-  from etalk_jax.train.stages.common import codec_weights_folder  # noqa: PLC0415
   spec = dict(codec_spec)
   codec: dict[str, Any] = {"kind": spec.get("kind")}
   if codec["kind"] == "pixel_shuffle":
@@ -91,7 +92,6 @@ def encoder_record(codec_spec: dict[str, Any] | None, audio_encoder_dir: str | P
   the codec (kind, factor, or the digest of the VAE folder or patch-PCA file; left out when
   `codec_spec` is None, for readers of the encoder outputs only), the speech and vision encoder
   folders' digests and every `FeatureConfig` field."""
-  from etalk_jax.train.stages.common import feature_config  # noqa: PLC0415
   features = dataclasses.asdict(feature_config(audio_features or {}))
   return {
       **({} if codec_spec is None else {"codec": _codec_record(codec_spec)}),
@@ -199,8 +199,6 @@ def precompute_command(dataset_dir: str | Path, dst: str | Path, *, codec_spec: 
   from etalk_jax.audio import AudioFeatures  # noqa: PLC0415
   from etalk_jax.audio.features import normalize  # noqa: PLC0415
   from etalk_jax.audio.params import load_wav2vec2  # noqa: PLC0415
-  from etalk_jax.train.stages.common import (  # noqa: PLC0415
-      feature_config, latent_codec_from_spec, vision_encoders_from_folder)
   from etalk_jax.vaid.data import INT16_SCALE, VAIDFeaturizer  # noqa: PLC0415
   from etalk_jax.weights import atomic_folder  # noqa: PLC0415
 

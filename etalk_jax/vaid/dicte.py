@@ -30,6 +30,7 @@ from etalk_jax.errors import UserError
 from etalk_jax.layers.attention import Attention
 from etalk_jax.layers.compute import FP32, Compute
 from etalk_jax.layers.embeddings import TimestepEmbedding, timestep_features
+from etalk_jax.layers.logical_axes import COMMON, EMBED, POSITION, Rule, register_family
 from etalk_jax.vaid.projector import GeluFeedForward
 
 
@@ -190,6 +191,10 @@ class DiTBlock(nnx.Module):
 class DiCTE(nnx.Module):
   """The x0-predicting denoiser. `__call__` = `denoise(noisy, timesteps, context(audio, x_ref),
   condition)`; samplers compute the context once per window."""
+
+  logical_family = register_family("dicte", COMMON + (
+      Rule("position_embedding", 2, (POSITION, EMBED)),
+  ))
 
   def __init__(self, config: DiCTEConfig = DICTE_FULL, *, compute: Compute = FP32,
                rngs: nnx.Rngs):

@@ -24,6 +24,7 @@ from etalk_jax import model_io
 from etalk_jax.errors import UserError
 from etalk_jax.layers.attention import Attention
 from etalk_jax.layers.compute import FP32, Compute
+from etalk_jax.layers.logical_axes import COMMON, EMBED, POSITION, SCALAR, Rule, register_family
 from etalk_jax.layers.norm import layer_norm
 
 STANDARDISE_EPS = 1e-5  # keeps a constant feature's z-score finite (it becomes 0)
@@ -106,6 +107,11 @@ class PerceiverBlock(nnx.Module):
 
 class AudioLipProjector(nnx.Module):
   """`A_w` of shape `(..., window, layers, audio_dim)` -> `l_a` of shape `(..., output_dim)`."""
+
+  logical_family = register_family("projector", COMMON + (
+      Rule("position_embedding", 3, (POSITION, SCALAR, EMBED)),  # (window, layers, dim)
+      Rule("query", 3, (SCALAR, SCALAR, EMBED)),
+  ))
 
   def __init__(self, config: ProjectorConfig = PROJECTOR_FULL, *, compute: Compute = FP32,
                rngs: nnx.Rngs):

@@ -26,6 +26,8 @@ from flax import nnx
 from etalk_jax import model_io
 from etalk_jax.errors import UserError
 from etalk_jax.layers.compute import FP32, Compute
+from etalk_jax.layers.logical_axes import (COMMON, NORM, NORM_PARENT, Rule, parameter_of,
+                                           register_family)
 
 # torch's BatchNorm defaults: eps 1e-5, momentum 0.1 (flax counts momentum the other way round).
 BATCH_NORM_EPSILON = 1e-5
@@ -273,8 +275,15 @@ class Head(nnx.Module):
     return self.embed(jax.nn.relu(features))
 
 
+# Logical-axis table of PD-FGC and its adapted encoders: the common layers and BatchNorm's
+# running statistics.
+PDFGC_AXES = COMMON + (Rule(parameter_of(NORM_PARENT, "(?:mean|var)"), 1, (NORM,)),)
+
+
 class PDFGCEncoder(nnx.Module):
   """Upstream `FanEncoder`: trunk + mouth / expression / pose / eye heads (all frozen here)."""
+
+  logical_family = register_family("pdfgc", PDFGC_AXES)
 
   def __init__(self, config: PDFGCConfig = PDFGC_FULL, *, compute: Compute = FP32,
                rngs: nnx.Rngs):
@@ -346,6 +355,8 @@ class AdaptedPDFGC(nnx.Module):
   Pose and eye heads read the unadapted feature. With untrained adapters the outputs equal
   `encoder`'s exactly.
   """
+
+  logical_family = register_family("pdfgc", PDFGC_AXES)
 
   def __init__(self, config: PDFGCConfig = PDFGC_FULL, *, compute: Compute = FP32,
                rngs: nnx.Rngs, encoder: PDFGCEncoder | None = None):

@@ -15,6 +15,7 @@ import skimage.data as skimage_data  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from data_pipeline import SAMPLE_RATE, SAMPLES_PER_FRAME, loader, media, prepare  # noqa: E402
+from data_pipeline.builders import real  # noqa: E402
 
 RESOLUTION = 64
 CLICK_EVERY_FRAMES = 8
@@ -106,14 +107,14 @@ def prepared(tmp_path_factory):
   media.write_video_file(src / "frank" / "two_faces.mp4", _two_astronauts(len(frames)), audio)
   # Odd, non-square: H.264 4:4:4 (4:2:0 cannot store odd sizes).
   media.write_video_file(src / "grace" / "odd.mp4", _astronaut_frames(len(frames), size=193, width=257), audio)
-  report = prepare.prepare_command(str(src), "folder", str(dst), RESOLUTION, clip_frames=40, min_clip_frames=20,
+  report = real.prepare_command(str(src), "folder", str(dst), RESOLUTION, clip_frames=40, min_clip_frames=20,
                                    progress=False)
   return src, dst, report
 
 
 def test_report_counts_every_input(prepared):
   _, dst, report = prepared
-  assert report == json.loads((dst / prepare.REPORT_NAME).read_text())
+  assert report == json.loads((dst / real.REPORT_NAME).read_text())
   assert report["videos"] == 10
   assert report["videos_ok"] == 5, report["skipped_files"]
   assert report["skipped_by_reason"] == {"unreadable": 3, "no_audio": 1, "too_small": 1}
@@ -199,7 +200,7 @@ def test_loader_windows_are_aligned_with_audio(prepared):
 
 def test_rerun_reuses_the_dataset_and_cached_videos(prepared):
   src, dst, report = prepared
-  again = prepare.prepare_command(str(src), "folder", str(dst), RESOLUTION, clip_frames=40, min_clip_frames=20,
+  again = real.prepare_command(str(src), "folder", str(dst), RESOLUTION, clip_frames=40, min_clip_frames=20,
                                   progress=False)
   assert again["already_prepared"] and again["clips"] == report["clips"]
   work = dst / prepare.WORK_DIR_NAME / "talking_heads-res64"
@@ -208,7 +209,7 @@ def test_rerun_reuses_the_dataset_and_cached_videos(prepared):
   # A crash after the per-video work: the dataset folder is gone, the cache is reused (same results).
   import shutil
   shutil.rmtree(dst / "talking_heads")
-  rebuilt = prepare.prepare_command(str(src), "folder", str(dst), RESOLUTION, clip_frames=40, min_clip_frames=20,
+  rebuilt = real.prepare_command(str(src), "folder", str(dst), RESOLUTION, clip_frames=40, min_clip_frames=20,
                                     progress=False)
   assert rebuilt["clips"] == report["clips"]
   assert {p.parent.name: json.loads(p.read_text()) for p in work.glob("*/result.json")} == results

@@ -14,6 +14,9 @@ from etalk_jax import parallel
 from etalk_jax.errors import InputNotFound, UserError
 from etalk_jax.layers.compute import Compute
 from etalk_jax.svd.codec import VAECodec, reference_noise
+from etalk_jax.train import precompute
+from etalk_jax.train.frozen import (feature_config, latent_codec_from_spec,
+                                    vision_encoders_from_folder)
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -73,10 +76,10 @@ def precomputed_iterator(config, window: int | None = None, frame_masks: bool = 
 def check_precomputed(config, with_codec: bool) -> dict:
   """precompute.json of config.data.precomputed, refused unless its encoders are the ones the
   config names (and its codec config.codec's, when the stage reads latents)."""
-  from etalk_jax.train.precompute import check_precomputed as check  # noqa: PLC0415
-  return check(config.data.precomputed, dict(config.codec) if with_codec else None,
-               config.encoders.get("audio"), config.encoders.get("vision"),
-               config.encoders.get("audio_features", {}))
+  return precompute.check_precomputed(
+      config.data.precomputed, dict(config.codec) if with_codec else None,
+      config.encoders.get("audio"), config.encoders.get("vision"),
+      config.encoders.get("audio_features", {}))
 
 
 def vaid_data(config, featurizer, window: int | None = None):
@@ -127,33 +130,11 @@ def audio_features(config):
                        feature_config(config.encoders.get("audio_features", {})))
 
 
-def feature_config(fields):
-  """`FeatureConfig` from a config's audio_features dict (lists, as overrides give them, become
-  tuples)."""
-  from etalk_jax.audio import FeatureConfig  # noqa: PLC0415
-  return FeatureConfig(**{name: tuple(value) if isinstance(value, list) else value
-                          for name, value in dict(fields).items()})
-
-
 def vision_encoders(config, name: str = "vision"):
   """Lip / expression encoders: a folder written by `save_encoders` (trained adapters), or a bare
   PD-FGC folder (`etalk convert pdfgc`) wrapped with untrained (identity) adapters."""
   return vision_encoders_from_folder(required_folder(config, name),
                                      int(config.train.seed))
-
-
-def vision_encoders_from_folder(folder, seed: int = 0):
-  """`vision_encoders` of a folder: `save_encoders`' (trained adapters), or a bare PD-FGC one
-  wrapped with identity adapters (their output layers are zero-initialised, so `seed` does not
-  change what they compute)."""
-  from etalk_jax import model_io  # noqa: PLC0415
-  from etalk_jax.vision.params import ENCODERS_NAME, load_encoders, load_pdfgc  # noqa: PLC0415
-  from etalk_jax.vision.pdfgc import AdaptedPDFGC  # noqa: PLC0415
-  record = model_io.read_config(folder).get("etalk_format", {})
-  if record.get("model") == ENCODERS_NAME:
-    return load_encoders(folder)
-  trunk = load_pdfgc(folder)
-  return AdaptedPDFGC(trunk.config, encoder=trunk, rngs=nnx.Rngs(seed))
 
 
 def featurizer(config, vision=None):
@@ -198,36 +179,6 @@ def latent_codec(config):
   """(codec, jitted encode) for config.codec: {"kind": "pixel_shuffle", "factor": f} or
   {"kind": "vae", "folder": DIR} (a folder written by `etalk convert svd`, its vae/)."""
   return latent_codec_from_spec(dict(config.codec))
-
-
-def codec_weights_folder(spec: dict) -> Path | None:
-  """The VAE folder a codec spec reads (DIR/vae when DIR holds one), None for weight-free codecs."""
-  if spec.get("kind") != "vae":
-    return None
-  folder = Path(spec.get("folder", ""))
-  return folder / "vae" if (folder / "vae").is_dir() else folder
-
-
-def latent_codec_from_spec(spec: dict):
-  """`latent_codec` of a codec spec dict (what config.codec holds)."""
-  from etalk_jax.codecs import codec_from_spec  # noqa: PLC0415
-  spec = dict(spec)
-  # Weight-free codecs; patch_pca as {"kind": "patch_pca", "file": codec.json}.
-  if spec.get("kind") in ("pixel_shuffle", "patch_pca"):
-    codec = codec_from_spec(spec)
-    return codec, jax.jit(codec.encode)
-  if spec.get("kind") == "vae":
-    from etalk_jax.svd.params import load_vae  # noqa: PLC0415
-    codec = VAECodec(load_vae(codec_weights_folder(spec)))
-    graphdef, state = nnx.split(codec.vae)
-
-    @jax.jit
-    def encode(state, frames):
-      return VAECodec(nnx.merge(graphdef, state)).encode(frames)
-
-    return codec, lambda frames: encode(state, frames)
-  raise UserError(f"config.codec.kind={spec.get('kind')!r}: use 'pixel_shuffle', 'patch_pca' "
-                  "or 'vae'")
 
 
 def reference_encoder(codec, noise_aug_strength: float):
