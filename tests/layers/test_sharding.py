@@ -9,7 +9,7 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 from etalk_jax import model_io, parallel
 from etalk_jax.layers import sharding
 from etalk_jax.svd import UNetConfig, UNetSpatioTemporal
-from svd_reference import UNET_TWO_LEVELS
+from tests.helpers.svd_reference import UNET_TWO_LEVELS
 
 # Tracing needs only the mesh's axis sizes: an AbstractMesh stands in for 2 x 2 devices.
 DATA_X_FSDP = AbstractMesh((2, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
