@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo test test-slow-subset test-all bench clean
+.PHONY: setup demo lint test test-slow-subset test-all clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ SLOW_SUBSET := \
 
 test-slow-subset: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile -m slow $(SLOW_SUBSET)
+
+# ruff (pyproject's [tool.ruff]: imports, unused names, line length) and the import graph (no
+# cycles; models import nothing above layers/). The suite runs the graph check too.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(PY) tools/check_imports.py
 
 test-all: setup
 	$(PY) -m pytest -q -n 2 -m "not gpu and not tpu"

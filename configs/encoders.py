@@ -1,4 +1,4 @@
-"""Stage `encoders` (ARCHITECTURE.md §2, §3.9): the lip / expression adapters on the frozen PD-FGC
+"""Stage `encoders` (docs/ARCHITECTURE.md §2, §3.9): the lip / expression adapters on the frozen PD-FGC
 trunk, pre-trained by self-driven dropout reconstruction with an ETHD renderer.
 
   etalk train --config configs/encoders.py --workdir runs/encoders \\

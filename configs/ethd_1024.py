@@ -1,4 +1,4 @@
-"""Stage `ethd` (ARCHITECTURE.md §3.5, §3.7) at the paper's second setting: 1024² frames
+"""Stage `ethd` (docs/ARCHITECTURE.md §3.5, §3.7) at the paper's second setting: 1024² frames
 (128x128 latents) with 32-frame windows, overlapping by 12 at inference.
 
   etalk train --config configs/ethd_1024.py --workdir runs/ethd_1024 \\

@@ -1,4 +1,4 @@
-"""Stage `ethd` (ARCHITECTURE.md §3.5, §3.7): ETHD on SVD-XT's UNet at 512² with 120-frame windows,
+"""Stage `ethd` (docs/ARCHITECTURE.md §3.5, §3.7): ETHD on SVD-XT's UNet at 512² with 120-frame windows,
 the paper's setting (Adam8bit, lr 1e-5, batch 1 per device, ≈200 A100-hours on 8 A100).
 
   etalk train --config configs/ethd_512.py --workdir runs/ethd \\
@@ -13,7 +13,7 @@ transformer block rematerialised (~60 GB per device at 120 frames: benchmarks/tr
 and writes runs/ethd/export (`etalk_jax.ethd.model.load_ethd`).
 Without `--config.ethd.init` the full config refuses to start (a random 1.58 G ETHD is not what
 the paper trains). Half the references come from another clip of the same identity in another
-emotion (`config.data.cross_clip_reference`, ARCHITECTURE.md §3.11).
+emotion (`config.data.cross_clip_reference`, docs/ARCHITECTURE.md §3.11).
 `configs/ethd_512.py:tiny` is the CPU size `etalk demo` trains: a two-level UNet on 16x16
 pixel-shuffle latents of 64 px frames, 8-frame windows; it runs without an initialisation.
 """

@@ -1,4 +1,4 @@
-"""Stage `ser` (ARCHITECTURE.md §1, MEC): the speech-emotion head on frozen WavLM, trained on
+"""Stage `ser` (docs/ARCHITECTURE.md §1, MEC): the speech-emotion head on frozen WavLM, trained on
 emotion-labelled speech (MEAD; the synthetic set is labelled too).
 
   etalk train --config configs/ser.py --workdir runs/ser \\

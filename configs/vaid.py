@@ -1,4 +1,4 @@
-"""Stage `projector` of V-AID (ARCHITECTURE.md §3.3): the Perceiver that maps wav2vec2 windows A_w
+"""Stage `projector` of V-AID (docs/ARCHITECTURE.md §3.3): the Perceiver that maps wav2vec2 windows A_w
 to lip latents l_a in the lip encoder's space, trained by the L1 pull to l_v.
 
   etalk train --config configs/vaid.py --workdir runs/projector \\

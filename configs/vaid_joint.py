@@ -1,4 +1,4 @@
-"""Stage `vaid` (ARCHITECTURE.md §3.3, §3.4): the projector and Di-CTE trained together, with the
+"""Stage `vaid` (docs/ARCHITECTURE.md §3.3, §3.4): the projector and Di-CTE trained together, with the
 push term between l_a and e_a on a weight (0 by default, the paper's main setting):
 
   etalk train --config configs/vaid_joint.py --workdir runs/vaid \\

@@ -1,7 +1,7 @@
 """Talking-head data: face processing, preparation into TFDS/ArrayRecord, Grain loading, synthetic
 faces.
 
-Conventions shared by every module here (ARCHITECTURE.md §5):
+Conventions shared by every module here (docs/ARCHITECTURE.md §5):
 - video at 25 fps; audio 16 kHz mono, so frame i covers samples [640 i, 640 (i + 1)) and its audio
   is the audio at i/25 s;
 - landmarks are MediaPipe's 478-point face mesh, stored in crop coordinates normalised to [0, 1]

@@ -1,5 +1,5 @@
 """Faces: 478-point landmarks (MediaPipe), stable per-clip crop boxes, the PD-FGC encoder crop, and
-the face / lip masks of ARCHITECTURE.md §3.6.
+the face / lip masks of docs/ARCHITECTURE.md §3.6.
 
 Only `FaceLandmarker` needs MediaPipe (the optional `faces` extra); everything else works on
 landmark arrays, so synthetic faces (which carry their own landmarks) and the loader never import

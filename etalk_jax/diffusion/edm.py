@@ -1,6 +1,6 @@
 """SVD's EDM formulation: v-prediction with EDM preconditioning (sigma_data = 1), the log-normal
 noise-level distribution, the EDM-weighted loss and the condition-dropout helpers of ETHD
-training (ARCHITECTURE.md §3.7).
+training (docs/ARCHITECTURE.md §3.7).
 
 Everything is a pure function of arrays and explicit `jax.random` keys, so it runs under `jit`.
 The formulas are written exactly as diffusers' `EulerDiscreteScheduler` (prediction_type
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class EDMTrainingConfig:
-  """ETHD's training-time noise and conditioning choices (ARCHITECTURE.md §2 and §3.7)."""
+  """ETHD's training-time noise and conditioning choices (docs/ARCHITECTURE.md §2 and §3.7)."""
   p_mean: float = 0.7  # log-normal sigma: ln sigma ~ N(p_mean, p_std^2)
   p_std: float = 1.6
   lip_weight: float = 0.0  # extra loss weight inside the lip mask (0 = off)

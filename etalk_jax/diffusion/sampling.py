@@ -1,5 +1,5 @@
 """Euler sampling on Karras sigmas (SVD's sampler; the paper's "DDIM", 25 steps) and the
-overlapping-window sampler for videos of any length (ARCHITECTURE.md §3.7, §3.8).
+overlapping-window sampler for videos of any length (docs/ARCHITECTURE.md §3.7, §3.8).
 
 The denoiser is a pure function
 

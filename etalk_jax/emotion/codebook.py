@@ -1,4 +1,4 @@
-"""The emotion codebook: one expression latent per keyword (ARCHITECTURE.md §3.10).
+"""The emotion codebook: one expression latent per keyword (docs/ARCHITECTURE.md §3.10).
 
 Each latent is the mean of the expression encoder's output `e_v` (PD-FGC's 30-d expression code,
 through the trained adapter) over frames labelled with that keyword; MEAD gives such labels. At

@@ -1,4 +1,4 @@
-"""Text -> one of the paper's eight emotion keywords, offline (ARCHITECTURE.md §3.10).
+"""Text -> one of the paper's eight emotion keywords, offline (docs/ARCHITECTURE.md §3.10).
 
 EmotiveTalk's emotion codebook holds one expression latent per keyword
 (`data_pipeline.EMOTIONS`). A user may describe the emotion in words ("she is furious", "not

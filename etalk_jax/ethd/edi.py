@@ -1,6 +1,6 @@
 """EDI (expression decoupling injection) and the ETHD transformer blocks that carry it.
 
-ARCHITECTURE.md §3.5. In every spatial transformer block, after the lip cross-attention (the
+docs/ARCHITECTURE.md §3.5. In every spatial transformer block, after the lip cross-attention (the
 paper's Fig. 2(c) order: lip CA, then EDI on its output):
 
     h ← h + CA_lip(norm2(h), L)

@@ -1,6 +1,6 @@
 """ETHD: the emotional talking-head backbone, SVD's UNet with lip, EDI and expression conditioning.
 
-ARCHITECTURE.md §3.5. Inputs per clip of `frames` frames:
+docs/ARCHITECTURE.md §3.5. Inputs per clip of `frames` frames:
   sample            `(batch, frames, h, w, 8)`: the scaled noisy latent ⊕ the reference latent
                     (unscaled, as SVD concatenates its image latent)
   timestep          c_noise (scalar or `(batch,)`)

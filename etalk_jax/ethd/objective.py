@@ -1,6 +1,6 @@
 """The encoders' self-driven dropout reconstruction objective, with ETHD as the renderer.
 
-ARCHITECTURE.md §2 ("encoders ... pre-trained by self-driven dropout image reconstruction") and
+docs/ARCHITECTURE.md §2 ("encoders ... pre-trained by self-driven dropout image reconstruction") and
 §3.9. The lip and expression encoders (PD-FGC with adapters) read the ground-truth frames; their
 `l_v` and `e_v` condition ETHD, which denoises the clip's latents (SVD's EDM formulation from
 `etalk_jax.diffusion.edm`). Per sample, one of three modes:
@@ -163,7 +163,7 @@ def encoder_reconstruction_loss(encoders, ethd, clean: jax.Array, reference_late
 def choose_expression(key: jax.Array, ground_truth: jax.Array, predicted: jax.Array,
                       probability: float = 0.6) -> jax.Array:
   """Per batch element: the ground-truth expression latents with `probability`, else the ones
-  Di-CTE generated (ETHD learns to render both; ARCHITECTURE.md §2)."""
+  Di-CTE generated (ETHD learns to render both; docs/ARCHITECTURE.md §2)."""
   use_truth = jax.random.uniform(key, (ground_truth.shape[0],)) < probability
   use_truth = use_truth.reshape(use_truth.shape + (1,) * (ground_truth.ndim - 1))
   return jnp.where(use_truth, ground_truth, predicted)

@@ -1,4 +1,4 @@
-"""Inference: portrait + speech (+ an emotion source) -> talking-head video (ARCHITECTURE.md §1).
+"""Inference: portrait + speech (+ an emotion source) -> talking-head video (docs/ARCHITECTURE.md §1).
 
 `EmotiveTalkPipeline.load(folder)` reads a checkpoint (`checkpoint.py`: its format, and the check
 that the components fit each other); calling it runs, as numbered steps of `__call__`:
@@ -49,7 +49,7 @@ from etalk_jax.svd.codec import reference_noise, to_uint8, to_unit_range
 from etalk_jax.vaid import dicte as dicte_module
 from etalk_jax.vaid.data import VAIDFeaturizer
 
-MAX_INTENSITY = 1.5  # ARCHITECTURE.md §3.10: alpha in [0, 1.5]
+MAX_INTENSITY = 1.5  # docs/ARCHITECTURE.md §3.10: alpha in [0, 1.5]
 EMOTION_OPTIONS = ("emotion", "emotion_text", "emotion_image", "emotion_video", "emotion_audio")
 REFERENCE_NOISE_STREAM = 2  # the reference's noise augmentation: fold_in(seed key, 2)
 STAGES = ("features", "expressions", "denoising", "decoding")  # the progress bar's ticks

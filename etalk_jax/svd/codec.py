@@ -1,7 +1,7 @@
 """SVD's VAE as a latent codec: video frames <-> the latents ETHD denoises, and the pixel range
 the codecs share (`to_unit_range`, `to_uint8`).
 
-`VAECodec` is the real codec (ARCHITECTURE.md §1): SVD's temporal VAE, posterior mode times
+`VAECodec` is the real codec (docs/ARCHITECTURE.md §1): SVD's temporal VAE, posterior mode times
 `scaling_factor` to encode, the temporal decoder in chunks to decode. The weight-free stand-ins
 (pixel shuffle, patch PCA) and `codec_from_spec`, which builds any of them from `pipeline.json`'s
 codec record, are in `etalk_jax.codecs`. Every codec takes uint8 or [-1, 1] float frames
@@ -10,7 +10,7 @@ codec record, are in `etalk_jax.codecs`. Every codec takes uint8 or [-1, 1] floa
 Two encodings per codec: `encode` gives the latents the diffusion denoises (the clip's frames:
 for the VAE the posterior mode times `scaling_factor`, SVD's training target), and
 `encode_reference` gives what is concatenated beside them on the channels (the reference frame).
-For the VAE that is SVD's image conditioning exactly (ARCHITECTURE.md §3.12): the *unscaled*
+For the VAE that is SVD's image conditioning exactly (docs/ARCHITECTURE.md §3.12): the *unscaled*
 posterior mode of the frame after `noise_aug_strength x noise` is added in pixel space ([-1, 1]),
 as diffusers' `StableVideoDiffusionPipeline` makes it; the strength is the one the added time ids
 announce (`ETHDConfig.noise_aug_strength`). Callers draw `noise` (standard normal, the frames'

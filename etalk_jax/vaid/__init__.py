@@ -1,7 +1,7 @@
 """V-AID: the audio-lip Perceiver projector (projector.py) and Di-CTE, the expression diffusion
 model (dicte.py), saving and loading them (storage.py), and their training examples from
 talking-head clips (data.py, imported on its own: it needs the audio and vision encoders)
-(ARCHITECTURE.md §3.3, §3.4)."""
+(docs/ARCHITECTURE.md §3.3, §3.4)."""
 
 from etalk_jax.vaid.dicte import (DICTE_FULL, DICTE_TINY, DiCTE, DiCTEConfig, DiTBlock,
                                   IdentityEncoder, cosine_alpha_bars, ddim_step, denoise_window,

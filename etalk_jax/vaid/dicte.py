@@ -1,5 +1,5 @@
 """Di-CTE: the diffusion model that turns speech into a sequence of 30-d expression latents `e_a`
-in the expression encoder's space (ARCHITECTURE.md §3.4).
+in the expression encoder's space (docs/ARCHITECTURE.md §3.4).
 
 A transformer denoiser over the frames of a window. Token of frame i = Linear(noisy e_i)
 + Linear(mean over window and layers of A_w[i]) + IdentityEncoder(x_ref) + position_i. Every

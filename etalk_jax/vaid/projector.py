@@ -1,5 +1,5 @@
 """The audio-lip projector of V-AID: a Perceiver that turns each frame's window of wav2vec2 hidden
-states `A_w` into a lip latent `l_a` in PD-FGC's mouth-feature space (ARCHITECTURE.md §3.3).
+states `A_w` into a lip latent `l_a` in PD-FGC's mouth-feature space (docs/ARCHITECTURE.md §3.3).
 
 Per frame: the window x layers audio vectors, plus a learned position embedding over (window
 position, layer), projected to `dim`, are the tokens. One learned query per frame runs through

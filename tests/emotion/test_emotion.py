@@ -1,4 +1,4 @@
-"""Multi-source emotion control (ARCHITECTURE.md §3.10): text -> keyword, the codebook, and the
+"""Multi-source emotion control (docs/ARCHITECTURE.md §3.10): text -> keyword, the codebook, and the
 speech-emotion head. CPU, tiny models: the codebook command runs on the tiny synthetic set with a
 random PD-FGC small encoder; the head learns a toy separable problem."""
 

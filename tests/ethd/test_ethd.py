@@ -174,7 +174,7 @@ def test_full_size_parameter_count_is_the_papers():
   count = parameter_count(ethd)
   # SVD-XT's UNet as diffusers counts it (stabilityai/stable-video-diffusion-img2vid-xt).
   svd, edi = 1_524_623_082, _edi_parameters_from_diffusers_shapes(ETHDConfig().unet)
-  assert edi == 50_352_320  # the figure ARCHITECTURE.md §3.5 quotes
+  assert edi == 50_352_320  # the figure docs/ARCHITECTURE.md §3.5 quotes
   projections = (512 * 1024 + 1024 + 1024 * 1024 + 1024) + (30 * 1024 + 1024 + 1024 * 1024 + 1024)
   assert count == svd + edi + projections
   print(f"ETHD full size: {count:,} parameters (paper: 1.58 G)")

@@ -1,4 +1,4 @@
-"""The encoders' self-driven dropout reconstruction objective (ARCHITECTURE.md §3.9)."""
+"""The encoders' self-driven dropout reconstruction objective (docs/ARCHITECTURE.md §3.9)."""
 
 from __future__ import annotations
 

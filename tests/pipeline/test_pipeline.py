@@ -1,4 +1,4 @@
-"""The inference pipeline and `etalk sample` on a tiny random checkpoint (ARCHITECTURE.md §1).
+"""The inference pipeline and `etalk sample` on a tiny random checkpoint (docs/ARCHITECTURE.md §1).
 
 One module-scoped checkpoint of tiny random components (one-level ETHD on 16x16x48 pixel-shuffle
 latents of 64 px crops, tiny projector / Di-CTE / wav2vec2, PD-FGC small, a random 8-keyword

@@ -1,4 +1,4 @@
-"""End to end against diffusers' StableVideoDiffusionPipeline (ARCHITECTURE.md §3.12).
+"""End to end against diffusers' StableVideoDiffusionPipeline (docs/ARCHITECTURE.md §3.12).
 
 A tiny random SVD (UNet, temporal VAE, SVD's Euler scheduler, a tiny random CLIP image encoder)
 assembled into the real pipeline, guidance off, 25 steps. Ours: the converted UNet as ETHD at its

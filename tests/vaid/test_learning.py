@@ -1,4 +1,4 @@
-"""Learning checks of V-AID on the synthetic talking-heads dataset (ARCHITECTURE.md §3.3-§3.4).
+"""Learning checks of V-AID on the synthetic talking-heads dataset (docs/ARCHITECTURE.md §3.3-§3.4).
 
 Clips of the tiny synthetic set go through the Grain loader and `VAIDFeaturizer`: A_w from a tiny
 random wav2vec2, l_v / e_v from a random-weight PD-FGC small encoder on the frames. The fast test

@@ -1,5 +1,5 @@
 """Training stages: each module's `make_task(config, mesh) -> Task` is a config, a loss and a data
-spec for `etalk_jax.train.loop.train` (ARCHITECTURE.md §1: what trains, what stays frozen).
+spec for `etalk_jax.train.loop.train` (docs/ARCHITECTURE.md §1: what trains, what stays frozen).
 
   encoders   lip / expression adapters (+ the renderer ETHD) by self-driven dropout reconstruction
   projector  the audio-lip Perceiver projector: A_w -> l_a, pulled to l_v

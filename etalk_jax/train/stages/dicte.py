@@ -1,4 +1,4 @@
-"""Stage `dicte`: Di-CTE, the expression diffusion transformer (ARCHITECTURE.md §3.4).
+"""Stage `dicte`: Di-CTE, the expression diffusion transformer (docs/ARCHITECTURE.md §3.4).
 
 Data: loader windows of `config.dicte.window_frames` frames; A_w and e_v from the frozen
 encoders on the host, or read from config.data.precomputed. Condition: the window's mean e_v

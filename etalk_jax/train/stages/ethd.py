@@ -1,4 +1,4 @@
-"""Stage `ethd`: the emotional talking-head backbone (ARCHITECTURE.md §3.5, §3.7).
+"""Stage `ethd`: the emotional talking-head backbone (docs/ARCHITECTURE.md §3.5, §3.7).
 
 Data: loader windows -> on the host, with frozen models: video and reference latents (codec; the
 video's as ETHD's diffusion target, `ETHDConfig.to_target`; the reference's by `encode_reference`,

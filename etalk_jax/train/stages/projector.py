@@ -1,4 +1,4 @@
-"""Stage `projector`: the audio-lip Perceiver projector (ARCHITECTURE.md §3.3).
+"""Stage `projector`: the audio-lip Perceiver projector (docs/ARCHITECTURE.md §3.3).
 
 Data: loader windows of `config.data.window` frames; frozen wav2vec2 -> A_w and frozen lip
 encoder -> l_v on the host (`VAIDFeaturizer`), or read from config.data.precomputed. Loss: L1

@@ -1,4 +1,4 @@
-"""Stage `ser`: the speech-emotion head on frozen WavLM states (ARCHITECTURE.md §1, MEC).
+"""Stage `ser`: the speech-emotion head on frozen WavLM states (docs/ARCHITECTURE.md §1, MEC).
 
 Data: loader windows without pixels (audio and the clip's emotion label); WavLM hidden states
 per 25 fps frame on the host (`AudioFeatures.frame_states`). Loss: cross-entropy over the 8

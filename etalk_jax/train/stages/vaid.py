@@ -1,5 +1,5 @@
 """Stage `vaid`: V-AID's projector and Di-CTE trained together, so that the push term can train
-(ARCHITECTURE.md §3.3, §3.4): the paper's ablation of the push loss.
+(docs/ARCHITECTURE.md §3.3, §3.4): the paper's ablation of the push loss.
 
 Data: loader windows of `config.dicte.window_frames` frames (the projector reads any length), A_w,
 l_v, e_v, x_ref and e_ref as the projector and Di-CTE stages featurise them (`common.vaid_data`).
