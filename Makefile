@@ -25,7 +25,8 @@ test: setup
 
 # The slow tests CI runs after `make test` (within ~8 min on 2 cores): the device check's CPU dry
 # run, the full-size TPU export, the V-AID joint stage, V-AID learning (projector and Di-CTE), the
-# ETHD objective under jit, the loader's worker processes and the MEAD layout. Left to `make
+# ETHD objective under jit, the loader's worker processes, the MEAD layout and the wheel (configs
+# ship, the demo loads them outside the source tree). Left to `make
 # test-all`: the ETHD overfit (its smoke version runs in `make test`) and the 500-frame Di-CTE
 # generation (over 6 min of CPU alone). -m slow picks the slow tests of the files listed;
 # loadfile keeps a file on one worker, so its module fixtures are built once.
@@ -37,7 +38,8 @@ SLOW_SUBSET := \
   tests/vaid/test_learning.py::test_dicte_loss_falls_tenfold \
   tests/ethd/test_objective.py \
   tests/data_pipeline/test_loader.py \
-  tests/data_pipeline/test_synthetic.py
+  tests/data_pipeline/test_synthetic.py \
+  tests/test_packaging.py
 
 test-slow-subset: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile -m slow $(SLOW_SUBSET)
