@@ -1,22 +1,22 @@
-"""The CPU demo (`etalk demo`, docs/ARCHITECTURE.md §6): every stage at toy size on synthetic talking
-faces, then videos of a held-out identity saying held-out speech in two emotions.
+"""The CPU demo (`etalk demo`, docs/ARCHITECTURE.md §6): every stage at toy size on synthetic
+talking faces, then videos of a held-out identity saying held-out speech in two emotions.
 
   etalk demo                  the full demo (goal: under 15 minutes on a 2-core CPU)
   etalk demo --quick          a smoke run of the same path (the tests run it)
 
 The goal is the generated videos' lip-sync score (correlation of the mouth opening read from the
-frames with the speech envelope) clearly above the baseline with the audio removed. What made
-the toy ETHD read its lip tokens (WORKSPACE.md has the figures): every stage's reference is the
-clip's first frame, closed-mouthed like the portrait (a random keyframe's mouth, open or shut,
-was most of what the lips had to be measured against); l_a is standardised with its own
-statistics (its variation over time is ~5% of its size); speech is normalised over the whole
-utterance in training as at inference (not over each 12-frame window); faces fill more of the
-frame (face_scale 1.5). Measured on stop 16's 2-core machine, every stage from scratch, this
-config: 7.2 min in all; lip sync 0.006 generated vs -0.030 without the audio (per video, sad /
-angry: -0.034 / 0.045 vs -0.045 / -0.016; ground truth 0.709); emotion accuracy ~0. Before
-PD-FGC's inputs were aligned as upstream aligns them (stop 16, same machine): 0.082 vs -0.111;
-stop 15 (another machine): 0.063 vs -0.089, 14.0 min. The stage configs are
-configs/<stage>.py:tiny with the overrides below.
+frames with the speech envelope) clearly above the baseline with the audio removed. What made the
+toy ETHD read its lip tokens (docs/notes/2026-12-01-demo-reads-lip-tokens.md has the figures):
+every stage's reference is the clip's first frame, closed-mouthed like the portrait (a random
+keyframe's mouth, open or shut, was most of what the lips had to be measured against); l_a is
+standardised with its own statistics (its variation over time is ~5% of its size); speech is
+normalised over the whole utterance in training as at inference (not over each 12-frame window);
+faces fill more of the frame (face_scale 1.5). Measured on stop 16's 2-core machine, every stage
+from scratch, this config: 7.2 min in all; lip sync 0.006 generated vs -0.030 without the audio
+(per video, sad / angry: -0.034 / 0.045 vs -0.045 / -0.016; ground truth 0.709 at stop 15);
+emotion accuracy ~0. Before PD-FGC's inputs were aligned as upstream aligns them (stop 16, same
+machine): 0.082 vs -0.111; stop 15 (another machine): 0.063 vs -0.089, 14.0 min. The stage
+configs are configs/<stage>.py:tiny with the overrides below.
 """
 
 import ml_collections
