@@ -12,12 +12,13 @@ References always come from the window's own clip (self-driven reconstruction).
 `configs/encoders.py:tiny` is the CPU size `etalk demo` trains; it runs without an initialisation.
 """
 
+import importlib.util
+from pathlib import Path
+
 from etalk_jax.train.config import base_config, use_large_model_settings
 
 
 def get_config(variant: str = "full"):
-  import importlib.util  # noqa: PLC0415
-  from pathlib import Path  # noqa: PLC0415
   if variant not in ("full", "tiny"):
     raise ValueError(f"configs/encoders.py knows the variants 'full' and 'tiny', not {variant!r}.")
   full = variant == "full"

@@ -27,8 +27,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from data_pipeline import EMOTION_LABELS, SAMPLE_RATE, SAMPLES_PER_FRAME
+from data_pipeline import EMOTION_LABELS, SAMPLE_RATE, SAMPLES_PER_FRAME, faces, media
 from etalk_jax.errors import InputNotFound, UserError
 
 LAYOUTS = ("hdtf", "mead", "folder")
@@ -155,8 +156,6 @@ def process_video(item: VideoItem, options: PrepareOptions, work_dir: str | os.P
 
 
 def _prepare_clips(item: VideoItem, options: PrepareOptions, out: Path) -> list[dict]:
-  from data_pipeline import faces, media  # noqa: PLC0415
-
   name = item.relative
   try:
     info = media.probe(item.path)
@@ -275,8 +274,6 @@ def _audio_slice(audio: np.ndarray, first: int, length: int) -> np.ndarray:
 
 def process_all(items: list[VideoItem], options: PrepareOptions, work_dir: Path, progress: bool = True) -> list[dict]:
   """Runs `process_video` over all items (in `options.workers` processes), with a progress bar."""
-  from tqdm import tqdm  # noqa: PLC0415
-
   work_dir.mkdir(parents=True, exist_ok=True)
   bar = tqdm(total=len(items), desc="prepare videos", unit="video", disable=not progress)
   results = []

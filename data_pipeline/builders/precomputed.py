@@ -22,9 +22,11 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils
 
 from data_pipeline.builders import common
 from etalk_jax.errors import UserError
+
 
 @dataclasses.dataclass(kw_only=True)
 class PrecomputedConfig(tfds.core.BuilderConfig):
@@ -78,7 +80,6 @@ def build(data_dir: str, config: PrecomputedConfig) -> str:
 
   TFDS's own progress bars are off meanwhile: the caller shows one (or none, when asked for none).
   """
-  from tensorflow_datasets.core.utils import tqdm_utils  # noqa: PLC0415
   shown = getattr(tqdm_utils, "_active", True)  # TFDS has a setter only
   tfds.display_progress_bar(False)
   try:
