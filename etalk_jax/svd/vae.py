@@ -16,8 +16,14 @@ from etalk_jax.layers.attention import Attention
 from etalk_jax.layers.compute import FP32, Compute
 from etalk_jax.layers.logical_axes import register_family
 from etalk_jax.layers.norm import group_norm
-from etalk_jax.layers.resnet import (SPATIO_TEMPORAL_AXES, Downsample2D, ResnetBlock2D,
-                                     SpatioTemporalResBlock, Upsample2D, conv)
+from etalk_jax.layers.resnet import (
+  SPATIO_TEMPORAL_AXES,
+  Downsample2D,
+  ResnetBlock2D,
+  SpatioTemporalResBlock,
+  Upsample2D,
+  conv,
+)
 from etalk_jax.svd.config import VAEConfig
 
 

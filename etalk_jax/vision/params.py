@@ -28,8 +28,16 @@ from flax import nnx
 from etalk_jax import model_io
 from etalk_jax.layers.compute import FP32, Compute
 from etalk_jax.vision.pdfgc import AdaptedPDFGC, PDFGCConfig, PDFGCEncoder
-from etalk_jax.weights import (WEIGHT_VARIABLES, AliasedSource, ConversionError, ConversionTable,
-                               TensorSource, export_tensors, load_into, open_source)
+from etalk_jax.weights import (
+  WEIGHT_VARIABLES,
+  AliasedSource,
+  ConversionError,
+  ConversionTable,
+  TensorSource,
+  export_tensors,
+  load_into,
+  open_source,
+)
 
 FORMAT_VERSION = 1
 MODEL_NAME = "pdfgc"

@@ -29,8 +29,8 @@ from etalk_jax.ethd.model import save_ethd
 from etalk_jax.ethd.objective import ReconstructionConfig, encoder_reconstruction_loss
 from etalk_jax.train.loop import Task
 from etalk_jax.train.stages import common
-from etalk_jax.vision.params import save_encoders
 from etalk_jax.vision.alignment import pdfgc_inputs
+from etalk_jax.vision.params import save_encoders
 from etalk_jax.vision.pdfgc import ADAPTER_PARAMS
 
 
