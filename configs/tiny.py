@@ -1,5 +1,5 @@
-"""The CPU demo (`etalk demo`, docs/ARCHITECTURE.md §6): every stage at toy size on synthetic talking
-faces, then videos of a held-out identity saying held-out speech in two emotions.
+"""The CPU demo (`etalk demo`, docs/ARCHITECTURE.md §6): every stage at toy size on synthetic
+talking faces, then videos of a held-out identity saying held-out speech in two emotions.
 
   etalk demo                  the full demo (goal: under 15 minutes on a 2-core CPU)
   etalk demo --quick          a smoke run of the same path (the tests run it)

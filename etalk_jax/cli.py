@@ -8,7 +8,8 @@
   etalk prepare --src DIR --layout {hdtf,mead,folder} --dst DIR [--resolution 512]
   etalk synthesize --dst DIR [--config tiny|demo|res512]   synthetic talking faces dataset
   etalk train --config configs/STAGE.py[:variant] --workdir DIR [--config.key=value ...]
-  etalk codebook build --data DIR --dst FILE [--encoders DIR]   emotion codebook from labelled frames
+  etalk codebook build --data DIR --dst FILE [--encoders DIR]
+                                          emotion codebook from labelled frames
   etalk precompute --data DIR --dst DIR --codec pixel_shuffle:4|vae:DIR|patch_pca:FILE
                    --audio-encoder DIR --vision-encoders DIR [--split train]
                                           latents + encoder outputs for V-AID and ETHD

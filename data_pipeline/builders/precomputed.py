@@ -1,5 +1,5 @@
-"""TFDS builder `precomputed_talking_heads`: a prepared dataset's clips with the outputs of the frozen
-encoders ETHD training reads, so training at scale decodes no video and runs no encoder.
+"""TFDS builder `precomputed_talking_heads`: a prepared dataset's clips with the outputs of the
+frozen encoders ETHD training reads, so training at scale decodes no video and runs no encoder.
 
 Each record is the source clip's record (`common.clip_features`: the H.264 bytes stay, as Di-CTE
 reads the reference frame's pixels, a single keyframe decode) plus, per frame, in float16:

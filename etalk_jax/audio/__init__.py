@@ -1,5 +1,6 @@
 """Speech encoders (wav2vec2, WavLM) in Flax NNX, their transformers converters, and the
-frame-aligned audio windows `A_w` that EmotiveTalk's V-AID reads (docs/ARCHITECTURE.md section 3.1)."""
+frame-aligned audio windows `A_w` that EmotiveTalk's V-AID reads (docs/ARCHITECTURE.md
+section 3.1)."""
 
 from etalk_jax.audio.features import (
   AudioError,

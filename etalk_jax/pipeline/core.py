@@ -1,4 +1,5 @@
-"""Inference: portrait + speech (+ an emotion source) -> talking-head video (docs/ARCHITECTURE.md §1).
+"""Inference: portrait + speech (+ an emotion source) -> talking-head video
+(docs/ARCHITECTURE.md §1).
 
 `EmotiveTalkPipeline.load(folder)` reads a checkpoint (`checkpoint.py`: its format, and the check
 that the components fit each other); calling it runs, as numbered steps of `__call__`:

@@ -1,4 +1,5 @@
-"""SVD's VAE: a per-image KL encoder and a temporal decoder (diffusers' AutoencoderKLTemporalDecoder).
+"""SVD's VAE: a per-image KL encoder and a temporal decoder (diffusers'
+AutoencoderKLTemporalDecoder).
 
 `vae.encode(images)` takes `(n, height, width, 3)` in [-1, 1] and returns a DiagonalGaussian over
 `(n, height / 8, width / 8, latent_channels)`; `vae.decode(latents, num_frames)` takes

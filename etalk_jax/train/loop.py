@@ -284,7 +284,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, task: Task 
   checkpoint_every = int(train_config["checkpoint_every"])
   checkpointer = TrainCheckpointer(workdir / "checkpoints", max_to_keep=int(train_config["keep"]))
   if checkpointer.latest_step() is not None:
-    restored = checkpointer.restore(model=model, optimizer=optimizer, iterator=task.batches, rng=rng)
+    restored = checkpointer.restore(model=model, optimizer=optimizer, iterator=task.batches,
+                                    rng=rng)
     start, rng = restored.step, restored.rng
     log.info("resumed %s from step %d", task.name, start)
     state = nnx.state((model, optimizer))

@@ -1,4 +1,5 @@
-"""V-AID training examples: talking-head clips -> (A_w, l_v, e_v, x_ref) (docs/ARCHITECTURE.md §3.3f).
+"""V-AID training examples: talking-head clips -> (A_w, l_v, e_v, x_ref)
+(docs/ARCHITECTURE.md §3.3f).
 
 The projector learns `A_w -> l_v` and Di-CTE learns `A_w, x_ref -> e_v`; both targets are outputs of
 the lip / expression encoders on the ground-truth frames. `VAIDFeaturizer` holds a frozen speech

@@ -1,6 +1,6 @@
 """Vision encoders: PD-FGC's motion encoder in Flax NNX, its lip / expression adapters, and the
-converter from PD-FGC's `motion_model.pth` (docs/ARCHITECTURE.md section 3.2), and PD-FGC's own input
-preprocessing (`pdfgc_inputs`: aligned, cropped and resized on each frame's landmarks)."""
+converter from PD-FGC's `motion_model.pth` (docs/ARCHITECTURE.md section 3.2), and PD-FGC's own
+input preprocessing (`pdfgc_inputs`: aligned, cropped and resized on each frame's landmarks)."""
 
 from etalk_jax.vision.alignment import pdfgc_inputs
 from etalk_jax.vision.params import (
