@@ -374,7 +374,7 @@ def parity_rows(sizes: Sizes, record: Callable[[Row], None]) -> None:
            parity_ethd_init),
           ("parity_vae", "temporal VAE encode / decode vs diffusers", parity_vae)]
   try:
-    import diffusers  # noqa: F401, PLC0415 - optional on the device machine; only these rows need it
+    import diffusers  # noqa: F401, PLC0415 (optional on the device machine: only these rows)
   except Exception as error:  # noqa: BLE001 - a broken install counts as missing
     for name, what, _ in rows:
       run_row(name, what, skip(f"diffusers missing ({type(error).__name__}: {error})"), record)

@@ -1,5 +1,5 @@
-"""Multi-source emotion control (docs/ARCHITECTURE.md §3.10): text or emotional speech -> one of the
-eight keywords (`data_pipeline.EMOTIONS`) -> the codebook's expression latent, scaled from
+"""Multi-source emotion control (docs/ARCHITECTURE.md §3.10): text or emotional speech -> one of
+the eight keywords (`data_pipeline.EMOTIONS`) -> the codebook's expression latent, scaled from
 neutral by an intensity, as Di-CTE's emotion condition `e_cond`.
 
   keywords.py  text -> keyword offline (lexicon with synonyms and negation; a pluggable

@@ -198,8 +198,7 @@ def codebook_build_command(data_dir: str | Path, dst: str | Path,
   seconds).
   """
   # JAX loads only to build a codebook: etalk_jax.emotion itself imports without it.
-  from etalk_jax.vaid.data import VISION_CHUNK_FRAMES, VAIDFeaturizer  # noqa: PLC0415 (JAX: only building a codebook encodes)
-
+  from etalk_jax.vaid.data import VISION_CHUNK_FRAMES, VAIDFeaturizer  # noqa: PLC0415 (JAX)
   started = time.time()
   dst = Path(dst)
   if dst.exists() and not overwrite:
@@ -212,7 +211,7 @@ def codebook_build_command(data_dir: str | Path, dst: str | Path,
     if encoders_dir is None:
       raise UserError("no expression encoder given; pass --encoders DIR (the trained encoders "
                       "saved by the encoder pre-training stage).")
-    from etalk_jax.vision.params import load_encoders  # noqa: PLC0415 (JAX, as VAIDFeaturizer)
+    from etalk_jax.vision.params import load_encoders  # noqa: PLC0415 (JAX, as above)
     encoders = load_encoders(encoders_dir)
   # Only the vision half of the featurizer is used: the same alignment and jitted encoder as
   # V-AID's training targets.

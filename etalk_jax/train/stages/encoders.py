@@ -1,5 +1,6 @@
 """Stage `encoders`: the lip and expression adapters, pre-trained by self-driven dropout image
-reconstruction (docs/ARCHITECTURE.md §2, §3.9) with an ETHD as the renderer that trains beside them.
+reconstruction (docs/ARCHITECTURE.md §2, §3.9) with an ETHD as the renderer that trains beside
+them.
 
 Data: loader windows (frames, reference, face / lip masks) -> latents through the latent codec
 on the host (the video's as the renderer's diffusion target, `ETHDConfig.to_target`; the
