@@ -82,10 +82,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-# Siblings in benchmarks/ (this script's folder, first on sys.path when it runs).
-from flops import xla_flops  # XLA's FLOP count of a lowered function
-from svd_vs_torch import MEDIUM_UNET
-
 from etalk_jax import model_io, parallel
 from etalk_jax.diffusion.edm import denoising_loss
 from etalk_jax.diffusion.sampling import (
@@ -102,6 +98,10 @@ from etalk_jax.pipeline import call_ethd
 from etalk_jax.svd import UNetConfig, unet_from_diffusers, vae_from_diffusers
 from etalk_jax.train.loop import Task, make_step, peak_flops_per_device
 from etalk_jax.train.optim import Optimizer, adam_8bit
+
+# Siblings in benchmarks/ (this script's folder, first on sys.path when it runs).
+from flops import xla_flops  # XLA's FLOP count of a lowered function
+from svd_vs_torch import MEDIUM_UNET
 
 REPO = Path(__file__).resolve().parents[1]
 # The tests' diffusers builders (tests/helpers/svd_reference.py), as
@@ -374,7 +374,7 @@ def parity_rows(sizes: Sizes, record: Callable[[Row], None]) -> None:
            parity_ethd_init),
           ("parity_vae", "temporal VAE encode / decode vs diffusers", parity_vae)]
   try:
-    import diffusers  # noqa: F401, PLC0415 - optional on the device machine; only these rows need it
+    import diffusers  # noqa: F401, PLC0415 (optional on the device machine: only these rows)
   except Exception as error:  # noqa: BLE001 - a broken install counts as missing
     for name, what, _ in rows:
       run_row(name, what, skip(f"diffusers missing ({type(error).__name__}: {error})"), record)

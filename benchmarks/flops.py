@@ -46,7 +46,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from svd_compare import interleaved_medians  # benchmarks/ sibling
 from etalk_jax import model_io
 from etalk_jax.diffusion import sampling
 from etalk_jax.ethd import ETHD, ETHDConfig
@@ -58,6 +57,7 @@ from etalk_jax.svd import (
   unet_from_diffusers,
 )
 
+from svd_compare import interleaved_medians  # benchmarks/ sibling
 
 PAPER_BACKBONE_TFLOPS = 3668.16
 PAPER_VAE_DECODER_TFLOPS = 180.51

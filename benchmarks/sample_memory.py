@@ -35,9 +35,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-# A sibling in benchmarks/ (this script's folder is first on sys.path when it runs).
-from flops import TINY_UNET  # noqa: E402  (`--tiny`: a two-level ETHD, 8 input channels)
-
 from etalk_jax import model_io  # noqa: E402
 from etalk_jax.diffusion import sampling  # noqa: E402
 from etalk_jax.ethd.model import ETHD, ETHDConfig  # noqa: E402
@@ -45,6 +42,9 @@ from etalk_jax.layers import attention  # noqa: E402
 from etalk_jax.layers.compute import Compute  # noqa: E402
 from etalk_jax.pipeline import call_ethd  # noqa: E402
 from etalk_jax.svd import TemporalVAE, UNetConfig, VAEConfig  # noqa: E402
+
+# A sibling in benchmarks/ (this script's folder is first on sys.path when it runs).
+from flops import TINY_UNET  # noqa: E402  (`--tiny`: a two-level ETHD, 8 input channels)
 
 GB = 1e9
 VAE_DOWNSAMPLE = 8

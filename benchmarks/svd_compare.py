@@ -37,8 +37,8 @@ def compare_unet(fields: dict[str, Any], *, batch: int = 1, frames: int = 8, siz
   Returns conversion, compile and median forward times, their ratio and the relative error.
   """
   # PyTorch and diffusers load only for a comparison: the helper imports without them.
-  import torch  # noqa: PLC0415
-  from diffusers import UNetSpatioTemporalConditionModel  # noqa: PLC0415
+  import torch  # noqa: PLC0415 (PyTorch is optional: only a comparison needs it)
+  from diffusers import UNetSpatioTemporalConditionModel  # noqa: PLC0415 (PyTorch, as torch)
 
   torch.manual_seed(seed)
   reference = UNetSpatioTemporalConditionModel(**fields).eval()
@@ -88,8 +88,8 @@ def compare_vae(fields: dict[str, Any], *, frames: int = 4, size: int = 32, seed
                 ) -> dict[str, float]:
   """Encode (posterior mean) and temporal decode through both frameworks; relative errors."""
   # PyTorch and diffusers load only for a comparison (as in `compare_unet`).
-  import torch  # noqa: PLC0415
-  from diffusers import AutoencoderKLTemporalDecoder  # noqa: PLC0415
+  import torch  # noqa: PLC0415 (PyTorch is optional: only a comparison needs it)
+  from diffusers import AutoencoderKLTemporalDecoder  # noqa: PLC0415 (PyTorch, as torch)
 
   torch.manual_seed(seed)
   reference = AutoencoderKLTemporalDecoder(**fields).eval()

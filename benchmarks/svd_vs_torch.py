@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-
-from svd_compare import compare_unet  # benchmarks/ sibling
 from etalk_jax.svd.config import UNetConfig
 from etalk_jax.svd.params import WEIGHTS_STEM, abstract_model, conversion_table
+
+from svd_compare import compare_unet  # benchmarks/ sibling
 
 MEDIUM_UNET = dict(
     sample_size=32, in_channels=8, out_channels=4,

@@ -69,17 +69,15 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax._src.ad_checkpoint import saved_residuals  # noqa: E402  (what print_saved_residuals prints)
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+from jax._src.ad_checkpoint import saved_residuals  # noqa: E402 (what print_saved_residuals prints)
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from etalk_jax import parallel  # noqa: E402
 from etalk_jax.ethd.model import ETHD, ETHDConfig  # noqa: E402
 from etalk_jax.ethd.objective import reconstruction_loss  # noqa: E402
 from etalk_jax.layers import attention  # noqa: E402
 from etalk_jax.layers.compute import REMAT_POLICIES, Compute  # noqa: E402
-from etalk_jax.svd import UNetConfig  # noqa: E402
-from etalk_jax.svd import unet as unet_module  # noqa: E402
+from etalk_jax.svd import UNetConfig, unet as unet_module  # noqa: E402
 from etalk_jax.train.optim import adam_8bit  # noqa: E402
 
 GB = 1e9

@@ -1,5 +1,5 @@
-"""Stage `dicte` (docs/ARCHITECTURE.md §3.4): Di-CTE, the diffusion transformer that turns speech into
-30-d expression latents e_a, trained on 220-frame windows with a clean 20-frame prefix.
+"""Stage `dicte` (docs/ARCHITECTURE.md §3.4): Di-CTE, the diffusion transformer that turns speech
+into 30-d expression latents e_a, trained on 220-frame windows with a clean 20-frame prefix.
 
   etalk train --config configs/dicte.py --workdir runs/dicte \\
       --config.data.dataset_dir=data --config.encoders.audio=ckpt/wav2vec2 \\

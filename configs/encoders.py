@@ -1,5 +1,5 @@
-"""Stage `encoders` (docs/ARCHITECTURE.md §2, §3.9): the lip / expression adapters on the frozen PD-FGC
-trunk, pre-trained by self-driven dropout reconstruction with an ETHD renderer.
+"""Stage `encoders` (docs/ARCHITECTURE.md §2, §3.9): the lip / expression adapters on the frozen
+PD-FGC trunk, pre-trained by self-driven dropout reconstruction with an ETHD renderer.
 
   etalk train --config configs/encoders.py --workdir runs/encoders \\
       --config.data.dataset_dir=data --config.encoders.vision=checkpoints/pdfgc \\
@@ -12,12 +12,13 @@ References always come from the window's own clip (self-driven reconstruction).
 `configs/encoders.py:tiny` is the CPU size `etalk demo` trains; it runs without an initialisation.
 """
 
+import importlib.util
+from pathlib import Path
+
 from etalk_jax.train.config import base_config, use_large_model_settings
 
 
 def get_config(variant: str = "full"):
-  import importlib.util  # noqa: PLC0415
-  from pathlib import Path  # noqa: PLC0415
   if variant not in ("full", "tiny"):
     raise ValueError(f"configs/encoders.py knows the variants 'full' and 'tiny', not {variant!r}.")
   full = variant == "full"
@@ -35,7 +36,8 @@ def get_config(variant: str = "full"):
   # Training noise levels, ln sigma ~ N(p_mean, p_std²): SVD's (0.7, 1.6) for 512² video
   # latents; lower for the demo's 16x16 ones of std ~0.8, where the mouth is decided.
   config.sigma = dict(p_mean=0.7, p_std=1.6) if full else dict(p_mean=0.3, p_std=1.2)
-  config.data.cross_clip_reference = 0.0  # same speaker, same clip: the reconstruction is self-driven
+  # Same speaker, same clip: the reconstruction is self-driven.
+  config.data.cross_clip_reference = 0.0
   config.encoders = dict(vision="")
   # Drop lip / drop expression / keep both (the paper gives no probabilities: equal).
   config.mode_probabilities = (1 / 3, 1 / 3, 1 / 3)

@@ -1,5 +1,5 @@
-"""Stage `ethd` (docs/ARCHITECTURE.md §3.5, §3.7): ETHD on SVD-XT's UNet at 512² with 120-frame windows,
-the paper's setting (Adam8bit, lr 1e-5, batch 1 per device, ≈200 A100-hours on 8 A100).
+"""Stage `ethd` (docs/ARCHITECTURE.md §3.5, §3.7): ETHD on SVD-XT's UNet at 512² with 120-frame
+windows, the paper's setting (Adam8bit, lr 1e-5, batch 1 per device, ≈200 A100-hours on 8 A100).
 
   etalk train --config configs/ethd_512.py --workdir runs/ethd \\
       --config.data.dataset_dir=data --config.ethd.init=svd:checkpoints/svd_xt \\

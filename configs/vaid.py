@@ -1,5 +1,5 @@
-"""Stage `projector` of V-AID (docs/ARCHITECTURE.md §3.3): the Perceiver that maps wav2vec2 windows A_w
-to lip latents l_a in the lip encoder's space, trained by the L1 pull to l_v.
+"""Stage `projector` of V-AID (docs/ARCHITECTURE.md §3.3): the Perceiver that maps wav2vec2 windows
+A_w to lip latents l_a in the lip encoder's space, trained by the L1 pull to l_v.
 
   etalk train --config configs/vaid.py --workdir runs/projector \\
       --config.data.dataset_dir=data --config.encoders.audio=ckpt/wav2vec2 \\

@@ -1,5 +1,5 @@
-"""Stage `vaid` (docs/ARCHITECTURE.md §3.3, §3.4): the projector and Di-CTE trained together, with the
-push term between l_a and e_a on a weight (0 by default, the paper's main setting):
+"""Stage `vaid` (docs/ARCHITECTURE.md §3.3, §3.4): the projector and Di-CTE trained together, with
+the push term between l_a and e_a on a weight (0 by default, the paper's main setting):
 
   etalk train --config configs/vaid_joint.py --workdir runs/vaid \\
       --config.data.dataset_dir=data --config.encoders.audio=ckpt/wav2vec2 \\
@@ -27,7 +27,8 @@ def _config_of(name: str, variant: str):
 
 def get_config(variant: str = "full"):
   if variant not in ("full", "tiny"):
-    raise ValueError(f"configs/vaid_joint.py knows the variants 'full' and 'tiny', not {variant!r}.")
+    raise ValueError("configs/vaid_joint.py knows the variants 'full' and 'tiny', not "
+                     f"{variant!r}.")
   full = variant == "full"
   projector, dicte = _config_of("vaid", variant), _config_of("dicte", variant)
   config = base_config("vaid", steps=100_000 if full else 300, lr=1e-4 if full else 3e-3,

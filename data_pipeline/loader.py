@@ -1,9 +1,9 @@
 """Grain loading of prepared talking-head records into training windows.
 
-Pipeline (docs/ARCHITECTURE.md §5): TFDS ArrayRecord data source -> `grain.MapDataset` -> this process's
-slice (`jax.process_index()` of `jax.process_count()`) -> seeded shuffle, reshuffled every epoch ->
-clips long enough for a window -> random window (decodes only its frames) -> batch -> worker
-processes (`mp_prefetch`).
+Pipeline (docs/ARCHITECTURE.md §5): TFDS ArrayRecord data source -> `grain.MapDataset` -> this
+process's slice (`jax.process_index()` of `jax.process_count()`) -> seeded shuffle, reshuffled every
+epoch -> clips long enough for a window -> random window (decodes only its frames) -> batch ->
+worker processes (`mp_prefetch`).
 
 A window of N frames starting at clip frame s holds:
   frames      (N, R, R, 3) uint8      frames s .. s+N-1
@@ -76,8 +76,9 @@ class LoaderConfig:
   reference: str = "keyframe"
   with_masks: bool = True
   # Probability that the reference frame comes from another clip of the same identity, in another
-  # emotion where the dataset has one (docs/ARCHITECTURE.md §3.11): ETHD then sees E_ref != E_dri and
-  # EDI learns to swap the reference's emotion for the driving one. 0: always the window's clip.
+  # emotion where the dataset has one (docs/ARCHITECTURE.md §3.11): ETHD then sees E_ref != E_dri
+  # and EDI learns to swap the reference's emotion for the driving one. 0: always the window's
+  # clip.
   cross_clip_reference: float = 0.0
   frame_masks: bool = False  # also every window frame's face / lip masks (N, R, R) uint8
   with_pdfgc: bool = False  # also the PD-FGC encoder inputs (N, 224, 224, 3) uint8, one per frame

@@ -30,7 +30,7 @@ class MediaError(UserError):
 
 
 def _av():
-  import av  # noqa: PLC0415  (PyAV is heavy; only the modules that decode pay for it)
+  import av  # noqa: PLC0415 (PyAV is heavy; only the modules that decode pay for it)
   # FFmpeg's own warnings on broken files would drown the progress bar.
   av.logging.set_level(av.logging.PANIC)
   return av

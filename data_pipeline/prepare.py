@@ -27,15 +27,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from data_pipeline import EMOTION_LABELS, SAMPLE_RATE, SAMPLES_PER_FRAME
+from data_pipeline import EMOTION_LABELS, SAMPLE_RATE, SAMPLES_PER_FRAME, faces, media
 from etalk_jax.errors import InputNotFound, UserError
 
 LAYOUTS = ("hdtf", "mead", "folder")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
-MEAD_EMOTIONS = {"angry": "angry", "contempt": "contempt", "disgusted": "disgusted", "fear": "fearful",
-                 "happy": "happy", "neutral": "neutral", "sad": "sad", "surprised": "surprised"}
-MEAD_MIN_TRAIN_FRAMES = 120  # the paper drops MEAD clips shorter than one 120-frame window from training
+MEAD_EMOTIONS = {"angry": "angry", "contempt": "contempt", "disgusted": "disgusted",
+                 "fear": "fearful", "happy": "happy", "neutral": "neutral", "sad": "sad",
+                 "surprised": "surprised"}
+# The paper drops MEAD clips shorter than one 120-frame window from training.
+MEAD_MIN_TRAIN_FRAMES = 120
 WORK_DIR_NAME = "_prepare_work"
 
 
@@ -70,7 +73,7 @@ class VideoItem:
   audio_path: Path | None = None  # separate audio (MEAD); None: the video's own track
 
 
-# ---------------------------------------------------------------------------------------------- layouts
+# ------------------------------------------------------------------------------------------ layouts
 
 def list_videos(src: str | os.PathLike, layout: str) -> list[VideoItem]:
   """The videos of a source folder in a given layout, sorted by path.
@@ -86,11 +89,13 @@ def list_videos(src: str | os.PathLike, layout: str) -> list[VideoItem]:
   if not src.is_dir():
     raise InputNotFound(f"{src}: source folder not found; pass --src DIR with the videos")
   items = []
-  for path in sorted(p for p in src.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()):
+  for path in sorted(p for p in src.rglob("*")
+                     if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()):
     relative = path.relative_to(src).as_posix()
     if layout == "mead":
       parts = path.relative_to(src).parts
-      if len(parts) != 6 or parts[1:3] != ("video", "front") or not re.fullmatch(r"level_\d+", parts[4]):
+      if (len(parts) != 6 or parts[1:3] != ("video", "front")
+          or not re.fullmatch(r"level_\d+", parts[4])):
         continue  # MEAD's other camera angles and stray files are not used
       speaker, emotion_folder, level_folder = parts[0], parts[3], parts[4]
       emotion = MEAD_EMOTIONS.get(emotion_folder, "unknown")
@@ -105,7 +110,7 @@ def list_videos(src: str | os.PathLike, layout: str) -> list[VideoItem]:
   return items
 
 
-# -------------------------------------------------------------------------------------------- per video
+# ---------------------------------------------------------------------------------------- per video
 
 class Skip(Exception):
   """An input that cannot be used: `category` counts it in the report, the message explains it."""
@@ -118,8 +123,8 @@ class Skip(Exception):
 def _cache_key(item: VideoItem, options: PrepareOptions) -> str:
   stat = item.path.stat()
   audio = item.audio_path.stat() if item.audio_path else None
-  identity = (item.relative, stat.st_size, stat.st_mtime_ns, audio and (audio.st_size, audio.st_mtime_ns),
-              options.fingerprint())
+  identity = (item.relative, stat.st_size, stat.st_mtime_ns,
+              audio and (audio.st_size, audio.st_mtime_ns), options.fingerprint())
   stem = re.sub(r"[^A-Za-z0-9_.-]", "_", item.relative)[-80:]
   return f"{stem}-{hashlib.sha1(repr(identity).encode()).hexdigest()[:12]}"
 
@@ -141,13 +146,14 @@ def process_video(item: VideoItem, options: PrepareOptions, work_dir: str | os.P
   except Skip as skip:
     result = {"status": "skipped", "category": skip.category, "reason": str(skip), "clips": []}
   except Exception as error:  # an unexpected library failure on one file must not end the run
-    result = {"status": "skipped", "category": "error", "reason": f"{item.relative}: {type(error).__name__}: {error}",
-              "clips": []}
+    result = {"status": "skipped", "category": "error",
+              "reason": f"{item.relative}: {type(error).__name__}: {error}", "clips": []}
   result.update(source=item.relative, speaker=item.speaker, emotion=item.emotion, level=item.level,
                 seconds=round(time.time() - started, 2), directory=final.name)
   if result["status"] == "ok" and not result["clips"]:
     result.update(status="skipped", category="too_short",
-                  reason=f"{item.relative}: no run of >= {options.min_clip_frames} frames with a usable face")
+                  reason=f"{item.relative}: no run of >= {options.min_clip_frames} frames with a "
+                         "usable face")
   (temporary / "result.json").write_text(json.dumps(result, indent=1))
   shutil.rmtree(final, ignore_errors=True)
   os.replace(temporary, final)
@@ -155,15 +161,14 @@ def process_video(item: VideoItem, options: PrepareOptions, work_dir: str | os.P
 
 
 def _prepare_clips(item: VideoItem, options: PrepareOptions, out: Path) -> list[dict]:
-  from data_pipeline import faces, media  # noqa: PLC0415
-
   name = item.relative
   try:
     info = media.probe(item.path)
   except media.MediaError as error:
     raise Skip("unreadable", str(error)) from None
   if min(info.width, info.height) < options.min_source_side:
-    raise Skip("too_small", f"{name}: {info.width}x{info.height} is below the {options.min_source_side} px minimum")
+    raise Skip("too_small", f"{name}: {info.width}x{info.height} is below the "
+                            f"{options.min_source_side} px minimum")
   try:
     audio, audio_start = media.read_audio(item.audio_path or item.path)
   except media.MediaError as error:
@@ -192,8 +197,9 @@ def _prepare_clips(item: VideoItem, options: PrepareOptions, out: Path) -> list[
       continue  # counted below when nothing usable remains
     clips.append({"start": start, "stop": stop, "box": box, "track": track})
   if not clips:
-    raise Skip("face_too_small", f"{name}: face crop under {options.min_face_fraction * options.resolution:.0f} px; "
-                                 f"the source is too small for --resolution {options.resolution}")
+    raise Skip("face_too_small",
+               f"{name}: face crop under {options.min_face_fraction * options.resolution:.0f} "
+               f"px; the source is too small for --resolution {options.resolution}")
 
   # Second pass: crop and encode each clip while streaming the frames again.
   encoders = {}
@@ -210,11 +216,13 @@ def _prepare_clips(item: VideoItem, options: PrepareOptions, out: Path) -> list[
     frames = clip["stop"] - clip["start"]
     encoder = encoders.get(number)
     if encoder is None or encoder.frames != frames:
-      raise Skip("corrupt", f"{name}: the second decoding pass returned a different number of frames")
+      raise Skip("corrupt", f"{name}: the second decoding pass returned a different number of "
+                            "frames")
     stem = f"clip_{number:03d}"
     (out / f"{stem}.mp4").write_bytes(encoder.finish())
     first_sample = int(round((clip["start"] / 25 - audio_offset) * SAMPLE_RATE))
-    np.savez(out / f"{stem}.npz", audio=_audio_slice(audio, first_sample, frames * SAMPLES_PER_FRAME),
+    np.savez(out / f"{stem}.npz",
+             audio=_audio_slice(audio, first_sample, frames * SAMPLES_PER_FRAME),
              landmarks=faces.to_crop_coordinates(clip["track"], clip["box"]).astype(np.float16),
              crop_box=clip["box"].astype(np.float32))
     records.append({"file": stem, "start_frame": clip["start"], "num_frames": frames})
@@ -241,7 +249,8 @@ def _face_runs(landmarks: list, max_gap: int) -> list[tuple[int, int]]:
 
 
 def _clip_ranges(runs, options: PrepareOptions):
-  """Cuts runs into near-equal clips of at most clip_frames, dropping those under min_clip_frames."""
+  """Cuts runs into near-equal clips of at most clip_frames, dropping those under
+  min_clip_frames."""
   for start, stop in runs:
     length = stop - start
     if length < options.min_clip_frames:
@@ -260,7 +269,8 @@ def _interpolate(track: list) -> np.ndarray:
   out = np.empty((len(track),) + stacked.shape[1:])
   flat = stacked.reshape(len(known), -1)
   for column in range(flat.shape[1]):
-    out.reshape(len(track), -1)[:, column] = np.interp(np.arange(len(track)), known, flat[:, column])
+    out.reshape(len(track), -1)[:, column] = np.interp(np.arange(len(track)), known,
+                                                       flat[:, column])
   return out
 
 
@@ -273,10 +283,9 @@ def _audio_slice(audio: np.ndarray, first: int, length: int) -> np.ndarray:
   return out
 
 
-def process_all(items: list[VideoItem], options: PrepareOptions, work_dir: Path, progress: bool = True) -> list[dict]:
+def process_all(items: list[VideoItem], options: PrepareOptions, work_dir: Path,
+                progress: bool = True) -> list[dict]:
   """Runs `process_video` over all items (in `options.workers` processes), with a progress bar."""
-  from tqdm import tqdm  # noqa: PLC0415
-
   work_dir.mkdir(parents=True, exist_ok=True)
   bar = tqdm(total=len(items), desc="prepare videos", unit="video", disable=not progress)
   results = []

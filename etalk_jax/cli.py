@@ -8,7 +8,8 @@
   etalk prepare --src DIR --layout {hdtf,mead,folder} --dst DIR [--resolution 512]
   etalk synthesize --dst DIR [--config tiny|demo|res512]   synthetic talking faces dataset
   etalk train --config configs/STAGE.py[:variant] --workdir DIR [--config.key=value ...]
-  etalk codebook build --data DIR --dst FILE [--encoders DIR]   emotion codebook from labelled frames
+  etalk codebook build --data DIR --dst FILE [--encoders DIR]
+                                          emotion codebook from labelled frames
   etalk precompute --data DIR --dst DIR --codec pixel_shuffle:4|vae:DIR|patch_pca:FILE
                    --audio-encoder DIR --vision-encoders DIR [--split train]
                                           latents + encoder outputs for V-AID and ETHD
@@ -23,6 +24,7 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -35,6 +37,9 @@ from etalk_jax.layers.compute import ATTENTION_IMPLEMENTATIONS
 USER_ERRORS = (UserError,)
 
 
+# Each subcommand imports what it runs (JAX, TFDS: seconds) when it runs, so that `etalk --help`
+# and a mistyped argument answer without loading them: the `noqa: PLC0415 (subcommand)` imports.
+
 # model family -> (the "upstream" value of --to, command function "module:name")
 CONVERTERS = {
     "svd": ("diffusers", "etalk_jax.svd.params:convert_svd_command"),
@@ -45,7 +50,6 @@ CONVERTERS = {
 
 
 def _convert(args: argparse.Namespace) -> int:
-  import importlib
   upstream, target = CONVERTERS[args.model]
   to = args.to or "ours"
   if to not in ("ours", upstream):
@@ -73,7 +77,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-  from data_pipeline.builders.real import prepare_command
+  from data_pipeline.builders.real import prepare_command  # noqa: PLC0415 (subcommand)
   report = prepare_command(
       args.src, args.layout, args.dst, args.resolution, clip_frames=args.clip_frames,
       min_clip_frames=args.min_clip_frames, min_source_side=args.min_source_side,
@@ -91,13 +95,13 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _synthesize(args: argparse.Namespace) -> int:
-  from data_pipeline.builders.synthetic_talking_heads import build
+  from data_pipeline.builders.synthetic_talking_heads import build  # noqa: PLC0415 (subcommand)
   print(f"dataset: {build(args.dst, args.config)}")
   return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
-  from etalk_jax.pipeline.command import sample_command
+  from etalk_jax.pipeline.command import sample_command  # noqa: PLC0415 (subcommand)
   summary = sample_command(
       args.portrait, args.audio, args.out, args.checkpoint, emotion=args.emotion,
       emotion_text=args.emotion_text, emotion_image=args.emotion_image,
@@ -113,9 +117,9 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-  from etalk_jax.parallel import initialize_distributed
-  from etalk_jax.train.config import load_config
-  from etalk_jax.train.loop import train
+  from etalk_jax.parallel import initialize_distributed  # noqa: PLC0415 (subcommand)
+  from etalk_jax.train.config import load_config  # noqa: PLC0415 (subcommand)
+  from etalk_jax.train.loop import train  # noqa: PLC0415 (subcommand)
   initialize_distributed()  # a no-op unless a cluster launcher or explicit settings say otherwise
   config = load_config(args.config, args.overrides)
   summary = train(config, args.workdir, progress=not args.no_progress)
@@ -132,7 +136,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _codebook(args: argparse.Namespace) -> int:
-  from etalk_jax.emotion.codebook import codebook_build_command
+  from etalk_jax.emotion.codebook import codebook_build_command  # noqa: PLC0415 (subcommand)
   summary = codebook_build_command(args.data, args.dst, args.encoders, split=args.split,
                                    max_frames_per_clip=args.max_frames_per_clip,
                                    overwrite=args.overwrite, progress=not args.no_progress)
@@ -146,14 +150,14 @@ def _codebook(args: argparse.Namespace) -> int:
 
 
 def _precompute(args: argparse.Namespace) -> int:
-  from etalk_jax.train.precompute import parse_codec, precompute_command
+  from etalk_jax.train import precompute  # noqa: PLC0415 (subcommand)
   try:
     audio_features = json.loads(args.audio_features)
   except json.JSONDecodeError as error:
     raise UserError(f"--audio-features {args.audio_features!r} is not JSON ({error}); give "
                     "FeatureConfig fields like '{\"chunk_frames\": 500}'") from error
-  summary = precompute_command(
-      args.data, args.dst, codec_spec=parse_codec(args.codec),
+  summary = precompute.precompute_command(
+      args.data, args.dst, codec_spec=precompute.parse_codec(args.codec),
       audio_encoder_dir=args.audio_encoder, vision_encoders_dir=args.vision_encoders,
       audio_features=audio_features, split=args.split, chunk_frames=args.chunk_frames,
       overwrite=args.overwrite, progress=not args.no_progress)
@@ -164,7 +168,7 @@ def _precompute(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-  from etalk_jax.demo import wiring
+  from etalk_jax.demo import wiring  # noqa: PLC0415 (subcommand)
   return wiring.run(args.workdir, quick=args.quick, progress=not args.no_progress)
 
 

@@ -1,5 +1,5 @@
-"""TFDS builder `precomputed_talking_heads`: a prepared dataset's clips with the outputs of the frozen
-encoders ETHD training reads, so training at scale decodes no video and runs no encoder.
+"""TFDS builder `precomputed_talking_heads`: a prepared dataset's clips with the outputs of the
+frozen encoders ETHD training reads, so training at scale decodes no video and runs no encoder.
 
 Each record is the source clip's record (`common.clip_features`: the H.264 bytes stay, as Di-CTE
 reads the reference frame's pixels, a single keyframe decode) plus, per frame, in float16:
@@ -22,9 +22,11 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils
 
 from data_pipeline.builders import common
 from etalk_jax.errors import UserError
+
 
 @dataclasses.dataclass(kw_only=True)
 class PrecomputedConfig(tfds.core.BuilderConfig):
@@ -78,7 +80,6 @@ def build(data_dir: str, config: PrecomputedConfig) -> str:
 
   TFDS's own progress bars are off meanwhile: the caller shows one (or none, when asked for none).
   """
-  from tensorflow_datasets.core.utils import tqdm_utils  # noqa: PLC0415
   shown = getattr(tqdm_utils, "_active", True)  # TFDS has a setter only
   tfds.display_progress_bar(False)
   try:

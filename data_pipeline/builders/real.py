@@ -30,8 +30,10 @@ class RealConfig(tfds.core.BuilderConfig):
   resolution: int = 512
 
 
-_CONFIGS = [RealConfig(name="res512", resolution=512, description="512² crops (120-frame training windows)"),
-            RealConfig(name="res1024", resolution=1024, description="1024² crops (32-frame training windows)")]
+_CONFIGS = [RealConfig(name="res512", resolution=512,
+                       description="512² crops (120-frame training windows)"),
+            RealConfig(name="res1024", resolution=1024,
+                       description="1024² crops (32-frame training windows)")]
 
 
 class _PreparedVideos(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -40,10 +42,11 @@ class _PreparedVideos(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   VERSION = common.VERSION
   BUILDER_CONFIGS = _CONFIGS
   LAYOUT = "folder"
-  MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the folder of source videos as `src` (etalk prepare --src DIR)."
+  MANUAL_DOWNLOAD_INSTRUCTIONS = ("Pass the folder of source videos as `src` (etalk prepare "
+                                  "--src DIR).")
 
-  def __init__(self, *, src: str | Path | None = None, options: prepare.PrepareOptions | None = None,
-               progress: bool = True, **kwargs):
+  def __init__(self, *, src: str | Path | None = None,
+               options: prepare.PrepareOptions | None = None, progress: bool = True, **kwargs):
     self._src = Path(src) if src is not None else None
     self._options = options
     self._progress = progress
@@ -51,29 +54,36 @@ class _PreparedVideos(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(features=common.clip_features(), homepage="https://github.com/etalk-jax")
+    return self.dataset_info_from_configs(features=common.clip_features(),
+                                          homepage="https://github.com/etalk-jax")
 
   def _split_generators(self, dl_manager):
     if self._src is None:
       raise UserError(f"{self.name}: no source folder; pass src=DIR (etalk prepare --src DIR)")
     options = self._options or prepare.PrepareOptions(resolution=self.builder_config.resolution)
     if options.resolution != self.builder_config.resolution:
-      raise ValueError(f"options.resolution {options.resolution} differs from config {self.builder_config.name}")
+      raise ValueError(f"options.resolution {options.resolution} differs from config "
+                       f"{self.builder_config.name}")
     items = prepare.list_videos(self._src, self.LAYOUT)
     if not items:
       raise InputNotFound(f"{self._src}: no videos found for layout {self.LAYOUT!r} "
-                          f"(suffixes {', '.join(prepare.VIDEO_SUFFIXES)}); check --src and --layout")
-    work_dir = Path(self._data_dir_root) / prepare.WORK_DIR_NAME / f"{self.name}-{self.builder_config.name}"
+                          f"(suffixes {', '.join(prepare.VIDEO_SUFFIXES)}); check --src and "
+                          "--layout")
+    work_dir = (Path(self._data_dir_root) / prepare.WORK_DIR_NAME
+                / f"{self.name}-{self.builder_config.name}")
     results = prepare.process_all(items, options, work_dir, progress=self._progress)
-    clips = [(result, clip) for result in results if result["status"] == "ok" for clip in result["clips"]]
+    clips = [(result, clip) for result in results if result["status"] == "ok"
+             for clip in result["clips"]]
     clip_key = lambda pair: f"{pair[0]['directory']}/{pair[1]['file']}"  # noqa: E731
     split_key = (lambda pair: pair[0]["speaker"]) if options.split_by_speaker else clip_key
-    assignment = common.split_of((split_key(pair) for pair in clips), options.seed, options.test_fraction)
+    assignment = common.split_of((split_key(pair) for pair in clips), options.seed,
+                                 options.test_fraction)
     splits = {common.TRAIN: [], common.TEST: []}
     dropped_short = 0
     for pair in clips:
       split = assignment[split_key(pair)]
-      if split == common.TRAIN and self.LAYOUT == "mead" and pair[1]["num_frames"] < prepare.MEAD_MIN_TRAIN_FRAMES:
+      if (split == common.TRAIN and self.LAYOUT == "mead"
+          and pair[1]["num_frames"] < prepare.MEAD_MIN_TRAIN_FRAMES):
         dropped_short += 1
         continue
       splits[split].append(pair)
@@ -122,24 +132,27 @@ _BY_LAYOUT = {"folder": TalkingHeads, "hdtf": Hdtf, "mead": Mead}
 
 def builder_for(layout: str, src: Path, data_dir: Path, options: prepare.PrepareOptions,
                 progress: bool = True) -> _PreparedVideos:
-  """The builder for a layout, configured for `options.resolution`, writing array_record under data_dir."""
+  """The builder for a layout, configured for `options.resolution`, writing array_record under
+  data_dir."""
   if layout not in _BY_LAYOUT:
     raise UserError(f"unknown layout {layout!r}; use one of {', '.join(_BY_LAYOUT)}")
   name = f"res{options.resolution}"
-  config = next((c for c in _CONFIGS if c.name == name), None) or RealConfig(name=name, resolution=options.resolution)
-  return _BY_LAYOUT[layout](src=src, options=options, progress=progress, config=config, data_dir=str(data_dir),
-                            file_format="array_record")
+  config = (next((c for c in _CONFIGS if c.name == name), None)
+            or RealConfig(name=name, resolution=options.resolution))
+  return _BY_LAYOUT[layout](src=src, options=options, progress=progress, config=config,
+                            data_dir=str(data_dir), file_format="array_record")
 
 
-# ---------------------------------------------------------------------------------------------- command
+# ------------------------------------------------------------------------------------------ command
 
 def prepare_command(src: str, layout: str, dst: str, resolution: int = 512, **options) -> dict:
   """`etalk prepare`: videos in `src` (layout hdtf | mead | folder) -> TFDS dataset under `dst`.
 
-  Options (prepare.PrepareOptions fields): clip_frames, min_clip_frames, min_source_side, min_face_fraction,
-  max_gap_frames, crf, test_fraction, split_by_speaker, seed, workers; plus progress (bool).
-  Writes `<dst>/prepare_report.json` and returns it: counts of videos ok / skipped by reason, the
-  skipped files with reasons, clips and frames per split, and `dataset_dir` (what the loader reads).
+  Options (prepare.PrepareOptions fields): clip_frames, min_clip_frames, min_source_side,
+  min_face_fraction, max_gap_frames, crf, test_fraction, split_by_speaker, seed, workers; plus
+  progress (bool). Writes `<dst>/prepare_report.json` and returns it: counts of videos ok /
+  skipped by reason, the skipped files with reasons, clips and frames per split, and
+  `dataset_dir` (what the loader reads).
   """
   progress = options.pop("progress", True)
   unknown = set(options) - {f.name for f in dataclasses.fields(prepare.PrepareOptions)}
@@ -147,15 +160,15 @@ def prepare_command(src: str, layout: str, dst: str, resolution: int = 512, **op
     raise TypeError(f"unknown prepare option(s): {', '.join(sorted(unknown))}")
   settings = prepare.PrepareOptions(resolution=resolution, **options)
   if resolution % 16 or resolution < 64:
-    raise UserError(f"--resolution must be a multiple of 16 and >= 64 (the VAE downsamples by 8, the UNet "
-                     f"by 8 more), got {resolution}")
+    raise UserError("--resolution must be a multiple of 16 and >= 64 (the VAE downsamples by 8, "
+                    f"the UNet by 8 more), got {resolution}")
   dst_path = Path(dst)
   started = time.time()
   builder = builder_for(layout, Path(src), dst_path, settings, progress=progress)
   builder.download_and_prepare()
   report = builder.report if builder.report is not None else _report_of_existing(builder)
-  report.update(src=str(src), layout=layout, resolution=resolution, dataset_dir=str(builder.data_path),
-                seconds=round(time.time() - started, 1))
+  report.update(src=str(src), layout=layout, resolution=resolution,
+                dataset_dir=str(builder.data_path), seconds=round(time.time() - started, 1))
   dst_path.mkdir(parents=True, exist_ok=True)
   write_text_atomically(dst_path / REPORT_NAME, json.dumps(report, indent=1))
   return report

@@ -34,9 +34,17 @@ from etalk_jax.audio.wav2vec2 import Wav2Vec2, Wav2Vec2Config, WeightNormConv1d
 from etalk_jax.audio.wavlm import WavLM, WavLMConfig
 from etalk_jax.errors import UserError
 from etalk_jax.layers.compute import FP32, Compute
-from etalk_jax.weights import (CONV, ConversionError, ConversionTable, TensorSource,
-                               atomic_folder, export_tensors, load_into, open_source,
-                               write_safetensors)
+from etalk_jax.weights import (
+  CONV,
+  ConversionError,
+  ConversionTable,
+  TensorSource,
+  atomic_folder,
+  export_tensors,
+  load_into,
+  open_source,
+  write_safetensors,
+)
 
 FORMAT_VERSION = 1
 WEIGHT_STEMS = ("model", "pytorch_model")

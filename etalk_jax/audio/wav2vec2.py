@@ -31,8 +31,17 @@ from flax import nnx
 from etalk_jax.errors import UserError
 from etalk_jax.layers.attention import dot_product_attention
 from etalk_jax.layers.compute import FP32, Compute
-from etalk_jax.layers.logical_axes import (COMMON, CONV_IN, CONV_OUT, CONV_W, EMBED, SCALAR, Rule,
-                                           parameter_of, register_family)
+from etalk_jax.layers.logical_axes import (
+  COMMON,
+  CONV_IN,
+  CONV_OUT,
+  CONV_W,
+  EMBED,
+  SCALAR,
+  Rule,
+  parameter_of,
+  register_family,
+)
 
 TORCH_NORM_EPS = 1e-5  # torch.nn.LayerNorm / GroupNorm default, used where transformers gives none
 

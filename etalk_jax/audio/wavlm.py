@@ -17,13 +17,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from etalk_jax.audio.wav2vec2 import (SPEECH_AXES, Encoder, FeedForward, SpeechEncoderBase,
-                                      Wav2Vec2Config)
+from etalk_jax.audio.wav2vec2 import (
+  SPEECH_AXES,
+  Encoder,
+  FeedForward,
+  SpeechEncoderBase,
+  Wav2Vec2Config,
+)
 from etalk_jax.errors import UserError
 from etalk_jax.layers.attention import dot_product_attention
 from etalk_jax.layers.compute import FP32, Compute
-from etalk_jax.layers.logical_axes import (HEADS, POSITION, SCALAR, Rule, parameter_of,
-                                           register_family)
+from etalk_jax.layers.logical_axes import (
+  HEADS,
+  POSITION,
+  SCALAR,
+  Rule,
+  parameter_of,
+  register_family,
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,12 +30,19 @@ from data_pipeline.builders.synthetic_talking_heads import SyntheticConfig, buil
 from data_pipeline.loader import data_source
 from etalk_jax import parallel
 from etalk_jax.audio import FeatureConfig, Wav2Vec2, Wav2Vec2Config, WavLM, WavLMConfig
-from etalk_jax.audio.params import load_wav2vec2, load_wavlm
-from etalk_jax.audio.params import save_speech_encoder
+from etalk_jax.audio.params import load_wav2vec2, load_wavlm, save_speech_encoder
 from etalk_jax.codecs import PatchPCACodec, codec_from_spec
-from etalk_jax.demo.report import (KINDS, EmotionReader, MouthReader,
-                                   clip_from_record, fit_readers, held_out_clips, lip_sync_score,
-                                   speech_envelope, write_report)
+from etalk_jax.demo.report import (
+  KINDS,
+  EmotionReader,
+  MouthReader,
+  clip_from_record,
+  fit_readers,
+  held_out_clips,
+  lip_sync_score,
+  speech_envelope,
+  write_report,
+)
 from etalk_jax.demo.schedule import Action, Clock, run_steps
 from etalk_jax.demo.stages import CONFIG_FILES, STEPS, TRAINED_STAGES
 from etalk_jax.diffusion.sampling import SamplerConfig, WindowConfig
@@ -48,8 +55,7 @@ from etalk_jax.train.loop import train
 from etalk_jax.train.precompute import precompute_command
 from etalk_jax.train.stages.common import build_ethd
 from etalk_jax.vaid.storage import load_dicte, load_projector
-from etalk_jax.vision.params import load_encoders
-from etalk_jax.vision.params import save_pdfgc
+from etalk_jax.vision.params import load_encoders, save_pdfgc
 from etalk_jax.vision.pdfgc import PDFGC_SMALL, PDFGCEncoder
 
 

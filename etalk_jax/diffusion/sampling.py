@@ -47,8 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from etalk_jax.diffusion.edm import denoised_from_v, noise_conditioning, scale_model_input
 from etalk_jax.errors import UserError

@@ -1,5 +1,5 @@
-"""Multi-source emotion control (docs/ARCHITECTURE.md §3.10): text or emotional speech -> one of the
-eight keywords (`data_pipeline.EMOTIONS`) -> the codebook's expression latent, scaled from
+"""Multi-source emotion control (docs/ARCHITECTURE.md §3.10): text or emotional speech -> one of
+the eight keywords (`data_pipeline.EMOTIONS`) -> the codebook's expression latent, scaled from
 neutral by an intensity, as Di-CTE's emotion condition `e_cond`.
 
   keywords.py  text -> keyword offline (lexicon with synonyms and negation; a pluggable
@@ -12,8 +12,13 @@ The speech-emotion head (ser.py) imports JAX; import it from `etalk_jax.emotion.
 """
 
 from etalk_jax.emotion.codebook import Codebook, build_codebook, codebook_build_command
-from etalk_jax.emotion.keywords import (KEYWORD_ALIASES, LEXICON, NEGATED, check_keyword,
-                                        keyword_from_text)
+from etalk_jax.emotion.keywords import (
+  KEYWORD_ALIASES,
+  LEXICON,
+  NEGATED,
+  check_keyword,
+  keyword_from_text,
+)
 
 __all__ = [
     "KEYWORD_ALIASES", "LEXICON", "NEGATED", "Codebook", "build_codebook", "check_keyword",

@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from data_pipeline import EMOTIONS
+from data_pipeline import EMOTIONS, loader, media
 from etalk_jax.emotion.keywords import check_keyword
 from etalk_jax.errors import OutputExists, UserError
 from etalk_jax.records import read_record, write_text_atomically
@@ -196,11 +197,8 @@ def codebook_build_command(data_dir: str | Path, dst: str | Path,
   skipped and counted. Returns a summary (frames per keyword, clips, skipped, missing, dst,
   seconds).
   """
-  from tqdm import tqdm  # noqa: PLC0415
-
-  from data_pipeline import loader, media  # noqa: PLC0415
-  from etalk_jax.vaid.data import VISION_CHUNK_FRAMES, VAIDFeaturizer  # noqa: PLC0415
-
+  # JAX loads only to build a codebook: etalk_jax.emotion itself imports without it.
+  from etalk_jax.vaid.data import VISION_CHUNK_FRAMES, VAIDFeaturizer  # noqa: PLC0415 (JAX)
   started = time.time()
   dst = Path(dst)
   if dst.exists() and not overwrite:
@@ -213,7 +211,7 @@ def codebook_build_command(data_dir: str | Path, dst: str | Path,
     if encoders_dir is None:
       raise UserError("no expression encoder given; pass --encoders DIR (the trained encoders "
                       "saved by the encoder pre-training stage).")
-    from etalk_jax.vision.params import load_encoders  # noqa: PLC0415
+    from etalk_jax.vision.params import load_encoders  # noqa: PLC0415 (JAX, as above)
     encoders = load_encoders(encoders_dir)
   # Only the vision half of the featurizer is used: the same alignment and jitted encoder as
   # V-AID's training targets.

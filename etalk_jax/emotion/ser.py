@@ -1,7 +1,7 @@
 """The speech-emotion head: frozen WavLM hidden states -> one of the eight emotion keywords.
 
-EmotiveTalk can take its emotion from an emotional utterance (docs/ARCHITECTURE.md §3.10): the speech
-goes through a frozen WavLM, this head names the emotion keyword, and the codebook turns the
+EmotiveTalk can take its emotion from an emotional utterance (docs/ARCHITECTURE.md §3.10): the
+speech goes through a frozen WavLM, this head names the emotion keyword, and the codebook turns the
 keyword into Di-CTE's condition. The head trains as its own stage, on labelled speech (MEAD's
 clips), with the WavLM untouched.
 

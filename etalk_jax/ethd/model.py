@@ -37,6 +37,7 @@ from etalk_jax.layers.compute import FP32, Compute
 from etalk_jax.layers.logical_axes import register_family
 from etalk_jax.layers.resnet import SPATIO_TEMPORAL_AXES
 from etalk_jax.svd.config import UNetConfig
+from etalk_jax.svd.params import unet_from_diffusers
 from etalk_jax.svd.unet import UNetSpatioTemporal
 
 
@@ -251,7 +252,6 @@ def ethd_from_svd(unet: UNetSpatioTemporal, config: ETHDConfig | None = None, *,
 
 def ethd_from_diffusers(src: Any, config: ETHDConfig | None = None, **options) -> ETHD:
   """An SVD UNet in diffusers form (model, folder, ...) through the SVD converter, then ETHD."""
-  from etalk_jax.svd.params import unet_from_diffusers
   compute = options.pop("compute", FP32)
   return ethd_from_svd(unet_from_diffusers(src, compute=compute, **options), config,
                        compute=compute)

@@ -31,8 +31,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from etalk_jax.diffusion.edm import (denoise, denoising_loss, drop_conditions, loss_weight,
-                                     sample_sigmas)
+from etalk_jax.diffusion.edm import (
+  denoise,
+  denoising_loss,
+  drop_conditions,
+  loss_weight,
+  sample_sigmas,
+)
 from etalk_jax.ethd.edi import area_downsample
 
 DROP_LIP, DROP_EXPRESSION, KEEP_BOTH = 0, 1, 2

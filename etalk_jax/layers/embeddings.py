@@ -1,4 +1,5 @@
-"""Sinusoidal timestep features and the MLP that embeds them (diffusers' Timesteps / TimestepEmbedding)."""
+"""Sinusoidal timestep features and the MLP that embeds them (diffusers' Timesteps /
+TimestepEmbedding)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Transformer blocks of diffusers' spatio-temporal models: a per-frame block and a temporal block."""
+"""Transformer blocks of diffusers' spatio-temporal models: a per-frame block and a temporal
+block."""
 
 from __future__ import annotations
 

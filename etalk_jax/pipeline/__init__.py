@@ -1,4 +1,5 @@
-"""Inference: portrait + speech (+ an emotion source) -> talking-head video (docs/ARCHITECTURE.md §1).
+"""Inference: portrait + speech (+ an emotion source) -> talking-head video
+(docs/ARCHITECTURE.md §1).
 
   inputs.py      the portrait, speech and driving video read and checked; face crop, paste-back
   checkpoint.py  the checkpoint format: save_pipeline, read_pipeline_record, load_components

@@ -1,4 +1,5 @@
-"""Inference: portrait + speech (+ an emotion source) -> talking-head video (docs/ARCHITECTURE.md §1).
+"""Inference: portrait + speech (+ an emotion source) -> talking-head video
+(docs/ARCHITECTURE.md §1).
 
 `EmotiveTalkPipeline.load(folder)` reads a checkpoint (`checkpoint.py`: its format, and the check
 that the components fit each other); calling it runs, as numbered steps of `__call__`:
@@ -34,16 +35,26 @@ from tqdm.auto import tqdm
 from data_pipeline import FPS, SAMPLE_RATE, media
 from data_pipeline.faces import face_and_lip_masks
 from etalk_jax.audio.features import AudioFeatures, FeatureConfig, normalize
-from etalk_jax.diffusion.sampling import (SamplerConfig, WindowConfig, model_denoiser,
-                                          plan_windows, sample_video, window_sharding,
-                                          windows_for_devices)
+from etalk_jax.diffusion.sampling import (
+  SamplerConfig,
+  WindowConfig,
+  model_denoiser,
+  plan_windows,
+  sample_video,
+  window_sharding,
+  windows_for_devices,
+)
 from etalk_jax.emotion.keywords import check_keyword, keyword_from_text
 from etalk_jax.emotion.ser import keyword_from_speech
 from etalk_jax.errors import UserError
 from etalk_jax.layers.compute import FP32, Compute
 from etalk_jax.pipeline import inputs
-from etalk_jax.pipeline.checkpoint import (component_mismatches, default_windows, load_components,
-                                           raise_mismatches)
+from etalk_jax.pipeline.checkpoint import (
+  component_mismatches,
+  default_windows,
+  load_components,
+  raise_mismatches,
+)
 from etalk_jax.pipeline.inputs import FaceCrop
 from etalk_jax.svd.codec import reference_noise, to_uint8, to_unit_range
 from etalk_jax.vaid import dicte as dicte_module

@@ -23,8 +23,15 @@ from etalk_jax.layers.compute import FP32, Compute
 from etalk_jax.svd.config import UNetConfig, VAEConfig
 from etalk_jax.svd.unet import UNetSpatioTemporal
 from etalk_jax.svd.vae import TemporalVAE
-from etalk_jax.weights import (AliasedSource, ConversionTable, atomic_folder, export_tensors,
-                               load_into, open_source, write_safetensors)
+from etalk_jax.weights import (
+  AliasedSource,
+  ConversionTable,
+  atomic_folder,
+  export_tensors,
+  load_into,
+  open_source,
+  write_safetensors,
+)
 
 # our dotted module path -> diffusers' (applied in order)
 RENAMES = (

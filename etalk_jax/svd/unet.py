@@ -15,8 +15,14 @@ from etalk_jax.layers.compute import FP32, Compute, call_block, call_layer
 from etalk_jax.layers.embeddings import TimestepEmbedding, timestep_features
 from etalk_jax.layers.logical_axes import register_family
 from etalk_jax.layers.norm import group_norm
-from etalk_jax.layers.resnet import (SPATIO_TEMPORAL_AXES, AlphaBlender, Downsample2D,
-                                     SpatioTemporalResBlock, Upsample2D, conv)
+from etalk_jax.layers.resnet import (
+  SPATIO_TEMPORAL_AXES,
+  AlphaBlender,
+  Downsample2D,
+  SpatioTemporalResBlock,
+  Upsample2D,
+  conv,
+)
 from etalk_jax.layers.sharding import constrain_rows
 from etalk_jax.layers.transformer import BasicTransformerBlock, TemporalBasicTransformerBlock
 from etalk_jax.svd.config import UNetConfig

@@ -1,4 +1,5 @@
-"""SVD's VAE: a per-image KL encoder and a temporal decoder (diffusers' AutoencoderKLTemporalDecoder).
+"""SVD's VAE: a per-image KL encoder and a temporal decoder (diffusers'
+AutoencoderKLTemporalDecoder).
 
 `vae.encode(images)` takes `(n, height, width, 3)` in [-1, 1] and returns a DiagonalGaussian over
 `(n, height / 8, width / 8, latent_channels)`; `vae.decode(latents, num_frames)` takes
@@ -16,8 +17,14 @@ from etalk_jax.layers.attention import Attention
 from etalk_jax.layers.compute import FP32, Compute
 from etalk_jax.layers.logical_axes import register_family
 from etalk_jax.layers.norm import group_norm
-from etalk_jax.layers.resnet import (SPATIO_TEMPORAL_AXES, Downsample2D, ResnetBlock2D,
-                                     SpatioTemporalResBlock, Upsample2D, conv)
+from etalk_jax.layers.resnet import (
+  SPATIO_TEMPORAL_AXES,
+  Downsample2D,
+  ResnetBlock2D,
+  SpatioTemporalResBlock,
+  Upsample2D,
+  conv,
+)
 from etalk_jax.svd.config import VAEConfig
 
 

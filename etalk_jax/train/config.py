@@ -8,9 +8,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 import configs
 from etalk_jax.errors import UserError
+from etalk_jax.parallel import DEFAULT_RULES
 
 SHIPPED_CONFIGS = Path(configs.__file__).parent  # configs/*.py, installed with the package
 
@@ -52,7 +55,6 @@ def with_defaults(section: Mapping[str, Any] | None, defaults: Mapping[str, Any]
 def base_config(stage: str, *, steps: int, lr: float, batch_size: int, window: int
                 ) -> ml_collections.ConfigDict:
   """stage, data, optim, train, mesh and rules with the paper's defaults where it gives them."""
-  from etalk_jax.parallel import DEFAULT_RULES  # noqa: PLC0415
   config = ml_collections.ConfigDict()
   config.stage = stage
   config.data = dict(DATA_DEFAULTS, window=window, batch_size=batch_size)
@@ -85,8 +87,6 @@ def config_file(path: str) -> str:
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """`path` (`file.py`, `file.py:variant`, or a shipped config's `name[:variant]`) with
   `--config.key=value` overrides applied and type-checked by ml_collections."""
-  from absl import flags  # noqa: PLC0415
-  from ml_collections import config_flags  # noqa: PLC0415
   for override in overrides:
     if not override.startswith("--config."):
       raise UserError(f"unknown argument {override!r}; overrides look like --config.key=value")

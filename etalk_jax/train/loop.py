@@ -38,10 +38,13 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 from etalk_jax import parallel
 from etalk_jax.errors import UserError
 from etalk_jax.layers.sharding import use_rules
+from etalk_jax.train import stages
 from etalk_jax.train.checkpoint import StopRequest, TrainCheckpointer
 from etalk_jax.train.config import MESH_DEFAULTS, OPTIM_DEFAULTS, TRAIN_DEFAULTS, with_defaults
 from etalk_jax.train.optim import Optimizer, adam_8bit
@@ -214,7 +217,6 @@ class MetricWriter:
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
-    from tensorboardX import SummaryWriter  # noqa: PLC0415
     self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
     self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
 
@@ -255,10 +257,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, task: Task 
   workdir/export       the trained component, written when the run reaches config.train.steps
   workdir/metrics.jsonl, workdir/tensorboard/, workdir/config.json
   """
-  from tqdm import tqdm  # noqa: PLC0415
-
-  from etalk_jax.train import stages  # noqa: PLC0415
-
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   train_config = with_defaults(config.train, TRAIN_DEFAULTS)
@@ -286,7 +284,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, task: Task 
   checkpoint_every = int(train_config["checkpoint_every"])
   checkpointer = TrainCheckpointer(workdir / "checkpoints", max_to_keep=int(train_config["keep"]))
   if checkpointer.latest_step() is not None:
-    restored = checkpointer.restore(model=model, optimizer=optimizer, iterator=task.batches, rng=rng)
+    restored = checkpointer.restore(model=model, optimizer=optimizer, iterator=task.batches,
+                                    rng=rng)
     start, rng = restored.step, restored.rng
     log.info("resumed %s from step %d", task.name, start)
     state = nnx.state((model, optimizer))

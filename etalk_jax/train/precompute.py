@@ -26,10 +26,23 @@ from typing import Any
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
+from data_pipeline import loader, media
+from data_pipeline.builders import precomputed
+from data_pipeline.loader import read_precompute_info
+from etalk_jax.audio import AudioFeatures
+from etalk_jax.audio.features import normalize
+from etalk_jax.audio.params import load_wav2vec2
 from etalk_jax.errors import InputNotFound, UserError
-from etalk_jax.train.frozen import (codec_weights_folder, feature_config, latent_codec_from_spec,
-                                    vision_encoders_from_folder)
+from etalk_jax.train.frozen import (
+  codec_weights_folder,
+  feature_config,
+  latent_codec_from_spec,
+  vision_encoders_from_folder,
+)
+from etalk_jax.vaid.data import INT16_SCALE, VAIDFeaturizer
+from etalk_jax.weights import atomic_folder
 
 FORMAT = "etalk_precomputed"
 # 3: l_v / e_v of PD-FGC's aligned crops (`vision.alignment`; 2 and before: of the loose crops
@@ -116,7 +129,6 @@ def check_precomputed(folder: str | Path, codec_spec: dict[str, Any] | None,
   """`precompute.json` of `folder` if it was computed with these encoders, else one ValueError
   naming what differs. `codec_spec` None: the latents are not read (the V-AID stages), so the
   codec is not compared."""
-  from data_pipeline.loader import read_precompute_info  # noqa: PLC0415
   info = read_precompute_info(folder)
   if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
     raise UserError(f"{folder} is not a precomputed dataset of format {FORMAT} "
@@ -192,16 +204,6 @@ def precompute_command(dataset_dir: str | Path, dst: str | Path, *, codec_spec: 
   overwrite: replace an existing, non-empty `dst` (else FileExistsError). The folder appears only
     once everything is written. Returns a summary: clips, frames, bytes, seconds, fingerprint, dst.
   """
-  from tqdm import tqdm  # noqa: PLC0415
-
-  from data_pipeline import loader, media  # noqa: PLC0415
-  from data_pipeline.builders import precomputed  # noqa: PLC0415
-  from etalk_jax.audio import AudioFeatures  # noqa: PLC0415
-  from etalk_jax.audio.features import normalize  # noqa: PLC0415
-  from etalk_jax.audio.params import load_wav2vec2  # noqa: PLC0415
-  from etalk_jax.vaid.data import INT16_SCALE, VAIDFeaturizer  # noqa: PLC0415
-  from etalk_jax.weights import atomic_folder  # noqa: PLC0415
-
   started = time.time()
   if chunk_frames < 1:
     raise UserError(f"chunk_frames is {chunk_frames}; encode at least one frame per call")

@@ -1,4 +1,5 @@
-"""V-AID training examples: talking-head clips -> (A_w, l_v, e_v, x_ref) (docs/ARCHITECTURE.md §3.3f).
+"""V-AID training examples: talking-head clips -> (A_w, l_v, e_v, x_ref)
+(docs/ARCHITECTURE.md §3.3f).
 
 The projector learns `A_w -> l_v` and Di-CTE learns `A_w, x_ref -> e_v`; both targets are outputs of
 the lip / expression encoders on the ground-truth frames. `VAIDFeaturizer` holds a frozen speech
@@ -21,10 +22,10 @@ from flax import nnx
 
 from data_pipeline import NUM_LANDMARKS, SAMPLES_PER_FRAME
 from etalk_jax.audio.features import AudioFeatures, normalize
-from etalk_jax.vision.alignment import pdfgc_inputs
-from etalk_jax.vision.pdfgc import AdaptedPDFGC, PDFGCEncoder
 from etalk_jax.vaid.dicte import DiCTEConfig
 from etalk_jax.vaid.projector import ProjectorConfig
+from etalk_jax.vision.alignment import pdfgc_inputs
+from etalk_jax.vision.pdfgc import AdaptedPDFGC, PDFGCEncoder
 
 INT16_SCALE = 32768.0       # synthetic clips store 16-bit PCM
 VISION_CHUNK_FRAMES = 64    # frames per vision-encoder call: one compiled shape for any clip

@@ -86,7 +86,8 @@ class GeluFeedForward(nnx.Module):
 
 
 class PerceiverBlock(nnx.Module):
-  """query <- query + Attn(LN(query), concat(LN(query), LN(tokens))); query <- query + FF(LN(query))."""
+  """query <- query + Attn(LN(query), concat(LN(query), LN(tokens)));
+  query <- query + FF(LN(query))."""
 
   def __init__(self, config: ProjectorConfig, *, compute: Compute = FP32, rngs: nnx.Rngs):
     dim = config.dim

@@ -28,8 +28,16 @@ from flax import nnx
 from etalk_jax import model_io
 from etalk_jax.layers.compute import FP32, Compute
 from etalk_jax.vision.pdfgc import AdaptedPDFGC, PDFGCConfig, PDFGCEncoder
-from etalk_jax.weights import (WEIGHT_VARIABLES, AliasedSource, ConversionError, ConversionTable,
-                               TensorSource, export_tensors, load_into, open_source)
+from etalk_jax.weights import (
+  WEIGHT_VARIABLES,
+  AliasedSource,
+  ConversionError,
+  ConversionTable,
+  TensorSource,
+  export_tensors,
+  load_into,
+  open_source,
+)
 
 FORMAT_VERSION = 1
 MODEL_NAME = "pdfgc"
@@ -195,8 +203,9 @@ def load_pdfgc(folder: str | Path, compute: Compute = FP32) -> PDFGCEncoder:
   try:
     fields = dict(model_io.read_config(folder))
   except (FileNotFoundError, ValueError) as error:  # no config.json, or not JSON
-    raise ConversionError(f"{folder} does not hold a converted PD-FGC encoder ({error}); run "
-                          "`etalk convert pdfgc --src motion_model.pth --dst DIR` first.") from error
+    raise ConversionError(
+        f"{folder} does not hold a converted PD-FGC encoder ({error}); run "
+        "`etalk convert pdfgc --src motion_model.pth --dst DIR` first.") from error
   record = fields.pop("etalk_format", None)
   if not isinstance(record, Mapping) or record.get("model") != MODEL_NAME:
     raise ConversionError(f"{folder} does not hold a converted PD-FGC encoder; run `etalk "

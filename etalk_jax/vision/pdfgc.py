@@ -26,8 +26,14 @@ from flax import nnx
 from etalk_jax import model_io
 from etalk_jax.errors import UserError
 from etalk_jax.layers.compute import FP32, Compute
-from etalk_jax.layers.logical_axes import (COMMON, NORM, NORM_PARENT, Rule, parameter_of,
-                                           register_family)
+from etalk_jax.layers.logical_axes import (
+  COMMON,
+  NORM,
+  NORM_PARENT,
+  Rule,
+  parameter_of,
+  register_family,
+)
 
 # torch's BatchNorm defaults: eps 1e-5, momentum 0.1 (flax counts momentum the other way round).
 BATCH_NORM_EPSILON = 1e-5

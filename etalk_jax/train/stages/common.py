@@ -3,6 +3,7 @@ encoders named by the config, and building a model straight onto its shardings."
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -10,13 +11,24 @@ import jax
 import numpy as np
 from flax import nnx
 
+from data_pipeline import EMOTIONS, loader
 from etalk_jax import parallel
+from etalk_jax.audio import AudioFeatures
+from etalk_jax.audio.params import load_wav2vec2
 from etalk_jax.errors import InputNotFound, UserError
+from etalk_jax.ethd import ETHD, ETHDConfig
+from etalk_jax.ethd.model import ethd_from_svd, load_ethd
 from etalk_jax.layers.compute import Compute
+from etalk_jax.svd import UNetConfig
 from etalk_jax.svd.codec import VAECodec, reference_noise
+from etalk_jax.svd.params import load_unet
 from etalk_jax.train import precompute
-from etalk_jax.train.frozen import (feature_config, latent_codec_from_spec,
-                                    vision_encoders_from_folder)
+from etalk_jax.train.frozen import (
+  feature_config,
+  latent_codec_from_spec,
+  vision_encoders_from_folder,
+)
+from etalk_jax.vaid.data import TrainingExamples, VAIDFeaturizer, unit_range_on_host
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -36,7 +48,6 @@ def loader_iterator(config, *, with_frames: bool = True, with_reference: bool = 
                     with_masks: bool = True, window: int | None = None, frame_masks: bool = False):
   """A checkpointable Grain iterator over `config.data` (dataset_dir, split, window, batch_size,
   seed, num_workers, reference, cross_clip_reference), this process's slice of the records."""
-  from data_pipeline import loader  # noqa: PLC0415
 
   data = config.data
   dataset_dir = data.dataset_dir
@@ -54,7 +65,6 @@ def loader_iterator(config, *, with_frames: bool = True, with_reference: bool = 
 
 def _loader_config(config, window: int | None = None, **switches):
   """`LoaderConfig` of `config.data` for this process's slice (`switches`: the with_* fields)."""
-  from data_pipeline import loader  # noqa: PLC0415
   data = config.data
   return loader.LoaderConfig(
       window=int(window or data.window), batch_size=int(data.batch_size),
@@ -66,7 +76,6 @@ def _loader_config(config, window: int | None = None, **switches):
 def precomputed_iterator(config, window: int | None = None, frame_masks: bool = False):
   """A checkpointable Grain iterator over config.data.precomputed (a folder written by `etalk
   precompute`): windows of latents and encoder outputs, `loader.PrecomputedWindowSampler`'s."""
-  from data_pipeline import loader  # noqa: PLC0415
   return iter(loader.make_precomputed_dataset(config.data.precomputed,
                                               config.data.split,
                                               _loader_config(config, window,
@@ -90,7 +99,6 @@ def vaid_data(config, featurizer, window: int | None = None):
   8 ms step)."""
   if not config.data.precomputed:
     return (loader_iterator(config, with_masks=False, window=window), featurizer.from_batch)
-  from etalk_jax.vaid.data import TrainingExamples, unit_range_on_host  # noqa: PLC0415
   check_precomputed(config, with_codec=False)
 
   def examples(batch) -> TrainingExamples:
@@ -119,13 +127,11 @@ def required_folder(config, name: str) -> str:
 
 def audio_encoder(config):
   """The frozen wav2vec2 of config.encoders.audio (a folder written by `etalk convert wav2vec2`)."""
-  from etalk_jax.audio.params import load_wav2vec2  # noqa: PLC0415
   return load_wav2vec2(required_folder(config, "audio"))
 
 
 def audio_features(config):
   """`AudioFeatures` over the frozen wav2vec2, with config.encoders.audio_features overrides."""
-  from etalk_jax.audio import AudioFeatures  # noqa: PLC0415
   return AudioFeatures(audio_encoder(config),
                        feature_config(config.encoders.get("audio_features", {})))
 
@@ -139,7 +145,6 @@ def vision_encoders(config, name: str = "vision"):
 
 def featurizer(config, vision=None):
   """`VAIDFeaturizer` over the frozen speech and vision encoders the config names."""
-  from etalk_jax.vaid.data import VAIDFeaturizer  # noqa: PLC0415
   return VAIDFeaturizer(audio_features(config), vision or vision_encoders(config))
 
 
@@ -170,7 +175,6 @@ def draw_dicte_condition(batch, key: jax.Array, from_clip: float) -> tuple[jax.A
 def emotion_indices(labels) -> np.ndarray:
   """The loader's emotion labels (indices into data_pipeline.EMOTION_LABELS, whose first eight
   are the keywords of EMOTIONS) -> keyword indices, -1 for the rest (contempt, unknown)."""
-  from data_pipeline import EMOTIONS  # noqa: PLC0415
   labels = np.asarray(labels).reshape(-1).astype(np.int32)
   return np.where(labels < len(EMOTIONS), labels, -1).astype(np.int32)
 
@@ -208,8 +212,6 @@ def encode_video(encode, frames: np.ndarray) -> np.ndarray:
 
 def ethd_config(config, lip_dim: int, expression_dim: int):
   """`ETHDConfig` from config.ethd with the encoders' latent sizes."""
-  from etalk_jax.ethd import ETHDConfig  # noqa: PLC0415
-  from etalk_jax.svd import UNetConfig  # noqa: PLC0415
   fields = {name: tuple(value) if isinstance(value, list) else value
             for name, value in dict(config.ethd.unet).items()}
   return ETHDConfig(unet=UNetConfig(**fields), lip_dim=lip_dim, expression_dim=expression_dim,
@@ -274,10 +276,6 @@ def build_ethd(config, mesh, lip_dim: int, expression_dim: int, lip_stats=None):
   of an ETHD it starts from (they describe this stage's lip stream, not weights); without them
   such an ETHD keeps its own. An ETHD it starts from takes config.ethd's target_scale too (the
   scale of this stage's latents, not a weight); everything else must match."""
-  import dataclasses  # noqa: PLC0415
-
-  from etalk_jax.ethd import ETHD  # noqa: PLC0415
-  from etalk_jax.ethd.model import ethd_from_svd, load_ethd  # noqa: PLC0415
   compute = compute_of(config)
   wanted = ethd_config(config, lip_dim, expression_dim)
   if lip_stats is not None:
@@ -298,7 +296,6 @@ def build_ethd(config, mesh, lip_dim: int, expression_dim: int, lip_stats=None):
     model.ethd_config = wanted
     return model
   if kind == "svd":
-    from etalk_jax.svd.params import load_unet  # noqa: PLC0415
     unet_folder = Path(folder) / "unet" if (Path(folder) / "unet").is_dir() else Path(folder)
     return ethd_from_svd(load_unet(unet_folder, compute=compute), wanted, compute=compute)
   raise UserError(f"config.ethd.init={init!r}: use '', 'svd:DIR' or 'ethd:DIR'")

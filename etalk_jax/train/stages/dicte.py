@@ -1,11 +1,12 @@
 """Stage `dicte`: Di-CTE, the expression diffusion transformer (docs/ARCHITECTURE.md §3.4).
 
-Data: loader windows of `config.dicte.window_frames` frames; A_w and e_v from the frozen
-encoders on the host, or read from config.data.precomputed. Condition: the window's mean e_v
-(an utterance-level expression, what the emotion codebook's per-keyword means stand in for at
-inference) with probability `config.condition_from_clip`, else e_ref = ExpEncoder(x_ref) (the
-"uncond." case, no emotion given); always the mean e_v when the reference comes from another clip
-(`config.data.cross_clip_reference`, `common.dicte_condition`). Loss: x0 MSE with the clean 20-frame prefix (probability 0.8) carrying no loss.
+Data: loader windows of `config.dicte.window_frames` frames; A_w and e_v from the frozen encoders on
+the host, or read from config.data.precomputed. Condition: the window's mean e_v (an utterance-level
+expression, what the emotion codebook's per-keyword means stand in for at inference) with
+probability `config.condition_from_clip`, else e_ref = ExpEncoder(x_ref) (the "uncond." case, no
+emotion given); always the mean e_v when the reference comes from another clip
+(`config.data.cross_clip_reference`, `common.dicte_condition`). Loss: x0 MSE with the clean 20-frame
+prefix (probability 0.8) carrying no loss.
 Export: Di-CTE in our format (`etalk_jax.vaid.storage.load_dicte`).
 """
 

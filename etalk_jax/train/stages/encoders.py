@@ -1,5 +1,6 @@
 """Stage `encoders`: the lip and expression adapters, pre-trained by self-driven dropout image
-reconstruction (docs/ARCHITECTURE.md §2, §3.9) with an ETHD as the renderer that trains beside them.
+reconstruction (docs/ARCHITECTURE.md §2, §3.9) with an ETHD as the renderer that trains beside
+them.
 
 Data: loader windows (frames, reference, face / lip masks) -> latents through the latent codec
 on the host (the video's as the renderer's diffusion target, `ETHDConfig.to_target`; the
@@ -29,8 +30,8 @@ from etalk_jax.ethd.model import save_ethd
 from etalk_jax.ethd.objective import ReconstructionConfig, encoder_reconstruction_loss
 from etalk_jax.train.loop import Task
 from etalk_jax.train.stages import common
-from etalk_jax.vision.params import save_encoders
 from etalk_jax.vision.alignment import pdfgc_inputs
+from etalk_jax.vision.params import save_encoders
 from etalk_jax.vision.pdfgc import ADAPTER_PARAMS
 
 

@@ -15,13 +15,13 @@ from flax import nnx
 
 from etalk_jax.audio import AudioFeatures, FeatureConfig
 from etalk_jax.audio.features import normalize
+from etalk_jax.audio.params import load_wavlm
 from etalk_jax.emotion.ser import SERConfig, SpeechEmotionHead, save_ser
 from etalk_jax.train.loop import Task
 from etalk_jax.train.stages import common
 
 
 def make_task(config, mesh) -> Task:
-  from etalk_jax.audio.params import load_wavlm  # noqa: PLC0415
   features = AudioFeatures(load_wavlm(common.required_folder(config, "wavlm")),
                            FeatureConfig(**dict(config.encoders.get("audio_features", {}))))
   head_config = SERConfig.for_audio(features, **dict(config.ser))

@@ -67,8 +67,9 @@ def make_task(config, mesh) -> Task:
     expression_loss, expression_audio = dicte_loss(
         model.dicte, loss_key, batch["expression"], batch["audio_windows"], batch["reference"],
         condition, with_prediction=True)
-    lip_loss, parts = projector_loss(model.projector.config, model.projector(batch["audio_windows"]),
-                                     batch["lip"], expression_audio)
+    lip_loss, parts = projector_loss(model.projector.config,
+                                     model.projector(batch["audio_windows"]), batch["lip"],
+                                     expression_audio)
     return lip_loss + expression_loss, {**parts, "dicte": expression_loss}
 
   def export(model, folder: Path):
