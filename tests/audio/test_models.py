@@ -5,10 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from flax import nnx
 
 from etalk_jax import model_io  # noqa: E402
 from etalk_jax.audio import params  # noqa: E402

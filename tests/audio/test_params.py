@@ -6,10 +6,9 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from flax import nnx
 
 from etalk_jax.audio import params  # noqa: E402
 from etalk_jax.weights import ConversionError  # noqa: E402

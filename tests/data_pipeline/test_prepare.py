@@ -11,7 +11,6 @@ import pytest
 pytest.importorskip("mediapipe", reason="face detection needs the `faces` extra (mediapipe==0.10.14)")
 import av  # noqa: E402
 import skimage.data as skimage_data  # noqa: E402
-
 from PIL import Image  # noqa: E402
 
 from data_pipeline import SAMPLE_RATE, SAMPLES_PER_FRAME, loader, media, prepare  # noqa: E402

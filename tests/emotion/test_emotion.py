@@ -13,8 +13,7 @@ import pytest
 from flax import nnx
 
 from data_pipeline import EMOTIONS
-from etalk_jax import model_io
-from etalk_jax import records as records_module
+from etalk_jax import model_io, records as records_module
 from etalk_jax.emotion import ser
 from etalk_jax.emotion.codebook import Codebook, build_codebook, codebook_build_command
 from etalk_jax.emotion.keywords import NEGATED, check_keyword, keyword_from_text

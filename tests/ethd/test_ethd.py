@@ -8,14 +8,26 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.helpers.svd_reference import (UNET_TWO_LEVELS, make_unet, relative_error,
-                                         svd_context_as_tokens, unet_inputs)
 from etalk_jax import model_io
-from etalk_jax.ethd import (ETHD, ETHDConfig, TemporalBlockWithExpression, ethd_from_svd,
-                            frame_windows, load_ethd, save_ethd)
+from etalk_jax.ethd import (
+  ETHD,
+  ETHDConfig,
+  TemporalBlockWithExpression,
+  ethd_from_svd,
+  frame_windows,
+  load_ethd,
+  save_ethd,
+)
 from etalk_jax.ethd.edi import area_downsample
 from etalk_jax.svd import UNetConfig, unet_from_diffusers
 from etalk_jax.svd.params import parameter_count
+from tests.helpers.svd_reference import (
+  UNET_TWO_LEVELS,
+  make_unet,
+  relative_error,
+  svd_context_as_tokens,
+  unet_inputs,
+)
 
 TINY = dict(lip_dim=8, expression_dim=6)
 svd_forward = nnx.jit(lambda unet, inputs: unet(**inputs))
@@ -259,6 +271,7 @@ def test_lip_statistics_standardise_the_lip_stream(svd_and_ethd, tmp_path):
 def test_stage_lip_statistics_replace_an_inits_and_otherwise_stay(svd_and_ethd, tmp_path):
   import dataclasses
   from pathlib import Path
+
   from etalk_jax import parallel
   from etalk_jax.train.config import load_config
   from etalk_jax.train.stages import common

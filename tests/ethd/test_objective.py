@@ -10,10 +10,18 @@ from flax import nnx
 
 from etalk_jax.ethd import ETHD, ETHDConfig
 from etalk_jax.ethd.edi import area_downsample
-from etalk_jax.ethd.objective import (DROP_EXPRESSION, DROP_LIP, KEEP_BOTH, choose_expression,
-                                      choose_modes, drop_streams, encoder_reconstruction_loss,
-                                      masked_weighted_loss, reconstruction_loss,
-                                      reconstruction_mask)
+from etalk_jax.ethd.objective import (
+  DROP_EXPRESSION,
+  DROP_LIP,
+  KEEP_BOTH,
+  choose_expression,
+  choose_modes,
+  drop_streams,
+  encoder_reconstruction_loss,
+  masked_weighted_loss,
+  reconstruction_loss,
+  reconstruction_mask,
+)
 from etalk_jax.svd import UNetConfig
 from etalk_jax.vision.pdfgc import ADAPTER_PARAMS, PDFGC_SMALL, AdaptedPDFGC
 

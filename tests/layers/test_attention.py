@@ -16,14 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from jax._src.cudnn import fused_attention_stablehlo as jax_cudnn
 
-from flax import nnx
-
 from etalk_jax import model_io
-from etalk_jax.diffusion import sampling
 from etalk_jax.audio.wav2vec2 import Wav2Vec2, Wav2Vec2Config
 from etalk_jax.audio.wavlm import WavLM, WavLMConfig
+from etalk_jax.diffusion import sampling
 from etalk_jax.ethd.model import ETHD, ETHDConfig
 from etalk_jax.ethd.objective import reconstruction_loss
 from etalk_jax.layers import attention
@@ -31,7 +30,6 @@ from etalk_jax.layers.compute import Compute
 from etalk_jax.pipeline import call_ethd
 from etalk_jax.svd import TemporalVAE, UNetConfig, UNetSpatioTemporal, VAEConfig
 from etalk_jax.vaid import DICTE_FULL, PROJECTOR_FULL, AudioLipProjector, DiCTE
-
 
 HELPERS = Path(__file__).parents[1] / "helpers"
 

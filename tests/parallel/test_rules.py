@@ -156,6 +156,7 @@ def test_optimizer_state_follows_its_parameters():
   """Adam's moments and 8-bit Adam's codes (parameter-shaped) take the parameter's logical
   spec; 8-bit Adam's per-block scales (not parameter-shaped) keep the shape rule."""
   import optax
+
   from etalk_jax.train.optim import adam_8bit
   model = model_io.abstract(lambda rngs: UNetSpatioTemporal(UNetConfig.from_dict(
       UNET_TWO_LEVELS), rngs=rngs))
@@ -199,6 +200,7 @@ def test_golden_sharding_specs_of_full_size_ethd():
   tests/helpers/golden/ethd_sharding_specs.json (`python tests/helpers/ethd_sharding_golden.py
   --regen` after an intended change)."""
   import json
+
   from tests.helpers import ethd_sharding_golden as golden
   result = golden.compute()
   expected = json.loads(golden.GOLDEN.read_text())

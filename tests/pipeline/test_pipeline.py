@@ -21,18 +21,20 @@ from flax import nnx
 
 from data_pipeline import EMOTIONS, synthetic
 from data_pipeline.media import probe, write_audio_file
-from etalk_jax import cli, model_io
-from etalk_jax import pipeline as pipeline_module
-from etalk_jax.pipeline import command as sample_module
-from etalk_jax.pipeline import inputs as pipeline_inputs
+from etalk_jax import cli, model_io, pipeline as pipeline_module
 from etalk_jax.audio import Wav2Vec2
+from etalk_jax.codecs import PixelShuffleCodec
 from etalk_jax.diffusion import sampling
 from etalk_jax.diffusion.sampling import SamplerConfig, WindowConfig
 from etalk_jax.emotion.codebook import Codebook
 from etalk_jax.ethd import ETHD, ETHDConfig
 from etalk_jax.layers.compute import Compute
-from etalk_jax.pipeline import EmotiveTalkPipeline, save_pipeline
-from etalk_jax.codecs import PixelShuffleCodec
+from etalk_jax.pipeline import (
+  EmotiveTalkPipeline,
+  command as sample_module,
+  inputs as pipeline_inputs,
+  save_pipeline,
+)
 from etalk_jax.vaid.dicte import DiCTE, DiCTEConfig
 from etalk_jax.vaid.projector import AudioLipProjector, ProjectorConfig
 from etalk_jax.vaid.storage import save_vaid_model

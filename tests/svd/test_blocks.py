@@ -7,15 +7,20 @@ import pytest
 import torch
 from flax import nnx
 
-from tests.helpers.svd_reference import perturb, relative_error
 from etalk_jax.layers.attention import Attention
 from etalk_jax.layers.embeddings import TimestepEmbedding, timestep_features
-from etalk_jax.layers.resnet import (Downsample2D, ResnetBlock2D, SpatioTemporalResBlock,
-                                     TemporalResnetBlock, Upsample2D)
+from etalk_jax.layers.resnet import (
+  Downsample2D,
+  ResnetBlock2D,
+  SpatioTemporalResBlock,
+  TemporalResnetBlock,
+  Upsample2D,
+)
 from etalk_jax.layers.transformer import BasicTransformerBlock, TemporalBasicTransformerBlock
 from etalk_jax.svd.params import RENAMES
 from etalk_jax.svd.unet import TransformerSpatioTemporalModel
 from etalk_jax.weights import ConversionTable, DictSource, load_into
+from tests.helpers.svd_reference import perturb, relative_error
 
 BLOCK_TOLERANCE = 1e-5
 rng = np.random.default_rng(0)
@@ -158,7 +163,8 @@ def test_temporal_transformer_block():
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_transformer_spatio_temporal_model(num_layers):
   from diffusers.models.transformers.transformer_temporal import (
-      TransformerSpatioTemporalModel as Theirs)
+    TransformerSpatioTemporalModel as Theirs,
+  )
   batch, frames = 2, 3
   theirs = Theirs(4, 16, in_channels=64, num_layers=num_layers, cross_attention_dim=40)
   ours = converted(TransformerSpatioTemporalModel(4, 16, 64, num_layers, 40, rngs=nnx.Rngs(0)),

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from tests.helpers.svd_reference import UNET_TWO_LEVELS, VAE_TINY, make_unet, make_vae
 from etalk_jax import svd
 from etalk_jax.cli import main
 from etalk_jax.svd.params import WEIGHTS_STEM
+from tests.helpers.svd_reference import UNET_TWO_LEVELS, VAE_TINY, make_unet, make_vae
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,20 @@ import pytest
 import torch
 from flax import nnx
 
-from tests.helpers.svd_reference import (UNET_THREE_LEVELS, UNET_TWO_LEVELS, VAE_THREE_LEVELS,
-                                         VAE_TINY, make_unet, make_vae, relative_error,
-                                         run_torch_unet, unet_inputs)
 from etalk_jax import svd
 from etalk_jax.svd.config import UNetConfig, VAEConfig
 from etalk_jax.svd.params import abstract_model, parameter_count
+from tests.helpers.svd_reference import (
+  UNET_THREE_LEVELS,
+  UNET_TWO_LEVELS,
+  VAE_THREE_LEVELS,
+  VAE_TINY,
+  make_unet,
+  make_vae,
+  relative_error,
+  run_torch_unet,
+  unet_inputs,
+)
 
 # Measured errors are 1e-6 to 4e-6 (fp32); 1e-4 would have hidden a wrong GroupNorm epsilon.
 MODEL_TOLERANCE = 1e-5
@@ -167,6 +175,7 @@ def test_bf16_compute_with_fp32_weights_tracks_fp32():
   within a few percent of fp32, while a dtype bug (a cast missed or a norm in bf16) gives O(1).
   """
   import jax.numpy as jnp
+
   from etalk_jax.layers.compute import Compute
   reference = make_unet(UNET_TWO_LEVELS)
   inputs = unet_inputs(UNET_TWO_LEVELS)

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import train_checkpoint_script as script
 from etalk_jax.train.checkpoint import StopRequest, TrainCheckpointer
+from tests.helpers import train_checkpoint_script as script
 
 SCRIPT = Path(__file__).parents[1] / "helpers" / "train_checkpoint_script.py"
 REPO = SCRIPT.parents[2]

@@ -183,7 +183,7 @@ def test_a_shipped_config_loads_by_name_as_by_its_path():
 
 
 def test_paper_configs_ethd_1024_windows_dicte_steps_and_references():
-  from etalk_jax.diffusion.sampling import WINDOWS_1024, WINDOWS_512
+  from etalk_jax.diffusion.sampling import WINDOWS_512, WINDOWS_1024
   full = load_config(f"{CONFIGS / 'ethd_1024.py'}")
   assert (full.data.window, full.ethd.unet.sample_size, full.ethd.unet.num_frames) == (32, 128, 32)
   assert (full.windows.frames, full.windows.overlap) == (WINDOWS_1024.frames, WINDOWS_1024.overlap)

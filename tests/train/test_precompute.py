@@ -26,8 +26,8 @@ def precomputed(tmp_path_factory):
   from data_pipeline.builders import synthetic_talking_heads
   from etalk_jax.audio import AudioFeatures, Wav2Vec2
   from etalk_jax.audio.params import save_speech_encoder
-  from etalk_jax.train.precompute import precompute_command
   from etalk_jax.train.frozen import feature_config, vision_encoders_from_folder
+  from etalk_jax.train.precompute import precompute_command
   from etalk_jax.vaid.data import VAIDFeaturizer
   from etalk_jax.vaid.dicte import DICTE_TINY, DiCTE
   from etalk_jax.vaid.projector import PROJECTOR_TINY, AudioLipProjector

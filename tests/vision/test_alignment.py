@@ -18,9 +18,8 @@ from etalk_jax.vision.pdfgc import PDFGC_SMALL, AdaptedPDFGC
 def encoder():
   """A random PD-FGC small, built through the torch reference (nnx's eager initialisers would
   compile a program per weight shape: half a minute on the shared cores)."""
-  from tests.helpers.pdfgc_reference import random_fan_encoder
-
   from etalk_jax.vision import params
+  from tests.helpers.pdfgc_reference import random_fan_encoder
   return params.pdfgc_from_torch(random_fan_encoder(PDFGC_SMALL))
 
 

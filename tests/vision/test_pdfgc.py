@@ -8,8 +8,15 @@ from flax import nnx
 
 from etalk_jax import model_io
 from etalk_jax.vision import params
-from etalk_jax.vision.pdfgc import (ADAPTER_PARAMS, PDFGC_FULL, PDFGC_SMALL, AdaptedPDFGC,
-                                    PDFGCConfig, PDFGCEncoder, resize_bilinear)
+from etalk_jax.vision.pdfgc import (
+  ADAPTER_PARAMS,
+  PDFGC_FULL,
+  PDFGC_SMALL,
+  AdaptedPDFGC,
+  PDFGCConfig,
+  PDFGCEncoder,
+  resize_bilinear,
+)
 from etalk_jax.weights import ConversionError
 from tests.helpers.pdfgc_reference import FanEncoder, random_fan_encoder
 
