@@ -4,14 +4,14 @@ Hallo-style transformers reference, padding buckets, long-audio chunks, compile 
 import contextlib
 import math
 
-import av  # noqa: E402
+import av
 import jax
 import numpy as np
 import pytest
-import torch  # noqa: E402
-import transformers  # noqa: E402
+import torch
+import transformers
 
-from etalk_jax.audio import params  # noqa: E402
+from etalk_jax.audio import params
 from etalk_jax.audio.features import (
   AudioError,
   AudioFeatures,

@@ -5,14 +5,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch  # noqa: E402
-import transformers  # noqa: E402
+import torch
+import transformers
 from flax import nnx
 
-from etalk_jax import model_io  # noqa: E402
-from etalk_jax.audio import params  # noqa: E402
-from etalk_jax.audio.wav2vec2 import Wav2Vec2, Wav2Vec2Config  # noqa: E402
-from etalk_jax.audio.wavlm import WavLM, WavLMConfig, relative_position_buckets  # noqa: E402
+from etalk_jax import model_io
+from etalk_jax.audio import params
+from etalk_jax.audio.wav2vec2 import Wav2Vec2, Wav2Vec2Config
+from etalk_jax.audio.wavlm import WavLM, WavLMConfig, relative_position_buckets
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
             conv_dim=(16, 16, 16), conv_stride=(5, 2, 2), conv_kernel=(10, 3, 2),

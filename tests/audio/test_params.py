@@ -6,12 +6,12 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch  # noqa: E402
-import transformers  # noqa: E402
+import torch
+import transformers
 from flax import nnx
 
-from etalk_jax.audio import params  # noqa: E402
-from etalk_jax.weights import ConversionError  # noqa: E402
+from etalk_jax.audio import params
+from etalk_jax.weights import ConversionError
 
 TINY = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
             conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3),
