@@ -1,5 +1,7 @@
 """Faces: masks, crop boxes and the PD-FGC crop on landmark arrays; MediaPipe on the astronaut."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -96,7 +98,6 @@ def test_landmarker_takes_the_largest_face_then_tracks_it():
   """The choice among several faces, on scripted MediaPipe results: the largest in the first frame,
   then the one nearest the previous pick (even when another face is now larger, or listed first)."""
   pytest.importorskip("mediapipe", reason="face detection needs the `faces` extra (mediapipe==0.10.14)")
-  from types import SimpleNamespace
 
   def face(cx, cy, size):
     points = np.random.default_rng(0).uniform(-size / 2, size / 2, (478, 2)) + [cx, cy]

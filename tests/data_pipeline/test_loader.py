@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import SAMPLES_PER_FRAME, faces, loader
+from data_pipeline.builders import synthetic_talking_heads
 from data_pipeline.media import NORMALIZE_EPS
 
 WINDOW = 24
@@ -16,7 +17,6 @@ WINDOW = 24
 
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
-  from data_pipeline.builders import synthetic_talking_heads
   return synthetic_talking_heads.build(str(tmp_path_factory.mktemp("synthetic")), "tiny")
 
 

@@ -3,6 +3,7 @@ with a click track for audio alignment, plus broken inputs that must be skipped 
 
 import fractions
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image  # noqa: E402
 
 from data_pipeline import SAMPLE_RATE, SAMPLES_PER_FRAME, loader, media, prepare  # noqa: E402
 from data_pipeline.builders import real  # noqa: E402
+from etalk_jax.cli import main
 
 RESOLUTION = 64
 CLICK_EVERY_FRAMES = 8
@@ -206,7 +208,6 @@ def test_rerun_reuses_the_dataset_and_cached_videos(prepared):
   results = {p.parent.name: json.loads(p.read_text()) for p in work.glob("*/result.json")}
   assert len(results) == 10 and not list(work.glob(".*tmp*"))
   # A crash after the per-video work: the dataset folder is gone, the cache is reused (same results).
-  import shutil
   shutil.rmtree(dst / "talking_heads")
   rebuilt = real.prepare_command(str(src), "folder", str(dst), RESOLUTION, clip_frames=40, min_clip_frames=20,
                                     progress=False)
@@ -215,7 +216,6 @@ def test_rerun_reuses_the_dataset_and_cached_videos(prepared):
 
 
 def test_cli_prepare_and_synthesize(prepared, tmp_path, capsys):
-  from etalk_jax.cli import main
   src, dst, _ = prepared
   assert main(["prepare", "--src", str(src), "--layout", "folder", "--dst", str(dst),
                "--resolution", str(RESOLUTION), "--clip-frames", "40", "--min-clip-frames", "20",

@@ -5,7 +5,8 @@ import sys
 import numpy as np
 import pytest
 
-from data_pipeline import EMOTIONS, SAMPLES_PER_FRAME, faces, synthetic
+from data_pipeline import EMOTIONS, SAMPLES_PER_FRAME, faces, loader, media, prepare, synthetic
+from data_pipeline.builders import synthetic_talking_heads
 
 
 def test_clip_is_deterministic_and_ground_truth_matches_what_was_drawn():
@@ -52,9 +53,6 @@ def test_identities_differ():
 
 
 def test_builder_writes_records_without_tensorflow(tmp_path):
-  from data_pipeline import loader
-  from data_pipeline.builders import synthetic_talking_heads
-
   dataset_dir = synthetic_talking_heads.build(str(tmp_path), "tiny")
   train, test = loader.data_source(dataset_dir, "train"), loader.data_source(dataset_dir, "test")
   assert len(train) + len(test) == 8 and len(test) == 1
@@ -62,7 +60,6 @@ def test_builder_writes_records_without_tensorflow(tmp_path):
   assert record["landmarks"].shape == (48, 478, 2) and record["landmarks"].dtype == np.float16
   assert record["audio"].shape == (48 * SAMPLES_PER_FRAME,)
   assert record["mouth_open"].shape == (48,) and record["pose"].shape == (48, 6)
-  from data_pipeline import media
   frames = media.decode_frames(record["video"])
   assert frames.shape == (48, 64, 64, 3)
   assert "tensorflow" not in sys.modules
@@ -70,7 +67,6 @@ def test_builder_writes_records_without_tensorflow(tmp_path):
 
 @pytest.mark.slow
 def test_mead_layout_round_trip(tmp_path):
-  from data_pipeline import media, prepare
   spec = synthetic.SyntheticSpec(identities=1, emotions=("fearful",), levels=(2,), num_frames=30, resolution=64)
   paths = synthetic.write_mead_layout(tmp_path, spec, progress=False)
   assert paths[0].relative_to(tmp_path).as_posix() == "synthetic_000/video/front/fear/level_2/001.mp4"

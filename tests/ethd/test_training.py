@@ -17,6 +17,8 @@ import optax
 import pytest
 from flax import nnx
 
+from data_pipeline import loader
+from data_pipeline.builders import synthetic_talking_heads
 from etalk_jax.diffusion.edm import denoise, weighted_loss
 from etalk_jax.ethd import ETHD, ETHDConfig
 from etalk_jax.ethd.edi import area_downsample
@@ -48,8 +50,6 @@ def frames_to_latents(frames: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-  from data_pipeline import loader
-  from data_pipeline.builders import synthetic_talking_heads
   dataset_dir = synthetic_talking_heads.build(str(tmp_path_factory.mktemp("synthetic")), "tiny")
   config = loader.LoaderConfig(window=FRAMES, batch_size=1, seed=0, num_workers=0,
                                shard_index=0, shard_count=1)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
 from safetensors.numpy import save_file
 
 from etalk_jax import svd
@@ -43,7 +45,6 @@ def test_pipeline_folder_both_ways(pipeline_folder, tmp_path, capsys):
 
   assert main(["convert", "svd", "--src", str(tmp_path / "ours"), "--dst",
                str(tmp_path / "back"), "--to", "diffusers"]) == 0
-  from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
   reloaded_unet = UNetSpatioTemporalConditionModel.from_pretrained(tmp_path / "back" / "unet")
   reloaded_vae = AutoencoderKLTemporalDecoder.from_pretrained(tmp_path / "back" / "vae")
   assert_same_weights({k: v.numpy() for k, v in reloaded_unet.state_dict().items()}, unet)
@@ -118,7 +119,6 @@ def test_mismatched_weights_fail_with_the_keys_and_write_nothing(pipeline_folder
   assert main(["convert", "svd", "--src", str(folder), "--dst", str(dst)]) == 2
   message = capsys.readouterr().err
   assert message.startswith("etalk convert: error:")
-  import re
   assert re.search(expected, message, re.S), message
   assert not dst.exists()
   assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no partial folder

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data_pipeline.builders import synthetic_talking_heads
 from etalk_jax.train.checkpoint import StopRequest, TrainCheckpointer
 from tests.helpers import train_checkpoint_script as script
 
@@ -21,7 +22,6 @@ REPO = SCRIPT.parents[2]
 
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
-  from data_pipeline.builders import synthetic_talking_heads
   return synthetic_talking_heads.build(str(tmp_path_factory.mktemp("synthetic")), "tiny")
 
 
