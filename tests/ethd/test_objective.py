@@ -155,7 +155,8 @@ def test_loss_equals_the_hand_computed_value_with_per_frame_masks():
   face, lip = _masks(2)
   frame_lip = np.stack([np.roll(lip, 4 * f, axis=1) for f in range(FRAMES)], axis=1)
   frame_face = np.stack([np.roll(face, 4 * f, axis=1) for f in range(FRAMES)], axis=1)
-  modes, sigma, key = jnp.array([DROP_EXPRESSION, DROP_LIP]), jnp.array([0.5, 2.0]), jax.random.key(4)
+  modes, sigma = jnp.array([DROP_EXPRESSION, DROP_LIP]), jnp.array([0.5, 2.0])
+  key = jax.random.key(4)
   loss, _ = reconstruction_loss(lambda sample, *_: jnp.zeros(sample.shape[:-1] + (4,)),
                                 **{**inputs, "clean": clean}, key=key, modes=modes, sigma=sigma,
                                 loss_masks=(frame_face, frame_lip))

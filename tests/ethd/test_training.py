@@ -1,4 +1,5 @@
-"""A tiny ETHD overfits one synthetic talking-head clip on the CPU (docs/ARCHITECTURE.md §3.5, §3.7).
+"""A tiny ETHD overfits one synthetic talking-head clip on the CPU
+(docs/ARCHITECTURE.md §3.5, §3.7).
 
 Latents are the clip's frames area-downsampled 8x (SVD's VAE factor) to 8x8, RGB in [-1, 1]
 plus their luma as the 4th channel: no VAE, so the test measures the backbone and the objective

@@ -225,8 +225,8 @@ def _trace_calls(build, *input_specs, call=lambda model, *inputs: model(*inputs)
 @pytest.fixture(scope="module")
 def full_size_calls():
   """{model: [AttentionCall]} at the shapes the paper runs: ETHD at 512² x 120 frames and
-  1024² x 32, SVD-XT's UNet at its own 576x1024 x 25, the VAE on 512² frames, wav2vec2 and WavLM on 60 s of speech
-  with a padding mask, the projector and Di-CTE on a 120-frame clip."""
+  1024² x 32, SVD-XT's UNet at its own 576x1024 x 25, the VAE on 512² frames, wav2vec2 and WavLM
+  on 60 s of speech with a padding mask, the projector and Di-CTE on a 120-frame clip."""
   bf16 = Compute.bf16()
   spec = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
   calls = {}
@@ -239,7 +239,8 @@ def full_size_calls():
         spec(1, frames, ethd_config.expression_dim), spec(1, ethd_config.expression_dim),
         spec(1, pixels, pixels))
   unet_config = UNetConfig()  # SVD-XT's own setting: 25 frames at 576x1024 (72x128 latents)
-  time_ids = unet_config.projection_class_embeddings_input_dim // unet_config.addition_time_embed_dim
+  time_ids = (unet_config.projection_class_embeddings_input_dim
+              // unet_config.addition_time_embed_dim)
   calls["svd_unet_576x1024x25"] = _trace_calls(
       lambda rngs: UNetSpatioTemporal(unet_config, compute=bf16, rngs=rngs),
       spec(1, 25, 72, 128, unet_config.in_channels), spec(1),

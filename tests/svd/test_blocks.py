@@ -83,7 +83,8 @@ def test_timestep_embedding():
 
 @pytest.mark.parametrize("in_channels,out_channels", [(32, 32), (32, 64)])
 def test_resnet_block_2d(in_channels, out_channels):
-  theirs = DiffusersResnetBlock2D(in_channels=in_channels, out_channels=out_channels, temb_channels=24, eps=1e-5)
+  theirs = DiffusersResnetBlock2D(in_channels=in_channels, out_channels=out_channels,
+                                  temb_channels=24, eps=1e-5)
   ours = converted(ResnetBlock2D(in_channels, out_channels, 24, eps=1e-5, rngs=nnx.Rngs(0)),
                    theirs)
   x, temb = randn(2, 6, 6, in_channels), randn(2, 24)
@@ -172,7 +173,8 @@ def test_temporal_transformer_block():
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_transformer_spatio_temporal_model(num_layers):
   batch, frames = 2, 3
-  theirs = DiffusersTransformerSpatioTemporalModel(4, 16, in_channels=64, num_layers=num_layers, cross_attention_dim=40)
+  theirs = DiffusersTransformerSpatioTemporalModel(4, 16, in_channels=64, num_layers=num_layers,
+                                                   cross_attention_dim=40)
   ours = converted(TransformerSpatioTemporalModel(4, 16, 64, num_layers, 40, rngs=nnx.Rngs(0)),
                    theirs)
   x = randn(batch * frames, 4, 4, 64)

@@ -24,7 +24,8 @@ def pipeline_folder(tmp_path_factory):
   unet, vae = make_unet(UNET_TWO_LEVELS), make_vae(VAE_TINY)
   unet.save_pretrained(root / "unet")
   vae.save_pretrained(root / "vae")
-  (root / "model_index.json").write_text(json.dumps({"_class_name": "StableVideoDiffusionPipeline"}))
+  (root / "model_index.json").write_text(
+      json.dumps({"_class_name": "StableVideoDiffusionPipeline"}))
   return root, unet, vae
 
 

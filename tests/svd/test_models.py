@@ -165,7 +165,8 @@ def test_saved_state_that_does_not_match_its_config_is_refused(unet_case, tmp_pa
   fields = json.loads(config_file.read_text())
   fields["cross_attention_dim"] = 24  # as if someone edited the config after converting
   config_file.write_text(json.dumps(fields))
-  with pytest.raises(ValueError, match=r"(?s)does not match its config.json.*attn2\.to_k\.kernel: saved"):
+  with pytest.raises(ValueError,
+                     match=r"(?s)does not match its config.json.*attn2\.to_k\.kernel: saved"):
     svd.load_unet(tmp_path / "ours")
 
 
