@@ -4,18 +4,24 @@ Hallo-style transformers reference, padding buckets, long-audio chunks, compile 
 import contextlib
 import math
 
+import av
 import jax
 import numpy as np
 import pytest
+import torch
+import transformers
 
-from etalk_jax.audio.features import (AudioError, AudioFeatures, FeatureConfig, frame_windows,
-                                      load_speech, normalize, pad_edges, plan_chunks)
-
-import av  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-
-from etalk_jax.audio import params  # noqa: E402
+from etalk_jax.audio import params
+from etalk_jax.audio.features import (
+  AudioError,
+  AudioFeatures,
+  FeatureConfig,
+  frame_windows,
+  load_speech,
+  normalize,
+  pad_edges,
+  plan_chunks,
+)
 
 RATE = 16000
 # The real conv stack (hop 320, receptive field 400: two features per 25 fps frame), tiny widths.

@@ -5,15 +5,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 from flax import nnx
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-
-from etalk_jax import model_io  # noqa: E402
-from etalk_jax.audio import params  # noqa: E402
-from etalk_jax.audio.wav2vec2 import Wav2Vec2, Wav2Vec2Config  # noqa: E402
-from etalk_jax.audio.wavlm import WavLM, WavLMConfig, relative_position_buckets  # noqa: E402
+from etalk_jax import model_io
+from etalk_jax.audio import params
+from etalk_jax.audio.wav2vec2 import Wav2Vec2, Wav2Vec2Config
+from etalk_jax.audio.wavlm import WavLM, WavLMConfig, relative_position_buckets
+from etalk_jax.layers.compute import Compute
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
             conv_dim=(16, 16, 16), conv_stride=(5, 2, 2), conv_kernel=(10, 3, 2),
@@ -155,7 +155,6 @@ def test_config_round_trip_and_errors():
 
 def test_bf16_compute_runs():
   """The GPU setting (bf16 compute over fp32 weights) builds and runs; values stay close."""
-  from etalk_jax.layers.compute import Compute
   config = Wav2Vec2Config.from_dict(TINY)
   fp32 = Wav2Vec2(config, rngs=nnx.Rngs(0))
   bf16 = Wav2Vec2(config, compute=Compute(dtype=jnp.bfloat16), rngs=nnx.Rngs(0))

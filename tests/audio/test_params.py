@@ -6,13 +6,13 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 from flax import nnx
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-
-from etalk_jax.audio import params  # noqa: E402
-from etalk_jax.weights import ConversionError  # noqa: E402
+from etalk_jax.audio import params
+from etalk_jax.cli import main
+from etalk_jax.weights import ConversionError
 
 TINY = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
             conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3),
@@ -129,7 +129,6 @@ def test_user_errors(tmp_path, w2v, wavlm):
 
 @pytest.mark.parametrize("family", ["wav2vec2", "wavlm"])
 def test_convert_commands_both_ways(tmp_path, family, w2v, wavlm, capsys):
-  from etalk_jax.cli import main
   torch_model = w2v if family == "wav2vec2" else wavlm
   load = params.load_wav2vec2 if family == "wav2vec2" else params.load_wavlm
   torch_model.save_pretrained(tmp_path / "hf")

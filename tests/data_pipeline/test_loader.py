@@ -1,4 +1,5 @@
-"""Grain loader on the tiny synthetic dataset: windows, exact resume through Orbax, disjoint shards."""
+"""Grain loader on the tiny synthetic dataset: windows, exact resume through Orbax, disjoint
+shards."""
 
 import json
 import subprocess
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import SAMPLES_PER_FRAME, faces, loader
+from data_pipeline.builders import synthetic_talking_heads
 from data_pipeline.media import NORMALIZE_EPS
 
 WINDOW = 24
@@ -16,7 +18,6 @@ WINDOW = 24
 
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
-  from data_pipeline.builders import synthetic_talking_heads
   return synthetic_talking_heads.build(str(tmp_path_factory.mktemp("synthetic")), "tiny")
 
 
@@ -38,13 +39,16 @@ def test_window_contents(dataset_dir):
     record = by_id[str(batch["clip_id"][row])]
     start, reference = int(batch["start"][row]), int(batch["reference_index"][row])
     # The window is the record's frames/tracks/audio at `start`, with 2 frames of audio context.
-    np.testing.assert_array_equal(batch["mouth_open"][row], record["mouth_open"][start:start + WINDOW])
+    np.testing.assert_array_equal(batch["mouth_open"][row],
+                                  record["mouth_open"][start:start + WINDOW])
     audio = np.zeros((48 + 4) * SAMPLES_PER_FRAME, np.float32)
     audio[2 * SAMPLES_PER_FRAME:-2 * SAMPLES_PER_FRAME] = record["audio"] / 32768.0
-    np.testing.assert_array_equal(batch["audio"][row],
-                                  audio[start * SAMPLES_PER_FRAME:(start + WINDOW + 4) * SAMPLES_PER_FRAME])
+    np.testing.assert_array_equal(
+        batch["audio"][row],
+        audio[start * SAMPLES_PER_FRAME:(start + WINDOW + 4) * SAMPLES_PER_FRAME])
     assert not start <= reference < start + WINDOW
-    face, lips = faces.face_and_lip_masks(record["landmarks"][reference].astype(np.float32) * 64, 64)
+    face, lips = faces.face_and_lip_masks(
+        record["landmarks"][reference].astype(np.float32) * 64, 64)
     np.testing.assert_array_equal(batch["face_mask"][row], face)
     np.testing.assert_array_equal(batch["lip_mask"][row], lips)
     # The reference's own landmarks (PD-FGC aligns it on them), the window's frames' their own.
@@ -75,7 +79,9 @@ def test_first_frame_references_and_utterance_stats(dataset_dir):
 
 
 def test_same_seed_same_batches_other_seed_other_batches(dataset_dir):
-  take = lambda config: [next(it) for it in [iter(loader.make_dataset(dataset_dir, "train", config))] for _ in range(3)]  # noqa: E731
+  take = lambda config: [next(it)  # noqa: E731
+                         for it in [iter(loader.make_dataset(dataset_dir, "train", config))]
+                         for _ in range(3)]
   first, again, other = take(_config()), take(_config()), take(_config(seed=6))
   for a, b in zip(first, again):
     np.testing.assert_array_equal(a["frames"], b["frames"])
@@ -100,7 +106,8 @@ def test_resume_through_orbax_yields_the_same_batches(dataset_dir, tmp_path):
     next(iterator)
   loader.save_iterator(tmp_path / "ckpt", 3, iterator)
   expected = [next(iterator) for _ in range(4)]  # crosses the epoch boundary (7 clips, batch 2)
-  restored = loader.restore_iterator(tmp_path / "ckpt", iter(loader.make_dataset(dataset_dir, "train", config)))
+  restored = loader.restore_iterator(tmp_path / "ckpt",
+                                     iter(loader.make_dataset(dataset_dir, "train", config)))
   for want in expected:
     got = next(restored)
     assert want.keys() == got.keys()
@@ -116,7 +123,8 @@ def test_resume_with_worker_processes(dataset_dir, tmp_path):
     next(iterator)
   loader.save_iterator(tmp_path / "ckpt", 2, iterator)
   expected = [next(iterator) for _ in range(3)]
-  restored = loader.restore_iterator(tmp_path / "ckpt", iter(loader.make_dataset(dataset_dir, "train", config)))
+  restored = loader.restore_iterator(tmp_path / "ckpt",
+                                     iter(loader.make_dataset(dataset_dir, "train", config)))
   for want in expected:
     got = next(restored)
     np.testing.assert_array_equal(want["frames"], got["frames"])
@@ -128,20 +136,24 @@ _SHARD_SCRIPT = textwrap.dedent("""
   from data_pipeline import loader
   if __name__ == "__main__":
     index, dataset_dir = int(sys.argv[1]), sys.argv[2]
-    config = loader.LoaderConfig(window=24, batch_size=1, num_epochs=1, with_frames=False, with_reference=False,
-                                 with_masks=False, num_workers=0, shard_index=index, shard_count=2)
-    print(json.dumps([str(b["clip_id"][0]) for b in loader.make_dataset(dataset_dir, "train", config)]))
+    config = loader.LoaderConfig(window=24, batch_size=1, num_epochs=1, with_frames=False,
+                                 with_reference=False, with_masks=False, num_workers=0,
+                                 shard_index=index, shard_count=2)
+    print(json.dumps([str(b["clip_id"][0])
+                      for b in loader.make_dataset(dataset_dir, "train", config)]))
 """)
 
 
 def test_two_processes_read_disjoint_records(dataset_dir):
   processes = [subprocess.Popen([sys.executable, "-c", _SHARD_SCRIPT, str(index), dataset_dir],
                                 stdout=subprocess.PIPE, text=True) for index in range(2)]
-  seen = [json.loads(process.communicate(timeout=120)[0].strip().splitlines()[-1]) for process in processes]
+  seen = [json.loads(process.communicate(timeout=120)[0].strip().splitlines()[-1])
+          for process in processes]
   assert all(process.returncode == 0 for process in processes)
   assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
   source = loader.data_source(dataset_dir, "train")
-  assert sorted(seen[0] + seen[1]) == sorted(source[i]["clip_id"].decode() for i in range(len(source)))
+  assert sorted(seen[0] + seen[1]) == sorted(source[i]["clip_id"].decode()
+                                             for i in range(len(source)))
 
 
 def test_clear_error_for_a_folder_that_is_not_a_dataset(tmp_path):
@@ -156,10 +168,12 @@ def _records_by_id(dataset_dir):
 
 def test_cross_clip_references_come_from_another_clip_of_the_identity(dataset_dir):
   """Probability 1: every reference is a frame of another clip of the same speaker in another
-  emotion (the tiny set has four per speaker), its pixels, masks and landmarks that clip's; 0: never; the
-  windows themselves do not change with the probability, and a seed repeats its draws."""
+  emotion (the tiny set has four per speaker), its pixels, masks and landmarks that clip's; 0:
+  never; the windows themselves do not change with the probability, and a seed repeats its
+  draws."""
   by_id = _records_by_id(dataset_dir)
-  take = lambda config: [next(it) for it in [iter(loader.make_dataset(dataset_dir, "train", config))]  # noqa: E731
+  take = lambda config: [next(it)  # noqa: E731
+                         for it in [iter(loader.make_dataset(dataset_dir, "train", config))]
                          for _ in range(3)]
   always, never = take(_config(cross_clip_reference=1.0)), take(_config())
   again = take(_config(cross_clip_reference=1.0))
@@ -177,7 +191,8 @@ def test_cross_clip_references_come_from_another_clip_of_the_identity(dataset_di
       assert other["emotion"] != window["emotion"] == cross["emotion"][row]
       assert cross["reference_emotion"][row] == other["emotion"]
       reference = int(cross["reference_index"][row])
-      face, lips = faces.face_and_lip_masks(other["landmarks"][reference].astype(np.float32) * 64, 64)
+      face, lips = faces.face_and_lip_masks(
+          other["landmarks"][reference].astype(np.float32) * 64, 64)
       np.testing.assert_array_equal(cross["face_mask"][row], face)
       np.testing.assert_array_equal(cross["lip_mask"][row], lips)
       np.testing.assert_array_equal(cross["reference_landmarks"][row],
@@ -194,7 +209,8 @@ def test_cross_clip_draws_fall_back_to_the_own_clip_of_a_single_clip_identity():
   assert {index.other_clip(rng, "a_neutral") for _ in range(20)} == {1, 2}  # other emotions
   assert {index.other_clip(rng, "a_sad") for _ in range(20)} == {0}  # the only other emotion
   assert {index.other_clip(rng, "c_happy") for _ in range(20)} == {5}  # no other emotion: a take
-  draws = lambda seed: [index.other_clip(np.random.default_rng(seed), "a_neutral") for _ in range(8)]  # noqa: E731
+  draws = lambda seed: [index.other_clip(np.random.default_rng(seed), "a_neutral")  # noqa: E731
+                        for _ in range(8)]
   assert draws(3) == draws(3)
 
 

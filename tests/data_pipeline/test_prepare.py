@@ -1,30 +1,34 @@
-"""`etalk prepare` end to end on small videos made from the astronaut portrait (MediaPipe finds her),
-with a click track for audio alignment, plus broken inputs that must be skipped and counted."""
+"""`etalk prepare` end to end on small videos made from the astronaut portrait (MediaPipe finds
+her), with a click track for audio alignment, plus broken inputs that must be skipped and
+counted."""
 
 import fractions
 import json
+import shutil
 import sys
 
 import numpy as np
 import pytest
 
-pytest.importorskip("mediapipe", reason="face detection needs the `faces` extra (mediapipe==0.10.14)")
+pytest.importorskip("mediapipe",
+                    reason="face detection needs the `faces` extra (mediapipe==0.10.14)")
 import av  # noqa: E402
 import skimage.data as skimage_data  # noqa: E402
-
 from PIL import Image  # noqa: E402
 
 from data_pipeline import SAMPLE_RATE, SAMPLES_PER_FRAME, loader, media, prepare  # noqa: E402
 from data_pipeline.builders import real  # noqa: E402
+from etalk_jax.cli import main
 
 RESOLUTION = 64
 CLICK_EVERY_FRAMES = 8
 CLICK_OFFSET_FRAMES = 3
 
 
-def _astronaut_frames(count: int, size: int = 192, fps: float = 25.0, width: int | None = None) -> np.ndarray:
-  """The portrait's head region, panning a few pixels per frame (so every frame differs): size² frames,
-  or width x size from a region widened to the same aspect (not stretched)."""
+def _astronaut_frames(count: int, size: int = 192, fps: float = 25.0,
+                      width: int | None = None) -> np.ndarray:
+  """The portrait's head region, panning a few pixels per frame (so every frame differs): size²
+  frames, or width x size from a region widened to the same aspect (not stretched)."""
   image = skimage_data.astronaut()
   width = width or size
   half = int(round(150 * width / size))  # half the region's width; its height is 300
@@ -33,17 +37,19 @@ def _astronaut_frames(count: int, size: int = 192, fps: float = 25.0, width: int
     dx = int(12 * np.sin(2 * np.pi * 0.5 * index / fps))
     dy = int(6 * np.cos(2 * np.pi * 0.3 * index / fps))
     crop = image[20 + dy:320 + dy, 240 - half + dx:240 + half + dx]
-    frames.append(np.asarray(Image.fromarray(crop).resize((width, size), Image.Resampling.BILINEAR)))
+    frames.append(np.asarray(Image.fromarray(crop).resize((width, size),
+                                                          Image.Resampling.BILINEAR)))
   return np.stack(frames)
 
 
-SMALL_FACE_WIDTH = 144  # the two-face video: a 128² copy of the head at the left, in this many columns
+# The two-face video: a 128² copy of the head at the left, in this many columns.
+SMALL_FACE_WIDTH = 144
 
 
 def _two_astronauts(count: int) -> np.ndarray:
-  """Two faces: a large copy of the head (right) and a small one (left) that enters at frame 1, like a
-  passer-by. MediaPipe then lists the small face first in every later frame, so a pipeline taking the
-  first face it is given would follow the wrong one."""
+  """Two faces: a large copy of the head (right) and a small one (left) that enters at frame 1,
+  like a passer-by. MediaPipe then lists the small face first in every later frame, so a pipeline
+  taking the first face it is given would follow the wrong one."""
   frames = np.zeros((count, 192, SMALL_FACE_WIDTH + 192, 3), np.uint8)
   frames[1:, 32:160, :128] = _astronaut_frames(count, size=128)[1:]
   frames[:, :, SMALL_FACE_WIDTH:] = _astronaut_frames(count)
@@ -78,8 +84,8 @@ def _write_variable_rate(path, frames: np.ndarray, audio: np.ndarray) -> None:
       container.mux(packet)
     samples = (audio.astype(np.float32) / 32768).reshape(1, -1)
     for begin in range(0, samples.shape[1], 1024):
-      chunk = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, begin:begin + 1024]), format="fltp",
-                                         layout="mono")
+      chunk = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, begin:begin + 1024]),
+                                         format="fltp", layout="mono")
       chunk.sample_rate, chunk.pts = SAMPLE_RATE, begin
       for packet in sound.encode(chunk):
         container.mux(packet)
@@ -96,19 +102,22 @@ def prepared(tmp_path_factory):
   audio = _click_track(seconds)
   media.write_video_file(src / "alice" / "take1.mp4", frames, audio)
   media.write_video_file(src / "alice" / "take2.mp4", frames[::-1].copy(), audio)
-  _write_variable_rate(src / "bob" / "vfr.mp4", _astronaut_frames(60, fps=30.0), _click_track(seconds))
+  _write_variable_rate(src / "bob" / "vfr.mp4", _astronaut_frames(60, fps=30.0),
+                       _click_track(seconds))
   media.write_video_file(src / "carol" / "silent.mp4", frames)  # no audio track
   (src / "dave").mkdir()
   (src / "dave" / "corrupt.mp4").write_bytes(np.random.default_rng(1).bytes(5000))
   (src / "dave" / "empty.mp4").write_bytes(b"")
   good = (src / "alice" / "take1.mp4").read_bytes()
   (src / "dave" / "truncated.mp4").write_bytes(good[:len(good) // 2])
-  media.write_video_file(src / "erin" / "tiny.mp4", frames[:, :48:4, :48:4].copy(), audio)  # 12x12 px
+  # A 12x12 px video.
+  media.write_video_file(src / "erin" / "tiny.mp4", frames[:, :48:4, :48:4].copy(), audio)
   media.write_video_file(src / "frank" / "two_faces.mp4", _two_astronauts(len(frames)), audio)
   # Odd, non-square: H.264 4:4:4 (4:2:0 cannot store odd sizes).
-  media.write_video_file(src / "grace" / "odd.mp4", _astronaut_frames(len(frames), size=193, width=257), audio)
-  report = real.prepare_command(str(src), "folder", str(dst), RESOLUTION, clip_frames=40, min_clip_frames=20,
-                                   progress=False)
+  media.write_video_file(src / "grace" / "odd.mp4",
+                         _astronaut_frames(len(frames), size=193, width=257), audio)
+  report = real.prepare_command(str(src), "folder", str(dst), RESOLUTION, clip_frames=40,
+                                min_clip_frames=20, progress=False)
   return src, dst, report
 
 
@@ -145,9 +154,10 @@ def test_several_faces_take_the_largest(prepared):
   assert len(clips) == 2
   for frames, arrays in clips:
     box = arrays["crop_box"].astype(np.float64)
-    points = arrays["landmarks"].astype(np.float64) * (box[2] - box[0]) + box[:2]  # back to source pixels
-    # Every landmark on the large (right) face, and a crop sized for it: that face spans ~60 of 192 px
-    # (the small copy ~40), enlarged 1.9x.
+    # Back to source pixels.
+    points = arrays["landmarks"].astype(np.float64) * (box[2] - box[0]) + box[:2]
+    # Every landmark on the large (right) face, and a crop sized for it: that face spans ~60 of
+    # 192 px (the small copy ~40), enlarged 1.9x.
     assert points[..., 0].min() > SMALL_FACE_WIDTH, points[..., 0].min()
     assert SMALL_FACE_WIDTH < (box[0] + box[2]) / 2 < SMALL_FACE_WIDTH + 192
     assert box[2] - box[0] > 100
@@ -161,7 +171,8 @@ def test_odd_resolution_source(prepared):
   clips = _clips_of(dst, "grace/odd.mp4")
   assert [len(frames) for frames, _ in clips] == [25, 25]
   for frames, arrays in clips:
-    assert frames.shape[1:] == (RESOLUTION, RESOLUTION, 3) and frames.std() > 10  # a picture, not padding
+    # A picture, not padding.
+    assert frames.shape[1:] == (RESOLUTION, RESOLUTION, 3) and frames.std() > 10
     assert arrays["audio"].shape == (len(frames) * SAMPLES_PER_FRAME,)
     box = arrays["crop_box"].astype(np.float64)
     points = arrays["landmarks"].astype(np.float64) * (box[2] - box[0]) + box[:2]
@@ -172,8 +183,8 @@ def test_odd_resolution_source(prepared):
 
 def test_loader_windows_are_aligned_with_audio(prepared):
   _, _, report = prepared
-  config = loader.LoaderConfig(window=16, batch_size=1, num_workers=0, seed=1, shard_index=0, shard_count=1,
-                               with_pdfgc=True)
+  config = loader.LoaderConfig(window=16, batch_size=1, num_workers=0, seed=1, shard_index=0,
+                               shard_count=1, with_pdfgc=True)
   iterator = iter(loader.make_dataset(report["dataset_dir"], "train", config))
   context = config.audio_context_frames
   for _ in range(5):
@@ -200,23 +211,22 @@ def test_loader_windows_are_aligned_with_audio(prepared):
 
 def test_rerun_reuses_the_dataset_and_cached_videos(prepared):
   src, dst, report = prepared
-  again = real.prepare_command(str(src), "folder", str(dst), RESOLUTION, clip_frames=40, min_clip_frames=20,
-                                  progress=False)
+  again = real.prepare_command(str(src), "folder", str(dst), RESOLUTION, clip_frames=40,
+                               min_clip_frames=20, progress=False)
   assert again["already_prepared"] and again["clips"] == report["clips"]
   work = dst / prepare.WORK_DIR_NAME / "talking_heads-res64"
   results = {p.parent.name: json.loads(p.read_text()) for p in work.glob("*/result.json")}
   assert len(results) == 10 and not list(work.glob(".*tmp*"))
-  # A crash after the per-video work: the dataset folder is gone, the cache is reused (same results).
-  import shutil
+  # A crash after the per-video work: the dataset folder is gone, the cache is reused (same
+  # results).
   shutil.rmtree(dst / "talking_heads")
-  rebuilt = real.prepare_command(str(src), "folder", str(dst), RESOLUTION, clip_frames=40, min_clip_frames=20,
-                                    progress=False)
+  rebuilt = real.prepare_command(str(src), "folder", str(dst), RESOLUTION, clip_frames=40,
+                                 min_clip_frames=20, progress=False)
   assert rebuilt["clips"] == report["clips"]
   assert {p.parent.name: json.loads(p.read_text()) for p in work.glob("*/result.json")} == results
 
 
 def test_cli_prepare_and_synthesize(prepared, tmp_path, capsys):
-  from etalk_jax.cli import main
   src, dst, _ = prepared
   assert main(["prepare", "--src", str(src), "--layout", "folder", "--dst", str(dst),
                "--resolution", str(RESOLUTION), "--clip-frames", "40", "--min-clip-frames", "20",

@@ -5,7 +5,8 @@ import sys
 import numpy as np
 import pytest
 
-from data_pipeline import EMOTIONS, SAMPLES_PER_FRAME, faces, synthetic
+from data_pipeline import EMOTIONS, SAMPLES_PER_FRAME, faces, loader, media, prepare, synthetic
+from data_pipeline.builders import synthetic_talking_heads
 
 
 def test_clip_is_deterministic_and_ground_truth_matches_what_was_drawn():
@@ -24,8 +25,10 @@ def test_clip_is_deterministic_and_ground_truth_matches_what_was_drawn():
 
 
 def test_mouth_opens_only_while_there_is_sound():
-  clip = synthetic.make_clip(synthetic.make_identity(0), "neutral", 1, num_frames=100, resolution=64)
-  loudness = np.sqrt((clip.audio.astype(np.float64).reshape(100, SAMPLES_PER_FRAME) ** 2).mean(axis=1))
+  clip = synthetic.make_clip(synthetic.make_identity(0), "neutral", 1, num_frames=100,
+                             resolution=64)
+  loudness = np.sqrt((clip.audio.astype(np.float64).reshape(100, SAMPLES_PER_FRAME) ** 2)
+                     .mean(axis=1))
   silent, open_mouth = loudness < 1.0, clip.mouth_open > 0.2
   assert silent.any() and open_mouth.any()
   assert not (silent & open_mouth).any()
@@ -34,10 +37,13 @@ def test_mouth_opens_only_while_there_is_sound():
 
 def test_emotions_change_face_and_voice():
   identity = synthetic.make_identity(1)
-  clips = {emotion: synthetic.make_clip(identity, emotion, 3, num_frames=50, resolution=64) for emotion in EMOTIONS}
-  brow_height = {e: (c.landmarks[:, list(faces.RIGHT_BROW), 1].mean() - c.landmarks[:, 159, 1].mean())
+  clips = {emotion: synthetic.make_clip(identity, emotion, 3, num_frames=50, resolution=64)
+           for emotion in EMOTIONS}
+  brow_height = {e: (c.landmarks[:, list(faces.RIGHT_BROW), 1].mean()
+                     - c.landmarks[:, 159, 1].mean())
                  for e, c in clips.items()}
-  assert brow_height["surprised"] < brow_height["neutral"] < brow_height["angry"]  # y grows downwards
+  # y grows downwards.
+  assert brow_height["surprised"] < brow_height["neutral"] < brow_height["angry"]
   corner = {e: c.landmarks[:, list(faces.MOUTH_CORNERS), 1].mean() - c.landmarks[:, 13, 1].mean()
             for e, c in clips.items()}
   assert corner["happy"] < corner["neutral"] < corner["sad"]
@@ -52,9 +58,6 @@ def test_identities_differ():
 
 
 def test_builder_writes_records_without_tensorflow(tmp_path):
-  from data_pipeline import loader
-  from data_pipeline.builders import synthetic_talking_heads
-
   dataset_dir = synthetic_talking_heads.build(str(tmp_path), "tiny")
   train, test = loader.data_source(dataset_dir, "train"), loader.data_source(dataset_dir, "test")
   assert len(train) + len(test) == 8 and len(test) == 1
@@ -62,7 +65,6 @@ def test_builder_writes_records_without_tensorflow(tmp_path):
   assert record["landmarks"].shape == (48, 478, 2) and record["landmarks"].dtype == np.float16
   assert record["audio"].shape == (48 * SAMPLES_PER_FRAME,)
   assert record["mouth_open"].shape == (48,) and record["pose"].shape == (48, 6)
-  from data_pipeline import media
   frames = media.decode_frames(record["video"])
   assert frames.shape == (48, 64, 64, 3)
   assert "tensorflow" not in sys.modules
@@ -70,12 +72,14 @@ def test_builder_writes_records_without_tensorflow(tmp_path):
 
 @pytest.mark.slow
 def test_mead_layout_round_trip(tmp_path):
-  from data_pipeline import media, prepare
-  spec = synthetic.SyntheticSpec(identities=1, emotions=("fearful",), levels=(2,), num_frames=30, resolution=64)
+  spec = synthetic.SyntheticSpec(identities=1, emotions=("fearful",), levels=(2,), num_frames=30,
+                                 resolution=64)
   paths = synthetic.write_mead_layout(tmp_path, spec, progress=False)
-  assert paths[0].relative_to(tmp_path).as_posix() == "synthetic_000/video/front/fear/level_2/001.mp4"
+  assert (paths[0].relative_to(tmp_path).as_posix()
+          == "synthetic_000/video/front/fear/level_2/001.mp4")
   item, = prepare.list_videos(tmp_path, "mead")
-  assert (item.speaker, item.emotion, item.level) == ("synthetic_000", "fearful", 2) and item.audio_path
+  assert ((item.speaker, item.emotion, item.level) == ("synthetic_000", "fearful", 2)
+          and item.audio_path)
   audio, _ = media.read_audio(item.audio_path)
   assert abs(len(audio) - 30 * SAMPLES_PER_FRAME) < 2048
 
@@ -83,7 +87,8 @@ def test_mead_layout_round_trip(tmp_path):
 def test_head_motion_scale_scales_the_movement_only():
   identity = synthetic.make_identity(2)
   full = synthetic.make_clip(identity, "angry", 3, num_frames=40, resolution=64)
-  calm = synthetic.make_clip(identity, "angry", 3, num_frames=40, resolution=64, head_motion_scale=0.3)
+  calm = synthetic.make_clip(identity, "angry", 3, num_frames=40, resolution=64,
+                             head_motion_scale=0.3)
   np.testing.assert_array_equal(full.audio, calm.audio)
   np.testing.assert_array_equal(full.mouth_open, calm.mouth_open)
   movement = lambda clip: clip.pose - clip.pose.mean(axis=0)  # the held head pitch is not movement

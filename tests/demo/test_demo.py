@@ -5,12 +5,13 @@ import json
 
 import numpy as np
 
+from data_pipeline import media, synthetic
+from etalk_jax import cli
+from etalk_jax.demo import report as demo_report, stages
+from etalk_jax.pipeline import EmotiveTalkPipeline
+
 
 def test_quick_demo_trains_every_stage_generates_and_reports(tmp_path, capsys):
-  from data_pipeline import media
-  from etalk_jax import cli
-  from etalk_jax.pipeline import EmotiveTalkPipeline
-
   workdir = tmp_path / "demo"
   assert cli.main(["demo", "--quick", "--workdir", str(workdir), "--no-progress"]) == 0
   out = capsys.readouterr().out
@@ -50,14 +51,11 @@ def test_mouth_reader_reads_emotional_mouths_in_the_portraits_box():
   portrait, the reader follows a held-out face's mouth in every emotion. Grey pixels in each
   clip's own box read this face's sad and angry mouths inverted (it shows teeth, not a dark
   cavity): correlation -0.86 and -0.49 with the true opening."""
-  from data_pipeline import synthetic
-  from etalk_jax.demo import report
-
   def clips_of(identity_index, emotions):
     identity = synthetic.make_identity(identity_index)
     made = {emotion: synthetic.make_clip(identity, emotion, 3, 60, 64, head_motion_scale=0.3)
             for emotion in emotions}
-    return {emotion: report.HeldOutClip(
+    return {emotion: demo_report.HeldOutClip(
         clip_id=clip.clip_id, emotion=emotion, frames=clip.frames,
         speech=clip.audio.astype(np.float32), landmarks_px=clip.landmarks * 64,
         mouth_open=clip.mouth_open) for emotion, clip in made.items()}
@@ -68,7 +66,7 @@ def test_mouth_reader_reads_emotional_mouths_in_the_portraits_box():
     clips = clips_of(index, emotions)
     portrait = clips["neutral"]
     training += [(clip, portrait.frames[0], portrait.landmarks_px[0]) for clip in clips.values()]
-  reader = report.MouthReader(training)
+  reader = demo_report.MouthReader(training)
   held_out = clips_of(6, emotions)
   portrait = held_out["neutral"]
   for emotion in emotions:
@@ -80,8 +78,6 @@ def test_mouth_reader_reads_emotional_mouths_in_the_portraits_box():
 def test_the_stage_graph_runs_each_step_after_what_it_needs():
   """Every step needs only earlier steps (the scheduler walks the graph in its order), and the
   demo trains every stage of `train.stages.STAGES` but the joint V-AID one, in that order."""
-  from etalk_jax.demo import stages
-
   names = [step.name for step in stages.STEPS]
   for index, step in enumerate(stages.STEPS):
     assert set(step.needs) <= set(names[:index]), step.name

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from etalk_jax.diffusion import edm, sampling
+from etalk_jax.svd import unet_from_diffusers
 from tests.helpers.svd_reference import UNET_TWO_LEVELS, make_unet, relative_error, svd_scheduler
 
 STEPS = 25
@@ -206,7 +207,6 @@ UNET_FIELDS = dict(UNET_TWO_LEVELS, in_channels=8)
 
 @pytest.fixture(scope="module")
 def unet_pair():
-  from etalk_jax.svd import unet_from_diffusers
   torch_unet = make_unet(UNET_FIELDS)
   return torch_unet, unet_from_diffusers(torch_unet)
 

@@ -12,12 +12,14 @@ import optax
 import pytest
 from flax import nnx
 
-from data_pipeline import EMOTIONS
-from etalk_jax import model_io
-from etalk_jax import records as records_module
+from data_pipeline import EMOTIONS, loader
+from data_pipeline.builders import synthetic_talking_heads
+from etalk_jax import model_io, records as records_module
+from etalk_jax.audio import AudioFeatures, FeatureConfig, WavLM, WavLMConfig
 from etalk_jax.emotion import ser
 from etalk_jax.emotion.codebook import Codebook, build_codebook, codebook_build_command
 from etalk_jax.emotion.keywords import NEGATED, check_keyword, keyword_from_text
+from etalk_jax.vision.pdfgc import PDFGC_SMALL, AdaptedPDFGC
 
 
 def _random_model(build):
@@ -212,14 +214,10 @@ def test_load_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory):
-  from data_pipeline.builders import synthetic_talking_heads
   return synthetic_talking_heads.build(str(tmp_path_factory.mktemp("synthetic")), "tiny")
 
 
 def test_codebook_build_command(tiny_dataset, tmp_path, monkeypatch, caplog):
-  from data_pipeline import loader
-  from etalk_jax.vision.pdfgc import PDFGC_SMALL, AdaptedPDFGC
-
   # Relabel the first clip as MEAD's "contempt": it must be skipped and counted.
   real_source = loader.data_source
 
@@ -327,8 +325,6 @@ TINY_WAVLM = dict(hidden_size=16, num_hidden_layers=3, num_attention_heads=4,
 
 
 def test_speech_states_and_keyword_from_speech(tmp_path):
-  from etalk_jax.audio import AudioFeatures, FeatureConfig, WavLM, WavLMConfig
-
   audio = AudioFeatures(_random_model(lambda rngs: WavLM(WavLMConfig(**TINY_WAVLM), rngs=rngs)),
                         FeatureConfig(chunk_frames=50, context_frames=10, bucket_frames=(50,)))
   samples = np.random.default_rng(0).normal(size=16_000).astype(np.float32) * 0.1

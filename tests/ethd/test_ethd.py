@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from tests.helpers.svd_reference import (UNET_TWO_LEVELS, make_unet, relative_error,
-                                         svd_context_as_tokens, unet_inputs)
-from etalk_jax import model_io
-from etalk_jax.ethd import (ETHD, ETHDConfig, TemporalBlockWithExpression, ethd_from_svd,
-                            frame_windows, load_ethd, save_ethd)
+from etalk_jax import model_io, parallel
+from etalk_jax.ethd import (
+  ETHD,
+  ETHDConfig,
+  TemporalBlockWithExpression,
+  ethd_from_svd,
+  frame_windows,
+  load_ethd,
+  save_ethd,
+)
 from etalk_jax.ethd.edi import area_downsample
 from etalk_jax.svd import UNetConfig, unet_from_diffusers
 from etalk_jax.svd.params import parameter_count
+from etalk_jax.train.config import load_config
+from etalk_jax.train.stages import common
+from tests.helpers.svd_reference import (
+  UNET_TWO_LEVELS,
+  make_unet,
+  relative_error,
+  svd_context_as_tokens,
+  unet_inputs,
+)
 
 TINY = dict(lip_dim=8, expression_dim=6)
 svd_forward = nnx.jit(lambda unet, inputs: unet(**inputs))
@@ -229,7 +246,6 @@ def test_reference_relative_target_round_trips():
 
 
 def test_lip_statistics_standardise_the_lip_stream(svd_and_ethd, tmp_path):
-  import dataclasses
   _, ethd, inputs, _ = svd_and_ethd
   ethd = nnx.merge(*nnx.split(ethd))
   _perturb_edi(ethd, TRAINED_PARTS)  # a lip projection that reads its input (zero at init)
@@ -257,11 +273,7 @@ def test_lip_statistics_standardise_the_lip_stream(svd_and_ethd, tmp_path):
 
 
 def test_stage_lip_statistics_replace_an_inits_and_otherwise_stay(svd_and_ethd, tmp_path):
-  import dataclasses
-  from pathlib import Path
-  from etalk_jax import parallel
-  from etalk_jax.train.config import load_config
-  from etalk_jax.train.stages import common
+
   _, ethd, _, _ = svd_and_ethd
   saved = nnx.merge(*nnx.split(ethd))
   saved.ethd_config = dataclasses.replace(ethd.ethd_config, lip_mean=(1.0,) * 8,

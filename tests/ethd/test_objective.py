@@ -10,10 +10,18 @@ from flax import nnx
 
 from etalk_jax.ethd import ETHD, ETHDConfig
 from etalk_jax.ethd.edi import area_downsample
-from etalk_jax.ethd.objective import (DROP_EXPRESSION, DROP_LIP, KEEP_BOTH, choose_expression,
-                                      choose_modes, drop_streams, encoder_reconstruction_loss,
-                                      masked_weighted_loss, reconstruction_loss,
-                                      reconstruction_mask)
+from etalk_jax.ethd.objective import (
+  DROP_EXPRESSION,
+  DROP_LIP,
+  KEEP_BOTH,
+  choose_expression,
+  choose_modes,
+  drop_streams,
+  encoder_reconstruction_loss,
+  masked_weighted_loss,
+  reconstruction_loss,
+  reconstruction_mask,
+)
 from etalk_jax.svd import UNetConfig
 from etalk_jax.vision.pdfgc import ADAPTER_PARAMS, PDFGC_SMALL, AdaptedPDFGC
 
@@ -147,7 +155,8 @@ def test_loss_equals_the_hand_computed_value_with_per_frame_masks():
   face, lip = _masks(2)
   frame_lip = np.stack([np.roll(lip, 4 * f, axis=1) for f in range(FRAMES)], axis=1)
   frame_face = np.stack([np.roll(face, 4 * f, axis=1) for f in range(FRAMES)], axis=1)
-  modes, sigma, key = jnp.array([DROP_EXPRESSION, DROP_LIP]), jnp.array([0.5, 2.0]), jax.random.key(4)
+  modes, sigma = jnp.array([DROP_EXPRESSION, DROP_LIP]), jnp.array([0.5, 2.0])
+  key = jax.random.key(4)
   loss, _ = reconstruction_loss(lambda sample, *_: jnp.zeros(sample.shape[:-1] + (4,)),
                                 **{**inputs, "clean": clean}, key=key, modes=modes, sigma=sigma,
                                 loss_masks=(frame_face, frame_lip))

@@ -1,4 +1,5 @@
-"""A tiny ETHD overfits one synthetic talking-head clip on the CPU (docs/ARCHITECTURE.md §3.5, §3.7).
+"""A tiny ETHD overfits one synthetic talking-head clip on the CPU
+(docs/ARCHITECTURE.md §3.5, §3.7).
 
 Latents are the clip's frames area-downsampled 8x (SVD's VAE factor) to 8x8, RGB in [-1, 1]
 plus their luma as the 4th channel: no VAE, so the test measures the backbone and the objective
@@ -17,6 +18,8 @@ import optax
 import pytest
 from flax import nnx
 
+from data_pipeline import loader
+from data_pipeline.builders import synthetic_talking_heads
 from etalk_jax.diffusion.edm import denoise, weighted_loss
 from etalk_jax.ethd import ETHD, ETHDConfig
 from etalk_jax.ethd.edi import area_downsample
@@ -48,8 +51,6 @@ def frames_to_latents(frames: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-  from data_pipeline import loader
-  from data_pipeline.builders import synthetic_talking_heads
   dataset_dir = synthetic_talking_heads.build(str(tmp_path_factory.mktemp("synthetic")), "tiny")
   config = loader.LoaderConfig(window=FRAMES, batch_size=1, seed=0, num_workers=0,
                                shard_index=0, shard_count=1)

@@ -19,13 +19,14 @@ import time
 
 import numpy as np
 
+from data_pipeline import loader
+
 STEPS = 3
 LOCAL_BATCH = 2
 WINDOW = 2
 
 
 def batches(dataset_dir: str, shard_index: int, shard_count: int):
-  from data_pipeline import loader
   config = loader.LoaderConfig(window=WINDOW, batch_size=LOCAL_BATCH, seed=3, num_epochs=None,
                                with_reference=False, with_masks=False, num_workers=0,
                                read_threads=1, shard_index=shard_index, shard_count=shard_count)
@@ -38,7 +39,7 @@ def batches(dataset_dir: str, shard_index: int, shard_count: int):
 
 
 def build_model():
-  from flax import nnx
+  from flax import nnx  # noqa: PLC0415 (after __main__ sets JAX_PLATFORMS)
 
   class TinyVideoModel(nnx.Module):
     """Conv features per frame -> MLP -> each frame's mouth opening (3 kernels >= 4096 elements:
@@ -62,10 +63,10 @@ def build_model():
 
 
 def train_step(graphdef, tx):
-  import jax
-  import jax.numpy as jnp
-  import optax
-  from flax import nnx
+  import jax  # noqa: PLC0415 (after __main__ sets JAX_PLATFORMS)
+  import jax.numpy as jnp  # noqa: PLC0415 (after __main__ sets JAX_PLATFORMS)
+  import optax  # noqa: PLC0415 (after __main__ sets JAX_PLATFORMS)
+  from flax import nnx  # noqa: PLC0415 (after __main__ sets JAX_PLATFORMS)
 
   def step(params, opt_state, batch):
     def loss_fn(params):
@@ -78,19 +79,19 @@ def train_step(graphdef, tx):
 
 
 def flat(params) -> dict[str, np.ndarray]:
-  import jax
+  import jax  # noqa: PLC0415 (after __main__ sets JAX_PLATFORMS)
   return {jax.tree_util.keystr(path): np.asarray(leaf)
           for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
 
 def worker(process_id: int, port: int, dataset_dir: str, out: str):
-  import jax
+  import jax  # noqa: PLC0415 (after __main__ sets JAX_PLATFORMS)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  from etalk_jax import parallel
+  from etalk_jax import parallel  # noqa: PLC0415 (after __main__ sets JAX_PLATFORMS)
   parallel.initialize_distributed(f"localhost:{port}", num_processes=2, process_id=process_id)
-  import optax
-  from flax import nnx
-  from jax.experimental import multihost_utils
+  import optax  # noqa: PLC0415 (after __main__ sets JAX_PLATFORMS)
+  from flax import nnx  # noqa: PLC0415 (after __main__ sets JAX_PLATFORMS)
+  from jax.experimental import multihost_utils  # noqa: PLC0415 (after __main__ sets JAX_PLATFORMS)
 
   assert jax.process_count() == 2 and jax.device_count() == 2 * jax.local_device_count()
   mesh = parallel.make_mesh({"data": 2, "fsdp": -1})
@@ -124,9 +125,9 @@ def worker(process_id: int, port: int, dataset_dir: str, out: str):
 
 
 def reference(dataset_dir: str, out: str):
-  import jax
-  import optax
-  from flax import nnx
+  import jax  # noqa: PLC0415 (after __main__ sets JAX_PLATFORMS)
+  import optax  # noqa: PLC0415 (after __main__ sets JAX_PLATFORMS)
+  from flax import nnx  # noqa: PLC0415 (after __main__ sets JAX_PLATFORMS)
   graphdef, params = nnx.split(build_model())
   tx = optax.adam(1e-2, eps=1e-3)
   opt_state = tx.init(params)

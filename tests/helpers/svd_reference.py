@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from diffusers import (
+  AutoencoderKLTemporalDecoder,
+  EulerDiscreteScheduler,
+  UNetSpatioTemporalConditionModel,
+)
 
 # Three levels, two layers per block, per-level heads, batch 2 x 3 frames: the issue's main case.
 UNET_THREE_LEVELS = dict(
@@ -44,20 +49,17 @@ def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def make_unet(fields: dict, seed: int = 0):
-  from diffusers import UNetSpatioTemporalConditionModel
   torch.manual_seed(seed)
   return perturb(UNetSpatioTemporalConditionModel(**fields), seed)
 
 
 def make_vae(fields: dict, seed: int = 0):
-  from diffusers import AutoencoderKLTemporalDecoder
   torch.manual_seed(seed)
   return perturb(AutoencoderKLTemporalDecoder(**fields), seed)
 
 
 def svd_scheduler():
   """SVD-XT's scheduler_config.json, field for field."""
-  from diffusers import EulerDiscreteScheduler
   return EulerDiscreteScheduler(
       beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
       prediction_type="v_prediction", timestep_spacing="leading", steps_offset=1,

@@ -1,11 +1,12 @@
-"""A tiny training run for the checkpoint tests: imported by tests/train/test_checkpoint.py and run as a
-subprocess (the SIGTERM / SIGKILL tests) with
+"""A tiny training run for the checkpoint tests: imported by tests/train/test_checkpoint.py and run
+as a subprocess (the SIGTERM / SIGKILL tests) with
 
   python tests/helpers/train_checkpoint_script.py DATASET_DIR WORKDIR TOTAL_STEPS [--step-delay S]
                                                   [--kill-during-save-at STEP]
 
-A linear map from a window's audio to its mouth-opening track, with input noise drawn from the loop's
-RNG key (so resuming must restore the key too) and 8-bit Adam (its quantised moments must round-trip).
+A linear map from a window's audio to its mouth-opening track, with input noise drawn from the
+loop's RNG key (so resuming must restore the key too) and 8-bit Adam (its quantised moments must
+round-trip).
 Prints `resumed N` / `step N` / `stopped N` lines, flushed, for the parent to follow.
 """
 
@@ -94,7 +95,8 @@ def train(dataset_dir: str, workdir: str, total_steps: int, *, stop=None, step_d
       report(f"step {step}")
       stopping = stop is not None and stop.requested()
       if step == kill_during_save_at:
-        # The earlier saves are complete; this one's files are still being written when the process dies.
+        # The earlier saves are complete; this one's files are still being written when the
+        # process dies.
         checkpointer.wait_until_finished()
         hold_background_writes(30.0)
         with TrainCheckpointer(workdir, max_to_keep=MAX_TO_KEEP) as held:
@@ -102,7 +104,8 @@ def train(dataset_dir: str, workdir: str, total_steps: int, *, stop=None, step_d
           report(f"killing {step}")
           os.kill(os.getpid(), signal.SIGKILL)
       if step % SAVE_EVERY == 0 or step == total_steps or stopping:
-        checkpointer.save(step, model=model, optimizer=optimizer, iterator=iterator, rng=rng, force=True)
+        checkpointer.save(step, model=model, optimizer=optimizer, iterator=iterator, rng=rng,
+                          force=True)
       if stopping:
         checkpointer.wait_until_finished()
         report(f"stopped {step}")
@@ -114,7 +117,8 @@ def train(dataset_dir: str, workdir: str, total_steps: int, *, stop=None, step_d
 
 
 class _SlowCommit:
-  """An Orbax commit future that takes `seconds`: holds an async save open so a test can kill it midway."""
+  """An Orbax commit future that takes `seconds`: holds an async save open so a test can kill it
+  midway."""
 
   def __init__(self, seconds: float):
     self.seconds = seconds

@@ -16,14 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from jax._src.cudnn import fused_attention_stablehlo as jax_cudnn
 
-from flax import nnx
-
 from etalk_jax import model_io
-from etalk_jax.diffusion import sampling
 from etalk_jax.audio.wav2vec2 import Wav2Vec2, Wav2Vec2Config
 from etalk_jax.audio.wavlm import WavLM, WavLMConfig
+from etalk_jax.diffusion import sampling
 from etalk_jax.ethd.model import ETHD, ETHDConfig
 from etalk_jax.ethd.objective import reconstruction_loss
 from etalk_jax.layers import attention
@@ -31,7 +30,6 @@ from etalk_jax.layers.compute import Compute
 from etalk_jax.pipeline import call_ethd
 from etalk_jax.svd import TemporalVAE, UNetConfig, UNetSpatioTemporal, VAEConfig
 from etalk_jax.vaid import DICTE_FULL, PROJECTOR_FULL, AudioLipProjector, DiCTE
-
 
 HELPERS = Path(__file__).parents[1] / "helpers"
 
@@ -227,8 +225,8 @@ def _trace_calls(build, *input_specs, call=lambda model, *inputs: model(*inputs)
 @pytest.fixture(scope="module")
 def full_size_calls():
   """{model: [AttentionCall]} at the shapes the paper runs: ETHD at 512² x 120 frames and
-  1024² x 32, SVD-XT's UNet at its own 576x1024 x 25, the VAE on 512² frames, wav2vec2 and WavLM on 60 s of speech
-  with a padding mask, the projector and Di-CTE on a 120-frame clip."""
+  1024² x 32, SVD-XT's UNet at its own 576x1024 x 25, the VAE on 512² frames, wav2vec2 and WavLM
+  on 60 s of speech with a padding mask, the projector and Di-CTE on a 120-frame clip."""
   bf16 = Compute.bf16()
   spec = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
   calls = {}
@@ -241,7 +239,8 @@ def full_size_calls():
         spec(1, frames, ethd_config.expression_dim), spec(1, ethd_config.expression_dim),
         spec(1, pixels, pixels))
   unet_config = UNetConfig()  # SVD-XT's own setting: 25 frames at 576x1024 (72x128 latents)
-  time_ids = unet_config.projection_class_embeddings_input_dim // unet_config.addition_time_embed_dim
+  time_ids = (unet_config.projection_class_embeddings_input_dim
+              // unet_config.addition_time_embed_dim)
   calls["svd_unet_576x1024x25"] = _trace_calls(
       lambda rngs: UNetSpatioTemporal(unet_config, compute=bf16, rngs=rngs),
       spec(1, 25, 72, 128, unet_config.in_channels), spec(1),

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.builders import synthetic_talking_heads
+
 HELPERS = Path(__file__).parents[1] / "helpers"
 WORKER = HELPERS / "distributed_worker.py"
 
@@ -27,7 +29,6 @@ def _env(devices: int) -> dict:
 
 
 def test_two_processes_train_like_one(tmp_path):
-  from data_pipeline.builders import synthetic_talking_heads
   dataset_dir = synthetic_talking_heads.build(str(tmp_path / "data"), "tiny")
   port = _free_port()
   workers = [subprocess.Popen([sys.executable, str(WORKER), "worker", str(i), str(port),

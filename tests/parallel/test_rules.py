@@ -1,11 +1,25 @@
+import json
+
 import jax
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 from etalk_jax import model_io, parallel
+from etalk_jax.audio.wav2vec2 import Wav2Vec2, Wav2Vec2Config
+from etalk_jax.audio.wavlm import WavLM, WavLMConfig
+from etalk_jax.ethd.model import ETHD, ETHDConfig
 from etalk_jax.parallel import logical, rules
+from etalk_jax.parallel.mesh import CLUSTER_VARIABLES
 from etalk_jax.svd import UNetConfig, UNetSpatioTemporal
+from etalk_jax.svd.config import VAEConfig
+from etalk_jax.svd.vae import TemporalVAE
+from etalk_jax.train.optim import adam_8bit
+from etalk_jax.vaid.dicte import DICTE_FULL, DiCTE
+from etalk_jax.vaid.projector import PROJECTOR_FULL, AudioLipProjector
+from etalk_jax.vision.pdfgc import PDFGC_FULL, AdaptedPDFGC
+from tests.helpers import ethd_sharding_golden as golden
 from tests.helpers.svd_reference import UNET_TWO_LEVELS
 
 # Specs need only the mesh's axis sizes: an AbstractMesh stands in for 2 x 4 devices.
@@ -66,7 +80,6 @@ def test_mesh_shape_from_config():
 
 
 def test_single_process_needs_no_distributed_start(monkeypatch):
-  from etalk_jax.parallel.mesh import CLUSTER_VARIABLES
   for name in CLUSTER_VARIABLES:
     monkeypatch.delenv(name, raising=False)
   parallel.initialize_distributed()
@@ -80,14 +93,6 @@ FSDP8 = AbstractMesh((1, 8), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
 
 def _families():
   """Full-size builders of every model family (shapes only: ~4 s for all)."""
-  from etalk_jax.audio.wav2vec2 import Wav2Vec2, Wav2Vec2Config
-  from etalk_jax.audio.wavlm import WavLM, WavLMConfig
-  from etalk_jax.ethd.model import ETHD, ETHDConfig
-  from etalk_jax.svd.config import VAEConfig
-  from etalk_jax.svd.vae import TemporalVAE
-  from etalk_jax.vaid.dicte import DICTE_FULL, DiCTE
-  from etalk_jax.vaid.projector import PROJECTOR_FULL, AudioLipProjector
-  from etalk_jax.vision.pdfgc import PDFGC_FULL, AdaptedPDFGC
   large = Wav2Vec2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                          intermediate_size=4096, feat_extract_norm="layer",
                          do_stable_layer_norm=True, add_adapter=True, adapter_attn_dim=16)
@@ -155,8 +160,7 @@ def test_logical_rules_divisibility_priority_and_size():
 def test_optimizer_state_follows_its_parameters():
   """Adam's moments and 8-bit Adam's codes (parameter-shaped) take the parameter's logical
   spec; 8-bit Adam's per-block scales (not parameter-shaped) keep the shape rule."""
-  import optax
-  from etalk_jax.train.optim import adam_8bit
+
   model = model_io.abstract(lambda rngs: UNetSpatioTemporal(UNetConfig.from_dict(
       UNET_TWO_LEVELS), rngs=rngs))
   axes = parallel.model_axes(model)
@@ -198,8 +202,7 @@ def test_golden_sharding_specs_of_full_size_ethd():
   """Every ETHD parameter's logical names and spec on 8-way FSDP, against the checked-in
   tests/helpers/golden/ethd_sharding_specs.json (`python tests/helpers/ethd_sharding_golden.py
   --regen` after an intended change)."""
-  import json
-  from tests.helpers import ethd_sharding_golden as golden
+
   result = golden.compute()
   expected = json.loads(golden.GOLDEN.read_text())
   diff = [f"{path}: golden {expected['specs'].get(path)} now {result['specs'].get(path)}"
@@ -217,7 +220,6 @@ def test_golden_sharding_specs_of_full_size_ethd():
 def test_train_state_of_model_and_optimizer():
   """The train loop's state `nnx.split((model, optimizer))`: `tree_axes` names the model's
   parameters under `0.` and Adam's moments under `1.opt_state...` take the same specs."""
-  import optax
   model = UNetSpatioTemporal(UNetConfig.from_dict(UNET_TWO_LEVELS), rngs=nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
   axes = parallel.tree_axes((model, optimizer))

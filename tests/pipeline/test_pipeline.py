@@ -18,24 +18,31 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
-from data_pipeline import EMOTIONS, synthetic
-from data_pipeline.media import probe, write_audio_file
-from etalk_jax import cli, model_io
-from etalk_jax import pipeline as pipeline_module
-from etalk_jax.pipeline import command as sample_module
-from etalk_jax.pipeline import inputs as pipeline_inputs
-from etalk_jax.audio import Wav2Vec2
+from data_pipeline import EMOTIONS, faces, synthetic
+from data_pipeline.media import probe, write_audio_file, write_video_file
+from etalk_jax import cli, model_io, pipeline as pipeline_module
+from etalk_jax.audio import Wav2Vec2, WavLM, WavLMConfig
+from etalk_jax.codecs import PixelShuffleCodec
 from etalk_jax.diffusion import sampling
 from etalk_jax.diffusion.sampling import SamplerConfig, WindowConfig
 from etalk_jax.emotion.codebook import Codebook
+from etalk_jax.emotion.ser import SERConfig, SpeechEmotionHead
 from etalk_jax.ethd import ETHD, ETHDConfig
 from etalk_jax.layers.compute import Compute
-from etalk_jax.pipeline import EmotiveTalkPipeline, save_pipeline
-from etalk_jax.codecs import PixelShuffleCodec
+from etalk_jax.pipeline import (
+  EmotiveTalkPipeline,
+  command as sample_module,
+  inputs as pipeline_inputs,
+  save_pipeline,
+)
+from etalk_jax.vaid import dicte as dicte_module
 from etalk_jax.vaid.dicte import DiCTE, DiCTEConfig
 from etalk_jax.vaid.projector import AudioLipProjector, ProjectorConfig
 from etalk_jax.vaid.storage import save_vaid_model
+from etalk_jax.vision.alignment import pdfgc_inputs
+from etalk_jax.vision.params import load_encoders
 from etalk_jax.vision.pdfgc import PDFGC_SMALL, AdaptedPDFGC
 from tests.ethd.test_training import TINY_UNET
 from tests.vaid.test_learning import TINY_FEATURES, TINY_WAV2VEC2
@@ -153,9 +160,6 @@ def test_text_and_image_sources(pipe, portrait, monkeypatch):
 def test_expressions_are_pd_fgcs_on_the_aligned_crops(checkpoint, pipe, portrait, monkeypatch):
   """e_ref of the portrait and e_v of an emotion image are the encoders' outputs on PD-FGC's
   aligned crop of the training crop (`pdfgc_inputs` on its landmarks), as in training."""
-  from etalk_jax.vaid import dicte as dicte_module
-  from etalk_jax.vision.alignment import pdfgc_inputs
-  from etalk_jax.vision.params import load_encoders
   frame, landmarks, _, samples = portrait
   face = pipeline_module.crop_face(frame, landmarks, RESOLUTION)
   parts = pipeline_module.read_pipeline_record(checkpoint)["components"]
@@ -196,8 +200,6 @@ class FakeLandmarker:
 
 def test_driving_video_expressions_drive_the_face_directly(pipe, portrait, monkeypatch,
                                                           tmp_path):
-  from data_pipeline import faces
-  from data_pipeline.media import write_video_file
   frame, landmarks, _, samples = portrait
   clip = synthetic.make_clip(synthetic.make_identity(1), "happy", 3, num_frames=13,
                              resolution=RESOLUTION)
@@ -212,8 +214,6 @@ def test_driving_video_expressions_drive_the_face_directly(pipe, portrait, monke
 
 
 def test_emotional_speech_picks_a_keyword(checkpoint, portrait, tmp_path):
-  from etalk_jax.audio import WavLM, WavLMConfig
-  from etalk_jax.emotion.ser import SERConfig, SpeechEmotionHead
   frame, landmarks, wav, samples = portrait
   wavlm_config = WavLMConfig(**{f.name: getattr(TINY_WAV2VEC2, f.name)
                                 for f in dataclasses.fields(TINY_WAV2VEC2)})
@@ -314,7 +314,6 @@ def test_checkpoint_errors(checkpoint, tmp_path):
 
 def test_sample_command(checkpoint, portrait, tmp_path, monkeypatch, capsys):
   frame, landmarks, wav, _ = portrait
-  from PIL import Image
   image = tmp_path / "portrait.png"
   Image.fromarray(frame).save(image)
   # The synthetic face is not a photo MediaPipe is sure to find: give the renderer's landmarks.
@@ -359,7 +358,6 @@ def test_bf16_compute_runs_ethd_in_bf16_over_fp32_weights(checkpoint, pipe, port
 
 def test_sample_command_dtype_and_attention(checkpoint, portrait, tmp_path, monkeypatch, capsys):
   frame, landmarks, wav, _ = portrait
-  from PIL import Image
   image = tmp_path / "portrait.png"
   Image.fromarray(frame).save(image)
   monkeypatch.setattr(pipeline_inputs, "detect_face", lambda image, name: landmarks)

@@ -5,17 +5,41 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from diffusers.models.attention import (
+  BasicTransformerBlock as DiffusersBasicTransformerBlock,
+  TemporalBasicTransformerBlock as DiffusersTemporalBasicTransformerBlock,
+)
+from diffusers.models.attention_processor import Attention as DiffusersAttention
+from diffusers.models.downsampling import Downsample2D as DiffusersDownsample2D
+from diffusers.models.embeddings import (
+  TimestepEmbedding as DiffusersTimestepEmbedding,
+  get_timestep_embedding,
+)
+from diffusers.models.resnet import (
+  ResnetBlock2D as DiffusersResnetBlock2D,
+  SpatioTemporalResBlock as DiffusersSpatioTemporalResBlock,
+  TemporalResnetBlock as DiffusersTemporalResnetBlock,
+)
+from diffusers.models.transformers.transformer_temporal import (
+  TransformerSpatioTemporalModel as DiffusersTransformerSpatioTemporalModel,
+)
+from diffusers.models.upsampling import Upsample2D as DiffusersUpsample2D
 from flax import nnx
 
-from tests.helpers.svd_reference import perturb, relative_error
 from etalk_jax.layers.attention import Attention
 from etalk_jax.layers.embeddings import TimestepEmbedding, timestep_features
-from etalk_jax.layers.resnet import (Downsample2D, ResnetBlock2D, SpatioTemporalResBlock,
-                                     TemporalResnetBlock, Upsample2D)
+from etalk_jax.layers.resnet import (
+  Downsample2D,
+  ResnetBlock2D,
+  SpatioTemporalResBlock,
+  TemporalResnetBlock,
+  Upsample2D,
+)
 from etalk_jax.layers.transformer import BasicTransformerBlock, TemporalBasicTransformerBlock
 from etalk_jax.svd.params import RENAMES
 from etalk_jax.svd.unet import TransformerSpatioTemporalModel
 from etalk_jax.weights import ConversionTable, DictSource, load_into
+from tests.helpers.svd_reference import perturb, relative_error
 
 BLOCK_TOLERANCE = 1e-5
 rng = np.random.default_rng(0)
@@ -40,7 +64,6 @@ def randn(*shape) -> np.ndarray:
 
 
 def test_timestep_features_match_diffusers():
-  from diffusers.models.embeddings import get_timestep_embedding
   # SVD's arguments: c_noise in [-2, 2], fps, motion bucket 127, noise augmentation, frame index.
   steps = np.array([-1.7, 0.0, 0.02, 1.5, 6.0, 24.0, 127.0], np.float32)
   # fp32 exp differs by an ulp between libraries; the phase error is then ~ulp(|t|).
@@ -52,8 +75,7 @@ def test_timestep_features_match_diffusers():
 
 
 def test_timestep_embedding():
-  from diffusers.models.embeddings import TimestepEmbedding as Theirs
-  theirs = Theirs(16, 64, out_dim=16)
+  theirs = DiffusersTimestepEmbedding(16, 64, out_dim=16)
   ours = converted(TimestepEmbedding(16, 64, out_dim=16, rngs=nnx.Rngs(0)), theirs)
   x = randn(3, 16)
   assert relative_error(ours(x), theirs(torch.from_numpy(x)).detach()) < BLOCK_TOLERANCE
@@ -61,8 +83,8 @@ def test_timestep_embedding():
 
 @pytest.mark.parametrize("in_channels,out_channels", [(32, 32), (32, 64)])
 def test_resnet_block_2d(in_channels, out_channels):
-  from diffusers.models.resnet import ResnetBlock2D as Theirs
-  theirs = Theirs(in_channels=in_channels, out_channels=out_channels, temb_channels=24, eps=1e-5)
+  theirs = DiffusersResnetBlock2D(in_channels=in_channels, out_channels=out_channels,
+                                  temb_channels=24, eps=1e-5)
   ours = converted(ResnetBlock2D(in_channels, out_channels, 24, eps=1e-5, rngs=nnx.Rngs(0)),
                    theirs)
   x, temb = randn(2, 6, 6, in_channels), randn(2, 24)
@@ -71,8 +93,7 @@ def test_resnet_block_2d(in_channels, out_channels):
 
 
 def test_temporal_resnet_block_pools_norm_over_frames():
-  from diffusers.models.resnet import TemporalResnetBlock as Theirs
-  theirs = Theirs(32, 64, temb_channels=24, eps=1e-5)
+  theirs = DiffusersTemporalResnetBlock(32, 64, temb_channels=24, eps=1e-5)
   ours = converted(TemporalResnetBlock(32, 64, 24, eps=1e-5, rngs=nnx.Rngs(0)), theirs)
   x, temb = randn(2, 5, 4, 4, 32), randn(2, 5, 24)  # (batch, frames, h, w, ch)
   torch_x = torch.from_numpy(x).permute(0, 4, 1, 2, 3)  # (batch, ch, frames, h, w)
@@ -82,7 +103,6 @@ def test_temporal_resnet_block_pools_norm_over_frames():
 
 @pytest.mark.parametrize("decoder_style", [False, True])
 def test_spatio_temporal_res_block(decoder_style):
-  from diffusers.models.resnet import SpatioTemporalResBlock as Theirs
   batch, frames = 2, 3
   if decoder_style:  # the VAE decoder's: no timestep, "learned" mix, switched alpha
     kw = dict(eps=1e-6, temporal_eps=1e-5, merge_factor=0.0, merge_strategy="learned",
@@ -91,7 +111,7 @@ def test_spatio_temporal_res_block(decoder_style):
   else:
     kw = dict(eps=1e-5)
     temb_channels = 24
-  theirs = Theirs(32, 64, temb_channels=temb_channels, **kw)
+  theirs = DiffusersSpatioTemporalResBlock(32, 64, temb_channels=temb_channels, **kw)
   ours = converted(SpatioTemporalResBlock(32, 64, temb_channels, rngs=nnx.Rngs(0), **kw), theirs)
   x = randn(batch * frames, 4, 4, 32)
   temb = randn(batch * frames, 24) if temb_channels else None
@@ -102,8 +122,7 @@ def test_spatio_temporal_res_block(decoder_style):
 
 
 def test_image_only_frames_skip_the_temporal_path():
-  from diffusers.models.resnet import SpatioTemporalResBlock as Theirs
-  theirs = Theirs(32, 32, temb_channels=8, eps=1e-5)
+  theirs = DiffusersSpatioTemporalResBlock(32, 32, temb_channels=8, eps=1e-5)
   ours = converted(SpatioTemporalResBlock(32, 32, 8, eps=1e-5, rngs=nnx.Rngs(0)), theirs)
   x, temb = randn(4, 4, 4, 32), randn(4, 8)
   indicator = np.array([[0, 1], [1, 0]], np.float32)
@@ -113,8 +132,7 @@ def test_image_only_frames_skip_the_temporal_path():
 
 @pytest.mark.parametrize("cross", [None, 40])
 def test_attention(cross):
-  from diffusers.models.attention_processor import Attention as Theirs
-  theirs = Theirs(64, cross_attention_dim=cross, heads=4, dim_head=16)
+  theirs = DiffusersAttention(64, cross_attention_dim=cross, heads=4, dim_head=16)
   ours = converted(Attention(64, heads=4, dim_head=16, cross_attention_dim=cross,
                              rngs=nnx.Rngs(0)), theirs)
   x = randn(2, 10, 64)
@@ -125,8 +143,7 @@ def test_attention(cross):
 
 
 def test_vae_style_attention_with_group_norm_and_residual():
-  from diffusers.models.attention_processor import Attention as Theirs
-  theirs = Theirs(64, heads=1, dim_head=64, eps=1e-6, norm_num_groups=32, bias=True,
+  theirs = DiffusersAttention(64, heads=1, dim_head=64, eps=1e-6, norm_num_groups=32, bias=True,
                   residual_connection=True, upcast_softmax=True, _from_deprecated_attn_block=True)
   ours = converted(Attention(64, heads=1, dim_head=64, qkv_bias=True, norm_num_groups=32,
                              norm_eps=1e-6, residual_connection=True, rngs=nnx.Rngs(0)), theirs)
@@ -135,8 +152,7 @@ def test_vae_style_attention_with_group_norm_and_residual():
 
 
 def test_basic_transformer_block():
-  from diffusers.models.attention import BasicTransformerBlock as Theirs
-  theirs = Theirs(64, 4, 16, cross_attention_dim=40)
+  theirs = DiffusersBasicTransformerBlock(64, 4, 16, cross_attention_dim=40)
   ours = converted(BasicTransformerBlock(64, 4, 16, 40, rngs=nnx.Rngs(0)), theirs)
   x, context = randn(3, 12, 64), randn(3, 2, 40)
   expected = theirs(torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(context))
@@ -144,9 +160,8 @@ def test_basic_transformer_block():
 
 
 def test_temporal_transformer_block():
-  from diffusers.models.attention import TemporalBasicTransformerBlock as Theirs
   batch, frames, tokens = 2, 5, 6
-  theirs = Theirs(64, 64, 4, 16, cross_attention_dim=40)
+  theirs = DiffusersTemporalBasicTransformerBlock(64, 64, 4, 16, cross_attention_dim=40)
   ours = converted(TemporalBasicTransformerBlock(64, 64, 4, 16, 40, rngs=nnx.Rngs(0)), theirs)
   x, context = randn(batch * frames, tokens, 64), randn(batch, 2, 40)
   # diffusers copies the clip context to every spatial position; we fold positions instead.
@@ -157,10 +172,9 @@ def test_temporal_transformer_block():
 
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_transformer_spatio_temporal_model(num_layers):
-  from diffusers.models.transformers.transformer_temporal import (
-      TransformerSpatioTemporalModel as Theirs)
   batch, frames = 2, 3
-  theirs = Theirs(4, 16, in_channels=64, num_layers=num_layers, cross_attention_dim=40)
+  theirs = DiffusersTransformerSpatioTemporalModel(4, 16, in_channels=64, num_layers=num_layers,
+                                                   cross_attention_dim=40)
   ours = converted(TransformerSpatioTemporalModel(4, 16, 64, num_layers, 40, rngs=nnx.Rngs(0)),
                    theirs)
   x = randn(batch * frames, 4, 4, 64)
@@ -173,16 +187,14 @@ def test_transformer_spatio_temporal_model(num_layers):
 
 @pytest.mark.parametrize("padding", [0, 1])
 def test_downsample(padding):
-  from diffusers.models.downsampling import Downsample2D as Theirs
-  theirs = Theirs(32, use_conv=True, out_channels=32, padding=padding, name="op")
+  theirs = DiffusersDownsample2D(32, use_conv=True, out_channels=32, padding=padding, name="op")
   ours = converted(Downsample2D(32, padding=padding, rngs=nnx.Rngs(0)), theirs)
   x = randn(2, 8, 8, 32)
   assert relative_error(ours(x), nhwc(theirs(nchw(x)))) < BLOCK_TOLERANCE
 
 
 def test_upsample():
-  from diffusers.models.upsampling import Upsample2D as Theirs
-  theirs = Theirs(32, use_conv=True, out_channels=32)
+  theirs = DiffusersUpsample2D(32, use_conv=True, out_channels=32)
   ours = converted(Upsample2D(32, rngs=nnx.Rngs(0)), theirs)
   x = randn(2, 4, 4, 32)
   assert relative_error(ours(x), nhwc(theirs(nchw(x)))) < BLOCK_TOLERANCE

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
 from safetensors.numpy import save_file
 
-from tests.helpers.svd_reference import UNET_TWO_LEVELS, VAE_TINY, make_unet, make_vae
 from etalk_jax import svd
 from etalk_jax.cli import main
 from etalk_jax.svd.params import WEIGHTS_STEM
+from tests.helpers.svd_reference import UNET_TWO_LEVELS, VAE_TINY, make_unet, make_vae
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,8 @@ def pipeline_folder(tmp_path_factory):
   unet, vae = make_unet(UNET_TWO_LEVELS), make_vae(VAE_TINY)
   unet.save_pretrained(root / "unet")
   vae.save_pretrained(root / "vae")
-  (root / "model_index.json").write_text(json.dumps({"_class_name": "StableVideoDiffusionPipeline"}))
+  (root / "model_index.json").write_text(
+      json.dumps({"_class_name": "StableVideoDiffusionPipeline"}))
   return root, unet, vae
 
 
@@ -43,7 +46,6 @@ def test_pipeline_folder_both_ways(pipeline_folder, tmp_path, capsys):
 
   assert main(["convert", "svd", "--src", str(tmp_path / "ours"), "--dst",
                str(tmp_path / "back"), "--to", "diffusers"]) == 0
-  from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
   reloaded_unet = UNetSpatioTemporalConditionModel.from_pretrained(tmp_path / "back" / "unet")
   reloaded_vae = AutoencoderKLTemporalDecoder.from_pretrained(tmp_path / "back" / "vae")
   assert_same_weights({k: v.numpy() for k, v in reloaded_unet.state_dict().items()}, unet)
@@ -118,7 +120,6 @@ def test_mismatched_weights_fail_with_the_keys_and_write_nothing(pipeline_folder
   assert main(["convert", "svd", "--src", str(folder), "--dst", str(dst)]) == 2
   message = capsys.readouterr().err
   assert message.startswith("etalk convert: error:")
-  import re
   assert re.search(expected, message, re.S), message
   assert not dst.exists()
   assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no partial folder

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
 from flax import nnx
 
-from tests.helpers.svd_reference import (UNET_THREE_LEVELS, UNET_TWO_LEVELS, VAE_THREE_LEVELS,
-                                         VAE_TINY, make_unet, make_vae, relative_error,
-                                         run_torch_unet, unet_inputs)
 from etalk_jax import svd
+from etalk_jax.layers.compute import Compute
 from etalk_jax.svd.config import UNetConfig, VAEConfig
 from etalk_jax.svd.params import abstract_model, parameter_count
+from tests.helpers.svd_reference import (
+  UNET_THREE_LEVELS,
+  UNET_TWO_LEVELS,
+  VAE_THREE_LEVELS,
+  VAE_TINY,
+  make_unet,
+  make_vae,
+  relative_error,
+  run_torch_unet,
+  unet_inputs,
+)
 
 # Measured errors are 1e-6 to 4e-6 (fp32); 1e-4 would have hidden a wrong GroupNorm epsilon.
 MODEL_TOLERANCE = 1e-5
@@ -39,8 +55,6 @@ def vae_case(request):
 
 
 def load_config_file(name: str):
-  import importlib.util
-  from pathlib import Path
   path = Path(__file__).parents[2] / "configs" / f"{name}.py"
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
@@ -84,7 +98,6 @@ def test_vae_encode_and_decode_match_diffusers(vae_case):
 
 def test_gaussian_sample_and_mode(vae_case):
   _, ours = vae_case
-  import jax
   images = np.zeros((2, 16, 16, 3), np.float32)
   posterior = ours.encode(images)
   assert np.array_equal(posterior.mode(), posterior.mean)
@@ -109,7 +122,6 @@ def test_chunked_decoding_equals_diffusers_decode_chunk_size():
 
 
 def test_round_trip_and_exported_folder_loads_in_diffusers(unet_case, tmp_path):
-  from diffusers import UNetSpatioTemporalConditionModel
   reference, ours, inputs, expected = unet_case
   exported = svd.to_diffusers(ours)
   original = reference.state_dict()
@@ -123,7 +135,6 @@ def test_round_trip_and_exported_folder_loads_in_diffusers(unet_case, tmp_path):
 
 
 def test_vae_round_trip(vae_case, tmp_path):
-  from diffusers import AutoencoderKLTemporalDecoder
   reference, ours = vae_case
   exported = svd.to_diffusers(ours)
   for key, tensor in reference.state_dict().items():
@@ -135,7 +146,6 @@ def test_vae_round_trip(vae_case, tmp_path):
 
 
 def test_orbax_save_and_load(unet_case, tmp_path):
-  import jax
   _, ours, _, _ = unet_case
   svd.save_svd_model(ours, tmp_path / "ours")
   restored = svd.load_unet(tmp_path / "ours")
@@ -149,14 +159,14 @@ def test_orbax_save_and_load(unet_case, tmp_path):
 
 
 def test_saved_state_that_does_not_match_its_config_is_refused(unet_case, tmp_path):
-  import json
   _, ours, _, _ = unet_case
   svd.save_svd_model(ours, tmp_path / "ours")
   config_file = tmp_path / "ours" / "config.json"
   fields = json.loads(config_file.read_text())
   fields["cross_attention_dim"] = 24  # as if someone edited the config after converting
   config_file.write_text(json.dumps(fields))
-  with pytest.raises(ValueError, match=r"(?s)does not match its config.json.*attn2\.to_k\.kernel: saved"):
+  with pytest.raises(ValueError,
+                     match=r"(?s)does not match its config.json.*attn2\.to_k\.kernel: saved"):
     svd.load_unet(tmp_path / "ours")
 
 
@@ -166,8 +176,7 @@ def test_bf16_compute_with_fp32_weights_tracks_fp32():
   bf16 keeps 8 bits of mantissa (relative step 2**-8 = 4e-3); through ~40 layers the output stays
   within a few percent of fp32, while a dtype bug (a cast missed or a norm in bf16) gives O(1).
   """
-  import jax.numpy as jnp
-  from etalk_jax.layers.compute import Compute
+
   reference = make_unet(UNET_TWO_LEVELS)
   inputs = unet_inputs(UNET_TWO_LEVELS)
   ours = svd.unet_from_diffusers(reference, compute=Compute(dtype=jnp.bfloat16))

@@ -17,13 +17,13 @@ import torch
 from diffusers import StableVideoDiffusionPipeline
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from tests.helpers.svd_reference import VAE_TINY, make_unet, make_vae, relative_error, svd_scheduler
 from etalk_jax.diffusion.sampling import SamplerConfig, WindowConfig, model_denoiser, sample_video
 from etalk_jax.ethd import ETHDConfig, ethd_from_svd
 from etalk_jax.pipeline import with_reference_latent
 from etalk_jax.svd import unet_from_diffusers
 from etalk_jax.svd.codec import VAECodec
 from etalk_jax.svd.params import vae_from_diffusers
+from tests.helpers.svd_reference import VAE_TINY, make_unet, make_vae, relative_error, svd_scheduler
 
 FRAMES, SIZE, STEPS, SEED = 3, 16, 25, 7
 EMBEDDING = 16  # CLIP's projection width = the UNet's cross-attention width

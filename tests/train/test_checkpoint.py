@@ -1,5 +1,5 @@
-"""Training checkpoints: exact resume (params, losses, data order), keep-N, SIGTERM -> save and exit,
-SIGKILL mid-save -> resume from the last complete step. The loop is
+"""Training checkpoints: exact resume (params, losses, data order), keep-N, SIGTERM -> save and
+exit, SIGKILL mid-save -> resume from the last complete step. The loop is
 tests/helpers/train_checkpoint_script.py."""
 
 import os
@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import train_checkpoint_script as script
+from data_pipeline.builders import synthetic_talking_heads
 from etalk_jax.train.checkpoint import StopRequest, TrainCheckpointer
+from tests.helpers import train_checkpoint_script as script
 
 SCRIPT = Path(__file__).parents[1] / "helpers" / "train_checkpoint_script.py"
 REPO = SCRIPT.parents[2]
@@ -21,7 +22,6 @@ REPO = SCRIPT.parents[2]
 
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
-  from data_pipeline.builders import synthetic_talking_heads
   return synthetic_talking_heads.build(str(tmp_path_factory.mktemp("synthetic")), "tiny")
 
 
@@ -53,7 +53,8 @@ def test_exact_resume(dataset_dir, straight_run, tmp_path):
   second = script.train(dataset_dir, str(tmp_path / "resumed"), 6)
   assert first["start"] == 0
   _assert_continues(straight, second, 3)
-  np.testing.assert_array_equal(np.stack(first["losses"] + second["losses"]), np.stack(straight["losses"]))
+  np.testing.assert_array_equal(np.stack(first["losses"] + second["losses"]),
+                                np.stack(straight["losses"]))
   assert first["batches"] + second["batches"] == straight["batches"]
   _assert_same_params(second["params"], straight["params"])
   # The 8-step run agrees with the 6-step one on its first 6 steps (same data, same keys).
@@ -87,8 +88,9 @@ def test_stop_request_flag():
 
 def _start(dataset_dir, workdir, total_steps, *extra):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  return subprocess.Popen([sys.executable, str(SCRIPT), dataset_dir, str(workdir), str(total_steps), *extra],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+  return subprocess.Popen(
+      [sys.executable, str(SCRIPT), dataset_dir, str(workdir), str(total_steps), *extra],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
 
 
 def _read_until(process, prefix, timeout=60.0):
@@ -103,7 +105,8 @@ def _read_until(process, prefix, timeout=60.0):
     if line.startswith(prefix):
       return int(line.split()[1])
   process.kill()
-  raise AssertionError(f"no {prefix!r} line from the child; stdout: {lines}; stderr: {process.stderr.read()}")
+  raise AssertionError(f"no {prefix!r} line from the child; stdout: {lines}; "
+                       f"stderr: {process.stderr.read()}")
 
 
 def test_sigterm_saves_the_current_step_and_exits_cleanly(dataset_dir, straight_run, tmp_path,
@@ -127,7 +130,8 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(dataset_dir, straight_
   _assert_same_params(resumed["params"], reference["params"])
 
 
-def test_sigkill_during_async_save_resumes_from_last_complete_step(dataset_dir, straight_run, tmp_path):
+def test_sigkill_during_async_save_resumes_from_last_complete_step(dataset_dir, straight_run,
+                                                                   tmp_path):
   # Step 2's save completes; step 4's background write is held open 30 s and the process kills
   # itself with SIGKILL right after starting it.
   process = _start(dataset_dir, tmp_path, 8, "--kill-during-save-at", "4")

@@ -16,8 +16,19 @@ import optax
 import pytest
 from flax import nnx
 
-from etalk_jax.train import loop
-from etalk_jax.train.config import load_config
+from data_pipeline.builders import synthetic_talking_heads
+from etalk_jax import cli, model_io
+from etalk_jax.audio import Wav2Vec2
+from etalk_jax.audio.params import save_speech_encoder
+from etalk_jax.diffusion.sampling import WINDOWS_512, WINDOWS_1024
+from etalk_jax.ethd import ETHD
+from etalk_jax.train import loop, stages
+from etalk_jax.train.config import config_file, load_config
+from etalk_jax.train.stages.common import dicte_condition, ethd_config
+from etalk_jax.vaid.storage import load_dicte, load_projector
+from etalk_jax.vision.params import save_pdfgc
+from etalk_jax.vision.pdfgc import PDFGC_SMALL, PDFGCEncoder
+from tests.vaid.test_learning import TINY_WAV2VEC2
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 
@@ -95,12 +106,6 @@ def test_gradient_accumulation_equals_one_big_batch_and_frozen_parts_stay():
 @pytest.fixture(scope="module")
 def projector_inputs(tmp_path_factory):
   """The tiny synthetic set and random frozen encoders saved as folders."""
-  from data_pipeline.builders import synthetic_talking_heads
-  from etalk_jax.audio import Wav2Vec2
-  from etalk_jax.audio.params import save_speech_encoder
-  from etalk_jax.vision.params import save_pdfgc
-  from etalk_jax.vision.pdfgc import PDFGC_SMALL, PDFGCEncoder
-  from tests.vaid.test_learning import TINY_WAV2VEC2
   root = tmp_path_factory.mktemp("loop")
   save_speech_encoder(Wav2Vec2(TINY_WAV2VEC2, rngs=nnx.Rngs(0)), root / "wav2vec2")
   save_pdfgc(PDFGCEncoder(PDFGC_SMALL, rngs=nnx.Rngs(1)), root / "pdfgc")
@@ -120,9 +125,6 @@ def _train_args(inputs, workdir, steps: int) -> list[str]:
 
 
 def test_etalk_train_runs_resumes_and_exports(projector_inputs, tmp_path, capsys):
-  from etalk_jax import cli
-  from etalk_jax.vaid.storage import load_projector
-
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   assert cli.main(_train_args(projector_inputs, straight, 4)) == 0
   assert "exported" in capsys.readouterr().out
@@ -145,7 +147,6 @@ def test_etalk_train_runs_resumes_and_exports(projector_inputs, tmp_path, capsys
 
 
 def test_etalk_train_bad_input_is_one_clear_error(projector_inputs, tmp_path, capsys):
-  from etalk_jax import cli
   args = _train_args(projector_inputs, tmp_path / "run", 2)
   assert cli.main(args + ["--config.optim.lr=fast"]) == 2
   assert "could not convert" in capsys.readouterr().err
@@ -174,7 +175,6 @@ def test_every_stage_config_loads_with_its_documented_fields():
 
 def test_a_shipped_config_loads_by_name_as_by_its_path():
   """`--config vaid:tiny` is configs/vaid.py:tiny wherever the package is installed."""
-  from etalk_jax.train.config import config_file
   assert config_file(f"{CONFIGS / 'vaid.py'}:tiny") == f"{CONFIGS / 'vaid.py'}:tiny"
   for name in ("vaid:tiny", "ethd_512", "tiny:quick"):
     file, _, variant = name.partition(":")
@@ -183,7 +183,6 @@ def test_a_shipped_config_loads_by_name_as_by_its_path():
 
 
 def test_paper_configs_ethd_1024_windows_dicte_steps_and_references():
-  from etalk_jax.diffusion.sampling import WINDOWS_1024, WINDOWS_512
   full = load_config(f"{CONFIGS / 'ethd_1024.py'}")
   assert (full.data.window, full.ethd.unet.sample_size, full.ethd.unet.num_frames) == (32, 128, 32)
   assert (full.windows.frames, full.windows.overlap) == (WINDOWS_1024.frames, WINDOWS_1024.overlap)
@@ -193,9 +192,6 @@ def test_paper_configs_ethd_1024_windows_dicte_steps_and_references():
   tiny = load_config(f"{CONFIGS / 'ethd_1024.py'}:tiny")
   assert tiny.ethd.unet.sample_size * tiny.codec.factor == 64 and tiny.data.window == 2
   # The tiny ETHD takes its codec's latents (12 channels of 2x2 pixel shuffle, + the reference's).
-  from etalk_jax import model_io
-  from etalk_jax.ethd import ETHD
-  from etalk_jax.train.stages.common import ethd_config
   abstract = model_io.abstract(lambda rngs: ETHD(ethd_config(tiny, 32, 30), rngs=rngs))
   assert abstract.ethd_config.unet.in_channels == 2 * 2 * 2 * 3 == 2 * tiny.ethd.unet.out_channels
   ethd_512 = load_config(f"{CONFIGS / 'ethd_512.py'}")
@@ -213,7 +209,6 @@ def test_paper_configs_ethd_1024_windows_dicte_steps_and_references():
 def test_full_configs_refuse_to_start_without_an_svd_initialisation(file):
   """Before any data or weights are read; the tiny variants pass this check (and fail later on
   the data folder they were not given)."""
-  from etalk_jax.train import stages
   with pytest.raises(ValueError, match="--config.ethd.init=svd:DIR"):
     stages.make_task(load_config(f"{CONFIGS / file}.py"), mesh=None)
   with pytest.raises(ValueError, match="config.encoders.(vision|audio) is not set"):
@@ -225,9 +220,6 @@ def test_vaid_stage_trains_the_push_term_when_weighted(projector_inputs, tmp_pat
   """configs/vaid_joint.py:tiny trains projector and Di-CTE for two steps and exports both;
   with push_weight > 0 the push is in the metrics and the gradient differs from weight 0 by
   exactly the push's (the pull and Di-CTE parts are the same at either weight)."""
-  from etalk_jax.train import stages
-  from etalk_jax.vaid.storage import load_dicte, load_projector
-
   def config(push_weight: float):
     return load_config(f"{CONFIGS / 'vaid_joint.py'}:tiny", [
         f"--config.data.dataset_dir={projector_inputs['dataset']}",
@@ -270,7 +262,6 @@ def test_vaid_stage_trains_the_push_term_when_weighted(projector_inputs, tmp_pat
 def test_dicte_condition_is_the_driving_emotion_for_cross_clip_references():
   """Di-CTE's condition: e_ref only for a same-clip reference that the draw leaves to it; the
   window's mean e_v where the draw says so and always for a reference from another clip."""
-  from etalk_jax.train.stages.common import dicte_condition
   expression = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2)
   reference = np.full((2, 2), -1.0, np.float32)
   cross = np.array([False, True])

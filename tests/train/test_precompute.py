@@ -12,6 +12,36 @@ import numpy as np
 import pytest
 
 from data_pipeline import loader
+from data_pipeline.builders import synthetic_talking_heads
+from data_pipeline.loader import PRECOMPUTE_FILE
+from etalk_jax import parallel
+from etalk_jax.audio import AudioFeatures, Wav2Vec2
+from etalk_jax.audio.features import normalize
+from etalk_jax.audio.params import save_speech_encoder
+from etalk_jax.codecs import PatchPCACodec, PixelShuffleCodec
+from etalk_jax.train.config import load_config
+from etalk_jax.train.frozen import feature_config, vision_encoders_from_folder
+from etalk_jax.train.precompute import (
+  FORMAT,
+  check_precomputed,
+  encoder_record,
+  parse_codec,
+  precompute_command,
+)
+from etalk_jax.train.stages import (
+  common,
+  dicte as dicte_stage,
+  ethd,
+  projector as projector_stage,
+)
+from etalk_jax.vaid.data import INT16_SCALE, VAIDFeaturizer
+from etalk_jax.vaid.dicte import DICTE_TINY, DiCTE
+from etalk_jax.vaid.projector import PROJECTOR_TINY, AudioLipProjector
+from etalk_jax.vaid.storage import save_vaid_model
+from etalk_jax.vision.params import save_pdfgc
+from etalk_jax.vision.pdfgc import PDFGC_SMALL, PDFGCEncoder
+from tests.pipeline.test_pipeline import random_model
+from tests.vaid.test_learning import TINY_WAV2VEC2
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 CODEC = {"kind": "pixel_shuffle", "factor": 4, "scale": 2.0}
@@ -23,20 +53,6 @@ WINDOW = 8
 def precomputed(tmp_path_factory):
   """The tiny synthetic set, random frozen encoders and V-AID models saved as folders, and the
   set precomputed with them."""
-  from data_pipeline.builders import synthetic_talking_heads
-  from etalk_jax.audio import AudioFeatures, Wav2Vec2
-  from etalk_jax.audio.params import save_speech_encoder
-  from etalk_jax.train.precompute import precompute_command
-  from etalk_jax.train.frozen import feature_config, vision_encoders_from_folder
-  from etalk_jax.vaid.data import VAIDFeaturizer
-  from etalk_jax.vaid.dicte import DICTE_TINY, DiCTE
-  from etalk_jax.vaid.projector import PROJECTOR_TINY, AudioLipProjector
-  from etalk_jax.vaid.storage import save_vaid_model
-  from etalk_jax.vision.params import save_pdfgc
-  from etalk_jax.vision.pdfgc import PDFGC_SMALL, PDFGCEncoder
-  from tests.pipeline.test_pipeline import random_model
-  from tests.vaid.test_learning import TINY_WAV2VEC2
-
   root = tmp_path_factory.mktemp("precompute")
   # Weights drawn by NumPy: flax's eager init of PD-FGC alone takes ~20 s on 2 busy cores.
   audio_model = random_model(lambda rngs: Wav2Vec2(TINY_WAV2VEC2, rngs=rngs), 0)
@@ -65,10 +81,6 @@ def _by_clip(source) -> dict:
 
 
 def test_records_are_fp16_and_equal_the_pixel_path(precomputed):
-  from etalk_jax.audio.features import normalize
-  from etalk_jax.codecs import PixelShuffleCodec
-  from etalk_jax.vaid.data import INT16_SCALE
-
   info = loader.read_precompute_info(precomputed["dst"])
   summary = precomputed["summary"]
   assert info["fingerprint"] == summary["fingerprint"] and info["split"] == "train"
@@ -122,8 +134,6 @@ def test_records_are_fp16_and_equal_the_pixel_path(precomputed):
 
 
 def test_stale_encoders_and_existing_destination_are_refused(precomputed, tmp_path):
-  from etalk_jax.train.precompute import check_precomputed, precompute_command
-
   dst, audio, vision = precomputed["dst"], precomputed["wav2vec2"], precomputed["pdfgc"]
   moved = tmp_path / "pdfgc_copy"
   shutil.copytree(vision, moved)  # the same weights elsewhere still match
@@ -144,7 +154,6 @@ def test_stale_encoders_and_existing_destination_are_refused(precomputed, tmp_pa
 
 def _stage_config(file: str, precomputed):
   """configs/<file>:tiny reading the fixture's dataset with its frozen encoders."""
-  from etalk_jax.train.config import load_config
   config = load_config(f"{CONFIGS / file}:tiny")
   config.data.dataset_dir = str(precomputed["dataset"])
   config.data.window = WINDOW
@@ -155,9 +164,6 @@ def _stage_config(file: str, precomputed):
 
 
 def test_ethd_stage_reads_precomputed_batches_like_pixel_ones(precomputed, monkeypatch):
-  from etalk_jax import parallel
-  from etalk_jax.train.stages import common, ethd
-
   # featurize never reads the model being trained: skip initialising ETHD (twice), keeping the
   # lip statistics each path measured for it.
   lip_statistics = []
@@ -196,13 +202,10 @@ def test_ethd_stage_reads_precomputed_batches_like_pixel_ones(precomputed, monke
 
 
 def test_vaid_stages_read_precomputed_examples_like_pixel_ones(precomputed):
-  from etalk_jax import parallel
-  from etalk_jax.train.stages import dicte, projector
-
   mesh = parallel.make_mesh({"data": -1})
-  for stage, file in ((projector, "vaid.py"), (dicte, "dicte.py")):
+  for stage, file in ((projector_stage, "vaid.py"), (dicte_stage, "dicte.py")):
     config = _stage_config(file, precomputed)
-    if stage is dicte:  # every reference from another clip: both samplers draw the same ones
+    if stage is dicte_stage:  # every reference from another clip: both samplers draw the same ones
       config.data.cross_clip_reference = 1.0
     pixel_task = stage.make_task(config, mesh)
     pixel_windows = next(pixel_task.batches)
@@ -227,9 +230,6 @@ def test_vaid_stages_read_precomputed_examples_like_pixel_ones(precomputed):
 
 
 def test_patch_pca_codec_is_recorded_by_its_file(tmp_path):
-  from etalk_jax.codecs import PatchPCACodec
-  from etalk_jax.train.precompute import encoder_record, parse_codec
-
   frames = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
   codec_file = tmp_path / "codec.json"
   codec_file.write_text(json.dumps(PatchPCACodec.fit(frames, 4).spec()))
@@ -249,7 +249,6 @@ def test_patch_pca_codec_is_recorded_by_its_file(tmp_path):
 
 
 def test_codec_flag_parses_to_the_config_spec():
-  from etalk_jax.train.precompute import parse_codec
   assert parse_codec("pixel_shuffle") == CODEC
   assert parse_codec("pixel_shuffle:8") == {"kind": "pixel_shuffle", "factor": 8, "scale": 2.0}
   assert parse_codec("pixel_shuffle:4:1.5")["scale"] == 1.5
@@ -261,10 +260,7 @@ def test_codec_flag_parses_to_the_config_spec():
 
 def test_records_from_before_the_alignment_are_refused(tmp_path):
   """Format 2 records hold l_v / e_v of unaligned crops: a run must not mix them in."""
-  import json
 
-  from data_pipeline.loader import PRECOMPUTE_FILE
-  from etalk_jax.train.precompute import FORMAT, check_precomputed
   (tmp_path / PRECOMPUTE_FILE).write_text(json.dumps({"format": FORMAT, "format_version": 2}))
   with pytest.raises(ValueError, match="v2; before v3 its l_v / e_v were computed on unaligned"):
     check_precomputed(tmp_path, CODEC, tmp_path, tmp_path, AUDIO_FEATURES)

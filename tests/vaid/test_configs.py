@@ -11,8 +11,12 @@ from flax import nnx
 
 from etalk_jax import model_io
 from etalk_jax.vaid.dicte import DICTE_FULL, DICTE_TINY, DiCTE, DiCTEConfig
-from etalk_jax.vaid.projector import (PROJECTOR_FULL, PROJECTOR_TINY, AudioLipProjector,
-                                      ProjectorConfig)
+from etalk_jax.vaid.projector import (
+  PROJECTOR_FULL,
+  PROJECTOR_TINY,
+  AudioLipProjector,
+  ProjectorConfig,
+)
 from etalk_jax.vaid.storage import load_dicte, load_projector, save_vaid_model
 
 CONFIGS = Path(__file__).parents[2] / "configs"

@@ -13,10 +13,22 @@ from flax import nnx
 
 from etalk_jax import model_io
 from etalk_jax.layers.compute import Compute
-from etalk_jax.vaid.dicte import (DICTE_FULL, DICTE_TINY, DiCTE, DiCTEConfig, cosine_alpha_bars,
-                                  ddim_step, denoise_window, dicte_loss, generate_expressions,
-                                  masked_x0_loss, sampling_schedule, sampling_timesteps,
-                                  training_inputs, window_count)
+from etalk_jax.vaid.dicte import (
+  DICTE_FULL,
+  DICTE_TINY,
+  DiCTE,
+  DiCTEConfig,
+  cosine_alpha_bars,
+  ddim_step,
+  denoise_window,
+  dicte_loss,
+  generate_expressions,
+  masked_x0_loss,
+  sampling_schedule,
+  sampling_timesteps,
+  training_inputs,
+  window_count,
+)
 
 CONFIG = DICTE_TINY
 FRAMES = CONFIG.window_frames

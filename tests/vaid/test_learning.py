@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 from data_pipeline import loader, synthetic
+from data_pipeline.builders import synthetic_talking_heads
 from etalk_jax.audio import AudioFeatures, FeatureConfig, Wav2Vec2, Wav2Vec2Config
 from etalk_jax.vaid import data
 from etalk_jax.vaid.dicte import DiCTE, DiCTEConfig, dicte_loss, generate_expressions
@@ -41,7 +42,6 @@ def featurizer():
 
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
-  from data_pipeline.builders import synthetic_talking_heads
   return synthetic_talking_heads.build(str(tmp_path_factory.mktemp("synthetic")), "tiny")
 
 

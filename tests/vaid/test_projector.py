@@ -11,8 +11,15 @@ from flax import nnx
 
 from etalk_jax import model_io
 from etalk_jax.layers.compute import Compute
-from etalk_jax.vaid.projector import (PROJECTOR_FULL, PROJECTOR_TINY, AudioLipProjector,
-                                      ProjectorConfig, projector_loss, pull_loss, push_loss)
+from etalk_jax.vaid.projector import (
+  PROJECTOR_FULL,
+  PROJECTOR_TINY,
+  AudioLipProjector,
+  ProjectorConfig,
+  projector_loss,
+  pull_loss,
+  push_loss,
+)
 
 CONFIG = PROJECTOR_TINY
 AUDIO = np.random.default_rng(0).normal(

@@ -10,17 +10,18 @@ from PIL import Image
 
 from data_pipeline import faces, synthetic
 from etalk_jax import model_io
+from etalk_jax.train.stages.encoders import encoder_inputs
+from etalk_jax.vaid.data import VAIDFeaturizer
+from etalk_jax.vision import params
 from etalk_jax.vision.alignment import canvas_to_source, eye_mouth_centres, pdfgc_inputs
-from etalk_jax.vision.pdfgc import PDFGC_SMALL, AdaptedPDFGC
+from etalk_jax.vision.pdfgc import PDFGC_SMALL, AdaptedPDFGC, resize_bilinear
+from tests.helpers.pdfgc_reference import random_fan_encoder
 
 
 @pytest.fixture(scope="module")
 def encoder():
   """A random PD-FGC small, built through the torch reference (nnx's eager initialisers would
   compile a program per weight shape: half a minute on the shared cores)."""
-  from tests.helpers.pdfgc_reference import random_fan_encoder
-
-  from etalk_jax.vision import params
   return params.pdfgc_from_torch(random_fan_encoder(PDFGC_SMALL))
 
 
@@ -40,7 +41,7 @@ def astronaut():
 def reference():
   pytest.importorskip("cv2", reason="the upstream-style reference warps with OpenCV "
                       "(a dependency of mediapipe)")
-  from tests.helpers import pdfgc_align_reference
+  from tests.helpers import pdfgc_align_reference  # noqa: PLC0415 (imports cv2: after the skip)
   return pdfgc_align_reference
 
 
@@ -101,7 +102,6 @@ def test_the_mouth_lands_on_the_template_and_batches_align_each_frame():
 
 
 def test_missing_or_misshapen_landmarks_are_refused():
-  from etalk_jax.vaid.data import VAIDFeaturizer
   frames = np.zeros((2, 64, 64, 3), np.uint8)
   with pytest.raises(ValueError, match="each frame's own"):
     pdfgc_inputs(frames, np.zeros((478, 2)), 56)
@@ -119,9 +119,6 @@ def test_missing_or_misshapen_landmarks_are_refused():
 def test_featurizer_and_encoder_stage_encode_the_aligned_crops(encoder):
   """l_v / e_v of precompute, codebook, pipeline and V-AID targets (the featurizer), and the
   encoder stage's inputs, are PD-FGC's on `pdfgc_inputs`, not on the loose crop resized."""
-  from etalk_jax.train.stages.encoders import encoder_inputs
-  from etalk_jax.vaid.data import VAIDFeaturizer
-  from etalk_jax.vision.pdfgc import resize_bilinear
   clip = synthetic.make_clip(synthetic.make_identity(1), "angry", 3, num_frames=16, resolution=64)
   frames, landmarks = clip.frames[:3], clip.landmarks[:3]
   landmarks_px = landmarks * 64

@@ -7,9 +7,17 @@ import torch
 from flax import nnx
 
 from etalk_jax import model_io
+from etalk_jax.cli import main
 from etalk_jax.vision import params
-from etalk_jax.vision.pdfgc import (ADAPTER_PARAMS, PDFGC_FULL, PDFGC_SMALL, AdaptedPDFGC,
-                                    PDFGCConfig, PDFGCEncoder, resize_bilinear)
+from etalk_jax.vision.pdfgc import (
+  ADAPTER_PARAMS,
+  PDFGC_FULL,
+  PDFGC_SMALL,
+  AdaptedPDFGC,
+  PDFGCConfig,
+  PDFGCEncoder,
+  resize_bilinear,
+)
 from etalk_jax.weights import ConversionError
 from tests.helpers.pdfgc_reference import FanEncoder, random_fan_encoder
 
@@ -154,7 +162,6 @@ def test_convert_command_and_load(tmp_path, reference, converted):
     np.testing.assert_array_equal(value, _outputs(converted)[name])
   with pytest.raises(FileExistsError):
     params.convert_pdfgc_command(str(src), str(dst))
-  from etalk_jax.cli import main
   assert main(["convert", "pdfgc", "--src", str(src), "--dst", str(dst), "--overwrite"]) == 0
   assert main(["convert", "pdfgc", "--src", str(src), "--dst", str(dst), "--to",
                "transformers"]) == 2
