@@ -1,5 +1,5 @@
 """Two CPU processes on localhost training one tiny model together, and the same training in one
-process: run by test_parallel_distributed.py (XLA_FLAGS and the distributed start must come
+process: run by tests/parallel/test_distributed.py (XLA_FLAGS and the distributed start must come
 before jax touches a device, hence subprocesses).
 
   distributed_worker.py worker <process_id> <port> <dataset_dir> <out.npz>
