@@ -128,6 +128,8 @@ def load_model(folder: str | Path, config_class, model_class, compute) -> nnx.Mo
   config is a `ModelConfig`: `model_class(config, compute=compute, rngs=...)` restored."""
   try:
     config = config_class.from_dict(read_config(folder))
+  except InputNotFound:  # no model here at all: the message already names the folder and the fix
+    raise
   except ValueError as error:  # another model's folder, or fields this code does not know
     raise UserError(f"{folder} does not hold a {config_class.label}: {error}") from error
   return restore_model(folder, lambda: abstract(
