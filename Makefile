@@ -54,4 +54,4 @@ test-all: setup
 	$(PY) -m pytest -q -n 2 -m "not gpu and not tpu"
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .jax_cache
