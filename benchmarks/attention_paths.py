@@ -20,13 +20,14 @@ Figures only: nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from etalk_jax.layers import attention
+
+from svd_compare import interleaved_medians  # benchmarks/ sibling
 
 SHAPES = {
     "wav2vec2_60s": (1, 3000, 12, 64),
@@ -49,18 +50,11 @@ def with_gradient(attend):
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-def interleaved_medians(functions: dict, args, repeats: int) -> dict[str, float]:
-  """Median seconds per call of each function, called in turn `repeats` times after a warm-up
-  call each (which also compiles)."""
-  for fn in functions.values():
-    jax.block_until_ready(fn(*args))
-  times = {name: [] for name in functions}
-  for _ in range(repeats):
-    for name, fn in functions.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[name].append(time.perf_counter() - start)
-  return {name: float(np.median(values)) for name, values in times.items()}
+def calls(functions: dict, args) -> dict:
+  """Each function applied to `args` and blocked on: what `interleaved_medians` times."""
+  def blocked_call(fn):
+    return lambda: jax.block_until_ready(fn(*args))
+  return {name: blocked_call(fn) for name, fn in functions.items()}
 
 
 def main(argv=None):
@@ -79,11 +73,11 @@ def main(argv=None):
   for name in args.shapes:
     shape = SHAPES[name]
     q, k, v, weights = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(4))
-    forward = interleaved_medians({"plain": jax.jit(plain), "blocked": jax.jit(blocked)},
-                                  (q, k, v), args.repeats)
-    backward = interleaved_medians({"plain": with_gradient(plain),
-                                    "blocked": with_gradient(blocked)},
-                                   (q, k, v, weights.astype(jnp.float32)), args.repeats)
+    forward = interleaved_medians(calls({"plain": jax.jit(plain), "blocked": jax.jit(blocked)},
+                                        (q, k, v)), args.repeats)
+    backward = interleaved_medians(calls({"plain": with_gradient(plain),
+                                          "blocked": with_gradient(blocked)},
+                                         (q, k, v, weights.astype(jnp.float32))), args.repeats)
     print(f"{name:<16} {forward['plain'] * 1e3:>12.1f} {forward['blocked'] * 1e3:>14.1f} "
           f"{forward['blocked'] / forward['plain']:>6.2f} {backward['plain'] * 1e3:>12.1f} "
           f"{backward['blocked'] * 1e3:>14.1f} {backward['blocked'] / backward['plain']:>6.2f}",

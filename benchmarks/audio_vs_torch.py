@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -31,6 +30,8 @@ from flax import nnx
 from etalk_jax.audio import params
 from etalk_jax.audio.features import AudioFeatures, normalize
 from etalk_jax.audio.wav2vec2 import Wav2Vec2, Wav2Vec2Config
+
+from svd_compare import interleaved_medians  # benchmarks/ sibling
 
 RATE = 16000
 
@@ -48,18 +49,6 @@ def speech_like(seconds: float, seed: int = 0) -> np.ndarray:
   noise = rng.standard_normal(n) * (np.sin(2 * np.pi * 1.3 * t) > 0.7)
   x = (voiced * syllables + 0.3 * noise) * pauses + 0.01 * rng.standard_normal(n)
   return (0.3 * x / np.abs(x).max()).astype(np.float32)
-
-
-def _median_interleaved(fns: dict, repeats: int) -> dict:
-  for fn in fns.values():
-    fn()  # warm-up: compile, allocator, thread pools
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def compare(seconds: float, repeats: int) -> dict:
@@ -97,7 +86,7 @@ def compare(seconds: float, repeats: int) -> dict:
       out = torch_model.encoder(hidden, output_hidden_states=True)
       return out
 
-  timings = _median_interleaved({
+  timings = interleaved_medians({
       "ours_full": lambda: jax.block_until_ready(ours_full(state, audio_jax)),
       "torch_full": torch_full,
       "ours_features": lambda: featurizer.frame_states(audio, frames),

@@ -45,7 +45,7 @@ them); a row a group did not report by then is failed with the reason. Rows:
     steps × call FLOPs / time / the chip's dense bf16 peak (989 TFLOP/s for H100 and H200 from
     the device kind, `--peak-tflops` to override).
   ethd_train_step: one full-size ETHD step as the `ethd` stage trains (`train.loop.make_step`;
-    the stage's EDM objective `diffusion.edm.denoising_loss`; bf16 over fp32 params, 8-bit Adam,
+    the stage's objective `ethd.objective.audio_driven_loss`; bf16 over fp32 params, 8-bit Adam,
     remat "layers") on `--train-frames` frames (default 16, batch 1): compile, median step time
     of `--train-steps` after a warm-up, peak memory, MFU of the model FLOPs (3 × the forward's
     XLA count), and XLA's count of the compiled step (remat's recomputation in, cuDNN out).
@@ -83,7 +83,6 @@ import optax
 from flax import nnx
 
 from etalk_jax import model_io, parallel
-from etalk_jax.diffusion.edm import denoising_loss
 from etalk_jax.diffusion.sampling import (
   WINDOWS_512,
   SamplerConfig,
@@ -92,6 +91,7 @@ from etalk_jax.diffusion.sampling import (
   sample_video,
 )
 from etalk_jax.ethd import ETHD, ETHDConfig, ethd_from_svd
+from etalk_jax.ethd.objective import audio_driven_loss
 from etalk_jax.layers.attention import blocked_attention
 from etalk_jax.layers.compute import Compute
 from etalk_jax.pipeline import call_ethd
@@ -466,16 +466,13 @@ def sampling_row(sizes: Sizes, peak: float | None, figures: dict) -> None:
 
 
 def ethd_stage_loss(model, batch, key):
-  """The `ethd` stage's objective without its condition dropout and expression choice (a few
-  elementwise ops): SVD's EDM loss on ETHD given the reference latent beside the noisy one."""
-  clean = batch["latents"]
-  reference = jnp.broadcast_to(batch["reference_latent"][:, None], clean.shape)
-
-  def render(scaled, c_noise):
-    return model(jnp.concatenate([scaled, reference], axis=-1), c_noise, batch["lip_latents"],
-                 batch["expression"], batch["reference_expression"], batch["face_mask"])
-
-  return denoising_loss(render, clean, key), {}
+  """The `ethd` stage's objective (`ethd.objective.audio_driven_loss`, the stage's defaults: the
+  expression chosen between e_v and Di-CTE's e_a, conditions dropped for guidance) on the
+  check's one clip, whose e_v stands in for e_a too; no lip weight, so the lip mask is all ones."""
+  lip_mask = jnp.ones(batch["latents"].shape[:-1], jnp.float32)
+  return audio_driven_loss(model, batch["latents"], batch["reference_latent"],
+                           batch["lip_latents"], batch["expression"], batch["expression"],
+                           batch["reference_expression"], batch["face_mask"], lip_mask, key), {}
 
 
 def train_row(sizes: Sizes, peak: float | None, figures: dict) -> None:

@@ -175,7 +175,8 @@ def step_timing(frames: int, size: int, repeats: int) -> None:
       return scheduler.step(output, t, latents).prev_sample
 
   error = float(np.abs(np.asarray(ours()) - np.moveaxis(theirs().numpy(), 2, -1)).max())
-  jax_seconds, torch_seconds = interleaved_medians(ours, theirs, repeats)
+  medians = interleaved_medians({"ours": ours, "theirs": theirs}, repeats)
+  jax_seconds, torch_seconds = medians["ours"], medians["theirs"]
   print(f"[step] tiny SVD UNet ({sum(p.numel() for p in torch_unet.parameters()):,} "
         f"parameters), 1 x {frames} frames x {size}² latents, one Euler step; "
         f"torch threads {torch.get_num_threads()}, cores {os.cpu_count()}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -17,17 +17,20 @@ from flax import nnx
 from etalk_jax.svd import unet_from_diffusers, vae_from_diffusers
 
 
-def interleaved_medians(first, second, repeats: int) -> tuple[float, float]:
-  """Median seconds of two functions timed in alternation, so that background load on a shared
-  machine hits both alike."""
-  first(), second()  # warm-up
-  times: tuple[list, list] = ([], [])
+def interleaved_medians(functions: dict[str, Callable[[], Any]], repeats: int
+                        ) -> dict[str, float]:
+  """Median seconds per call of each function, called in turn `repeats` times after one warm-up
+  call each (which also compiles), so that background load on a shared machine hits all alike.
+  Each function returns only when its work is done (JAX results blocked on)."""
+  for fn in functions.values():
+    fn()
+  times: dict[str, list[float]] = {name: [] for name in functions}
   for _ in range(repeats):
-    for fn, bucket in ((first, times[0]), (second, times[1])):
+    for name, fn in functions.items():
       start = time.perf_counter()
       fn()
-      bucket.append(time.perf_counter() - start)
-  return statistics.median(times[0]), statistics.median(times[1])
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(values) for name, values in times.items()}
 
 
 def compare_unet(fields: dict[str, Any], *, batch: int = 1, frames: int = 8, size: int = 16,
@@ -70,8 +73,9 @@ def compare_unet(fields: dict[str, Any], *, batch: int = 1, frames: int = 8, siz
   compiled = forward.lower(*args).compile()
   compile_seconds = time.perf_counter() - start
   got = np.asarray(compiled(*args))
-  jax_seconds, torch_seconds = interleaved_medians(
-      lambda: compiled(*args).block_until_ready(), torch_forward, repeats)
+  medians = interleaved_medians({"jax": lambda: compiled(*args).block_until_ready(),
+                                 "torch": torch_forward}, repeats)
+  jax_seconds, torch_seconds = medians["jax"], medians["torch"]
   error = float(np.abs(got - expected).max() / np.abs(expected).max())
   return {
       "parameters": sum(p.numel() for p in reference.parameters()),

@@ -17,6 +17,8 @@ FPS = 25
 SAMPLE_RATE = 16_000
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
 NUM_LANDMARKS = 478
+# Records and media hold 16-bit PCM: divided by this, samples lie in [-1, 1).
+INT16_SCALE = 32768.0
 
 # The paper's emotion keywords, in the paper's order (the emotion codebook has one entry per
 # keyword).

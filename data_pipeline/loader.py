@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from data_pipeline import SAMPLES_PER_FRAME, faces, media
+from data_pipeline import INT16_SCALE, SAMPLES_PER_FRAME, faces, media
 from data_pipeline.media import KEYFRAME_INTERVAL, speech_stats
 from etalk_jax.errors import InputNotFound, UserError
 from etalk_jax.records import write_text_atomically
@@ -313,7 +313,7 @@ def _audio_window(audio: np.ndarray, start: int, window: int, context: int) -> n
   out = np.zeros(length, np.float32)
   lo, hi = max(begin, 0), min(begin + length, len(audio))
   if hi > lo:
-    out[lo - begin:hi - begin] = np.asarray(audio[lo:hi], np.float32) / 32768.0
+    out[lo - begin:hi - begin] = np.asarray(audio[lo:hi], np.float32) / INT16_SCALE
   return out
 
 
@@ -321,7 +321,7 @@ def utterance_stats(audio: np.ndarray) -> np.ndarray:
   """(mean, std) of a whole clip's int16 audio as float32 in [-1, 1]: a window's speech is
   normalised with them (`etalk_jax.audio.features.normalize`) as the whole utterance is at
   inference, not over its own span (a pause alone would be scaled up to speech level)."""
-  return speech_stats(np.asarray(audio, np.float32) / 32768.0)
+  return speech_stats(np.asarray(audio, np.float32) / INT16_SCALE)
 
 
 class _LongEnough:

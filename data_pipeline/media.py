@@ -21,7 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
-from data_pipeline import FPS, SAMPLE_RATE
+from data_pipeline import FPS, INT16_SCALE, SAMPLE_RATE
 from etalk_jax.errors import UserError
 
 
@@ -297,7 +297,7 @@ def write_audio_file(path: str | os.PathLike, audio: np.ndarray,
 
 def _encode_audio(av, container, stream, audio: np.ndarray, sample_rate: int) -> None:
   # Planar float input lets FFmpeg convert for any encoder (AAC wants fltp, WAV s16).
-  samples = (np.asarray(audio, np.float32) / 32768.0).reshape(1, -1)
+  samples = (np.asarray(audio, np.float32) / INT16_SCALE).reshape(1, -1)
   resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="mono",
                                 rate=sample_rate)
   chunk = 1024

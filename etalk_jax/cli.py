@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import json
 import logging
 import sys
@@ -172,10 +173,23 @@ def _demo(args: argparse.Namespace) -> int:
   return wiring.run(args.workdir, quick=args.quick, progress=not args.no_progress)
 
 
+NO_PROGRESS = "no progress bars (for logs and scripts)"
+
+
+def installed_version() -> str:
+  """The installed etalk-jax distribution's version (pyproject.toml's)."""
+  try:
+    return importlib.metadata.version("etalk-jax")
+  except importlib.metadata.PackageNotFoundError:
+    return "(source tree, not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="etalk", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+  parser.add_argument("-v", "--verbose", action="store_true",
+                      help="log at INFO level; user errors show their traceback")
+  parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
   commands = parser.add_subparsers(dest="command", required=True)
 
   demo = commands.add_parser("demo", help="train every stage on synthetic faces and generate "
@@ -184,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output folder: data, runs, checkpoint, videos, report.json "
                          "(default demo_out; an existing one reuses finished stages)")
   demo.add_argument("--quick", action="store_true", help="a short smoke run of the same path")
-  demo.add_argument("--no-progress", action="store_true")
+  demo.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
   demo.set_defaults(run=_demo)
 
   convert = commands.add_parser("convert", help="convert weights between PyTorch and ours")
@@ -219,17 +233,23 @@ def build_parser() -> argparse.ArgumentParser:
   prepare.add_argument("--max-gap-frames", type=int, default=3,
                        help="interpolate landmarks over face dropouts up to this long")
   prepare.add_argument("--crf", type=int, default=18, help="H.264 quality of stored crops")
-  prepare.add_argument("--test-fraction", type=float, default=0.1)
+  prepare.add_argument("--test-fraction", type=float, default=0.1,
+                       help="share of the clips (with --split-by-speaker: of the speakers) held "
+                            "out for the test split (default 0.1)")
   prepare.add_argument("--split-by-speaker", action="store_true",
                        help="hold out whole speakers instead of clips")
-  prepare.add_argument("--seed", type=int, default=0)
+  prepare.add_argument("--seed", type=int, default=0,
+                       help="seed of the train / test split (default 0)")
   prepare.add_argument("--workers", type=int, default=1, help="videos processed in parallel")
-  prepare.add_argument("--no-progress", action="store_true")
+  prepare.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
   prepare.set_defaults(run=_prepare)
 
   synthesize = commands.add_parser("synthesize", help="build the synthetic talking-face dataset")
   synthesize.add_argument("--dst", required=True, help="output folder (TFDS data_dir)")
-  synthesize.add_argument("--config", choices=["tiny", "demo", "res512"], default="demo")
+  synthesize.add_argument("--config", choices=["tiny", "demo", "res512"], default="demo",
+                          help="dataset size: tiny (the tests': 64 px, 2 identities), demo "
+                               "(etalk demo's: 64 px, 10 identities; default) or res512 (512 "
+                               "px, for loader benchmarks)")
   synthesize.set_defaults(run=_synthesize)
 
   train = commands.add_parser(
@@ -243,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--workdir", required=True,
                      help="run folder: checkpoints/, metrics.jsonl, tensorboard/, export/; an "
                           "existing one resumes")
-  train.add_argument("--no-progress", action="store_true")
+  train.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
   train.set_defaults(run=_train)
 
   codebook = commands.add_parser("codebook", help="emotion codebook: one expression latent per "
@@ -256,10 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
   build.add_argument("--dst", required=True, help="codebook JSON to write")
   build.add_argument("--encoders", default=None,
                      help="trained encoders folder (the encoder stage's export/encoders)")
-  build.add_argument("--split", default="train")
-  build.add_argument("--max-frames-per-clip", type=int, default=32)
-  build.add_argument("--overwrite", action="store_true")
-  build.add_argument("--no-progress", action="store_true")
+  build.add_argument("--split", default="train", help="dataset split to read (default train)")
+  build.add_argument("--max-frames-per-clip", type=int, default=32,
+                     help="labelled frames read from each clip (default 32)")
+  build.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+  build.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
   build.set_defaults(run=_codebook)
 
   precompute = commands.add_parser(
@@ -280,11 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
                                "PD-FGC folder (config.encoders.vision)")
   precompute.add_argument("--audio-features", default="{}",
                           help="FeatureConfig fields as JSON (config.encoders.audio_features)")
-  precompute.add_argument("--split", default="train")
+  precompute.add_argument("--split", default="train",
+                          help="dataset split to precompute (default train)")
   precompute.add_argument("--chunk-frames", type=int, default=16,
                           help="frames per latent-codec call")
-  precompute.add_argument("--overwrite", action="store_true")
-  precompute.add_argument("--no-progress", action="store_true")
+  precompute.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+  precompute.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
   precompute.set_defaults(run=_precompute)
 
   sample = commands.add_parser("sample", help="portrait + speech (+ emotion) -> talking-head mp4")
@@ -307,11 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
   sample.add_argument("--resolution", type=int, default=None,
                       help="must equal the checkpoint's (default: the checkpoint's)")
   sample.add_argument("--steps", type=int, default=None,
-                      help="ETHD sampling steps (default: the checkpoint's, 25)")
+                      help="ETHD sampling steps (default: the checkpoint's sample steps, "
+                           "25 for a full-size pipeline, 8 for etalk demo's)")
   sample.add_argument("--guidance", type=float, default=None,
                       help="classifier-free guidance on the speech, >= 1 (default: the "
                            "checkpoint's, 1 = off; >1 costs two ETHD calls per step)")
-  sample.add_argument("--seed", type=int, default=0)
+  sample.add_argument("--seed", type=int, default=0,
+                      help="seed of the sampler's noise: the same seed gives the same video "
+                           "(default 0)")
   sample.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                       help="compute dtype of every model; bfloat16 computes in bf16 over the "
                            "fp32 weights (default: bfloat16 on a GPU or TPU, float32 on the CPU)")
@@ -320,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "splash on a TPU, XLA on the CPU), xla, cudnn or splash")
   sample.add_argument("--paste-back", action="store_true",
                       help="paste the generated face into the full portrait frame")
-  sample.add_argument("--no-progress", action="store_true")
+  sample.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
   sample.set_defaults(run=_sample)
   return parser
 

@@ -1,8 +1,11 @@
 """`etalk`'s error handling: the project's user errors (`etalk_jax.errors.UserError` and its
 subclasses) print one line and exit 2; any other exception, a ValueError included, is a bug and
-keeps its traceback."""
+keeps its traceback. Every option has its help; `--version` names the installed version."""
 
 from __future__ import annotations
+
+import argparse
+import importlib.metadata
 
 import pytest
 
@@ -47,3 +50,22 @@ def test_bad_input_from_the_commands_themselves_exits_2(tmp_path, capsys):
 def test_user_errors_are_the_built_in_errors_they_replace():
   assert issubclass(UserError, ValueError) and issubclass(InputNotFound, FileNotFoundError)
   assert cli.USER_ERRORS == (UserError,)
+
+
+def test_every_option_of_every_command_has_help():
+  def undocumented(parser, command):
+    for action in parser._actions:
+      if isinstance(action, argparse._SubParsersAction):
+        for name, subparser in action.choices.items():
+          yield from undocumented(subparser, f"{command} {name}")
+      elif not action.help:
+        yield f"{command} {'/'.join(action.option_strings) or action.dest}"
+
+  assert list(undocumented(cli.build_parser(), "etalk")) == []
+
+
+def test_version(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["--version"])
+  assert exit_info.value.code == 0
+  assert capsys.readouterr().out.strip() == f"etalk {importlib.metadata.version('etalk-jax')}"

@@ -18,11 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_pipeline import EMOTION_LABELS, SAMPLES_PER_FRAME, media
+from data_pipeline import EMOTION_LABELS, INT16_SCALE, SAMPLES_PER_FRAME, media
 from data_pipeline.faces import LIPS_OUTER
 from data_pipeline.loader import data_source
-
-INT16_SCALE = 32768.0
 
 
 @dataclasses.dataclass

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "etalk-emotion-codebook"
 VERSION = 1
-MAX_INTENSITY = 1.5
+MAX_INTENSITY = 1.5  # docs/ARCHITECTURE.md §3.10: alpha in [0, 1.5]
 BUILD_COMMAND = "etalk codebook build --data DIR --dst FILE"
 
 

@@ -44,6 +44,7 @@ from etalk_jax.diffusion.sampling import (
   window_sharding,
   windows_for_devices,
 )
+from etalk_jax.emotion.codebook import MAX_INTENSITY
 from etalk_jax.emotion.keywords import check_keyword, keyword_from_text
 from etalk_jax.emotion.ser import keyword_from_speech
 from etalk_jax.errors import UserError
@@ -60,7 +61,6 @@ from etalk_jax.svd.codec import reference_noise, to_uint8, to_unit_range
 from etalk_jax.vaid import dicte as dicte_module
 from etalk_jax.vaid.data import VAIDFeaturizer
 
-MAX_INTENSITY = 1.5  # docs/ARCHITECTURE.md §3.10: alpha in [0, 1.5]
 EMOTION_OPTIONS = ("emotion", "emotion_text", "emotion_image", "emotion_video", "emotion_audio")
 REFERENCE_NOISE_STREAM = 2  # the reference's noise augmentation: fold_in(seed key, 2)
 STAGES = ("features", "expressions", "denoising", "decoding")  # the progress bar's ticks

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from data_pipeline import loader, media
+from data_pipeline import INT16_SCALE, loader, media
 from data_pipeline.builders import precomputed
 from data_pipeline.loader import read_precompute_info
 from etalk_jax.audio import AudioFeatures
@@ -41,7 +41,7 @@ from etalk_jax.train.frozen import (
   latent_codec_from_spec,
   vision_encoders_from_folder,
 )
-from etalk_jax.vaid.data import INT16_SCALE, VAIDFeaturizer
+from etalk_jax.vaid.data import VAIDFeaturizer
 from etalk_jax.weights import atomic_folder
 
 FORMAT = "etalk_precomputed"

@@ -20,14 +20,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from data_pipeline import NUM_LANDMARKS, SAMPLES_PER_FRAME
+from data_pipeline import INT16_SCALE, NUM_LANDMARKS, SAMPLES_PER_FRAME
 from etalk_jax.audio.features import AudioFeatures, normalize
 from etalk_jax.vaid.dicte import DiCTEConfig
 from etalk_jax.vaid.projector import ProjectorConfig
 from etalk_jax.vision.alignment import pdfgc_inputs
 from etalk_jax.vision.pdfgc import AdaptedPDFGC, PDFGCEncoder
 
-INT16_SCALE = 32768.0       # synthetic clips store 16-bit PCM
 VISION_CHUNK_FRAMES = 64    # frames per vision-encoder call: one compiled shape for any clip
 
 

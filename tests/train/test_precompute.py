@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from data_pipeline import loader
+from data_pipeline import INT16_SCALE, loader
 from data_pipeline.builders import synthetic_talking_heads
 from data_pipeline.loader import PRECOMPUTE_FILE
 from etalk_jax import parallel
@@ -34,7 +34,7 @@ from etalk_jax.train.stages import (
   ethd,
   projector as projector_stage,
 )
-from etalk_jax.vaid.data import INT16_SCALE, VAIDFeaturizer
+from etalk_jax.vaid.data import VAIDFeaturizer
 from etalk_jax.vaid.dicte import DICTE_TINY, DiCTE
 from etalk_jax.vaid.projector import PROJECTOR_TINY, AudioLipProjector
 from etalk_jax.vaid.storage import save_vaid_model
