@@ -16,6 +16,10 @@
   etalk sample --portrait P --audio A --checkpoint DIR --out OUT.mp4 [--emotion WORD | ...]
                [--dtype float32|bfloat16] [--attention auto|xla|cudnn|splash]
 
+Compiled programs are kept in JAX's persistent compilation cache (`use_compilation_cache`:
+$JAX_COMPILATION_CACHE_DIR, else ~/.cache/etalk-jax/xla), so a second `etalk sample` of the same
+shapes, or a resumed `etalk train`, loads its programs instead of compiling them again.
+
 A user error (`etalk_jax.errors.UserError`: bad file, mismatched checkpoint, wrong argument, a
 missing optional dependency) prints one message and exits 2 (with --verbose, its traceback too);
 anything else is a bug and keeps its traceback.
@@ -28,7 +32,11 @@ import importlib
 import importlib.metadata
 import json
 import logging
+import os
 import sys
+from pathlib import Path
+
+import jax
 
 from etalk_jax.errors import UserError
 from etalk_jax.layers.compute import ATTENTION_IMPLEMENTATIONS
@@ -174,6 +182,27 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 NO_PROGRESS = "no progress bars (for logs and scripts)"
+
+
+def use_compilation_cache() -> str | None:
+  """Turns on JAX's persistent compilation cache for this process and those it starts; returns
+  its folder (None: off). $JAX_COMPILATION_CACHE_DIR, when set, is JAX's own setting and is left
+  to JAX (empty turns the cache off); otherwise $XDG_CACHE_HOME/etalk-jax/xla
+  (~/.cache/etalk-jax/xla). Every program is kept, however fast it compiled (JAX's default keeps
+  those over 1 s; `etalk sample`'s many small ones add up to seconds), unless
+  $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise. Entries are keyed by the program,
+  the compile options and the jax / jaxlib versions, so a changed model or a new jax compiles
+  afresh; the folder can be deleted at any time."""
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # for processes started here
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    return os.environ["JAX_COMPILATION_CACHE_DIR"] or None
+  cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+  folder = str(Path(cache_home) / "etalk-jax" / "xla")
+  jax.config.update("jax_compilation_cache_dir", folder)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = folder  # for processes started here
+  return folder
 
 
 def installed_version() -> str:
@@ -359,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
   args.overrides = extra
   logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                       format="%(levelname)s %(name)s: %(message)s")
+  use_compilation_cache()  # before the first compile: JAX fixes the folder then
   try:
     return args.run(args)
   except USER_ERRORS as error:

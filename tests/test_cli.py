@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -69,3 +72,43 @@ def test_version(capsys):
     cli.main(["--version"])
   assert exit_info.value.code == 0
   assert capsys.readouterr().out.strip() == f"etalk {importlib.metadata.version('etalk-jax')}"
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (["--emotion", "joyful"], '--emotion-text "joyful"'),
+    (["--emotion", "sad", "--intensity", "2"], "intensity 2.0 is out of range"),
+    (["--steps", "0"], "steps must be at least 1"),
+    (["--guidance", "0.5"], "guidance must be a number of at least 1"),
+])
+def test_sample_arguments_are_checked_before_anything_loads(tmp_path, capsys, wrong, message):
+  """No checkpoint, portrait or speech exists here: the argument is refused first."""
+  missing = tmp_path / "missing"
+  argv = ["sample", "--portrait", str(missing / "p.png"), "--audio", str(missing / "a.wav"),
+          "--checkpoint", str(missing), "--out", str(tmp_path / "out.mp4"), "--no-progress"]
+  assert cli.main(argv + wrong) == 2
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / "out.mp4").exists()
+
+
+def _cache_folder(environment: dict) -> list[str]:
+  """`use_compilation_cache()` and jax's setting after it, in a fresh process."""
+  code = ("import jax; from etalk_jax import cli; print(cli.use_compilation_cache()); "
+          "print(jax.config.jax_compilation_cache_dir); "
+          "print(jax.config.jax_persistent_cache_min_compile_time_secs)")
+  completed = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True,
+                             text=True, timeout=120, check=True)
+  return completed.stdout.split()
+
+
+def test_the_cli_keeps_compiled_programs_in_a_persistent_cache(tmp_path):
+  environment = {name: value for name, value in os.environ.items() if name not in (
+      "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+  default = str(tmp_path / "etalk-jax" / "xla")
+  # Every program is kept (JAX's default keeps those that took over 1 s to compile).
+  assert _cache_folder(dict(environment, XDG_CACHE_HOME=str(tmp_path))) == [default, default,
+                                                                            "0.0"]
+  # JAX's own variables win, as JAX reads them.
+  chosen = str(tmp_path / "chosen")
+  assert _cache_folder(dict(environment, JAX_COMPILATION_CACHE_DIR=chosen,
+                            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="2")) == [chosen, chosen,
+                                                                                  "2.0"]

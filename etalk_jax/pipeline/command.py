@@ -8,10 +8,12 @@ from typing import Any
 
 import jax
 
+from data_pipeline import EMOTIONS
+from etalk_jax.emotion.keywords import check_keyword
 from etalk_jax.errors import InputNotFound, UserError, WrongPathKind
 from etalk_jax.layers.compute import Compute
 from etalk_jax.pipeline.checkpoint import read_pipeline_record
-from etalk_jax.pipeline.core import EmotiveTalkPipeline
+from etalk_jax.pipeline.core import EmotiveTalkPipeline, check_sampling_arguments
 
 DTYPES = ("float32", "bfloat16")  # `etalk sample --dtype`
 
@@ -33,6 +35,14 @@ def sample_command(portrait: str, audio: str, out: str, checkpoint: str, *,
     raise UserError(f"--out {out}: the output is an H.264 mp4; give a path ending in .mp4.")
   if out_path.is_dir():
     raise WrongPathKind(f"--out {out} is a folder; give a file path ending in .mp4.")
+  # The arguments alone are checked before anything loads (loading takes seconds).
+  if emotion is not None:
+    try:
+      check_keyword(emotion)
+    except UserError:
+      raise UserError(f"--emotion {emotion} is not a keyword ({', '.join(EMOTIONS)}); for an "
+                      f"emotion in other words use --emotion-text \"{emotion}\".") from None
+  check_sampling_arguments(intensity, steps, guidance)
   record = read_pipeline_record(checkpoint)
   if resolution is not None and int(resolution) != int(record["resolution"]):
     raise UserError(f"--resolution {resolution} does not match the checkpoint {checkpoint}, "

@@ -121,6 +121,24 @@ class Result:
     return Path(path)
 
 
+def check_sampling_arguments(intensity: Any, steps: int | None, guidance: float | None) -> float:
+  """The numeric arguments of a call (or of `etalk sample`, before anything loads) checked;
+  returns the intensity as a float."""
+  try:
+    intensity = float(intensity)
+  except (TypeError, ValueError):
+    intensity = float("nan")
+  if not 0.0 <= intensity <= MAX_INTENSITY:  # also rejects NaN
+    raise UserError(f"emotion intensity {intensity} is out of range; give a number from 0 "
+                    f"(neutral) to 1 (the emotion's mean face) up to {MAX_INTENSITY}.")
+  if steps is not None and int(steps) < 1:
+    raise UserError(f"steps must be at least 1, got {steps}.")
+  if guidance is not None and not float(guidance) >= 1.0:
+    raise UserError(f"guidance must be a number of at least 1 (1 switches it off), got "
+                    f"{guidance}.")
+  return intensity
+
+
 class StageProgress:
   """The call's progress bar, one tick per stage of STAGES: `sample_video` runs every window and
   step in one compiled call, so no per-step bar is possible."""
@@ -282,21 +300,10 @@ class EmotiveTalkPipeline:
         emotion, emotion_text, emotion_image, emotion_video, emotion_audio)) if value is not None}
     if len(sources) > 1:
       raise UserError(f"give at most one emotion source; got {', '.join(sources)}.")
-    try:
-      intensity = float(intensity)
-    except (TypeError, ValueError):
-      intensity = float("nan")
-    if not 0.0 <= intensity <= MAX_INTENSITY:
-      raise UserError(f"emotion intensity {intensity} is out of range; give a number from 0 "
-                      f"(neutral) to 1 (the emotion's mean face) up to {MAX_INTENSITY}.")
-    if steps is not None and int(steps) < 1:
-      raise UserError(f"steps must be at least 1, got {steps}.")
+    intensity = check_sampling_arguments(intensity, steps, guidance)
     sampler = self.sampler if steps is None else dataclasses.replace(self.sampler,
                                                                      steps=int(steps))
     if guidance is not None:
-      if not float(guidance) >= 1.0:
-        raise UserError(f"guidance must be a number of at least 1 (1 switches it off), got "
-                        f"{guidance}.")
       sampler = dataclasses.replace(sampler, min_guidance_scale=float(guidance),
                                     max_guidance_scale=float(guidance))
     keyword = None
