@@ -8,7 +8,6 @@ from typing import Any
 
 import jax
 
-from data_pipeline import EMOTIONS
 from etalk_jax.emotion.keywords import check_keyword
 from etalk_jax.errors import InputNotFound, UserError, WrongPathKind
 from etalk_jax.layers.compute import Compute
@@ -39,9 +38,9 @@ def sample_command(portrait: str, audio: str, out: str, checkpoint: str, *,
   if emotion is not None:
     try:
       check_keyword(emotion)
-    except UserError:
-      raise UserError(f"--emotion {emotion} is not a keyword ({', '.join(EMOTIONS)}); for an "
-                      f"emotion in other words use --emotion-text \"{emotion}\".") from None
+    except UserError as error:
+      raise UserError(f"--emotion: {error} For an emotion in other words, use --emotion-text "
+                      f"\"{emotion}\".") from None
   check_sampling_arguments(intensity, steps, guidance)
   record = read_pipeline_record(checkpoint)
   if resolution is not None and int(resolution) != int(record["resolution"]):
