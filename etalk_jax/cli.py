@@ -5,6 +5,7 @@
   etalk convert svd --src DIR --dst DIR --to diffusers
   etalk convert wav2vec2|wavlm --src DIR --dst DIR [--to transformers]
   etalk convert pdfgc --src motion_model.pth --dst DIR
+  etalk convert inception|i3d|syncnet|face3d --src FILE --dst DIR    the evaluation networks
   etalk prepare --src DIR --layout {hdtf,mead,folder} --dst DIR [--resolution 512]
   etalk synthesize --dst DIR [--config tiny|demo|res512]   synthetic talking faces dataset
   etalk train --config configs/STAGE.py[:variant] --workdir DIR [--config.key=value ...]
@@ -15,6 +16,9 @@
                                           latents + encoder outputs for V-AID and ETHD
   etalk sample --portrait P --audio A --checkpoint DIR --out OUT.mp4 [--emotion WORD | ...]
                [--dtype float32|bfloat16] [--attention auto|xla|cudnn|splash]
+  etalk eval --generated DIR --reference DIR --protocol hdtf|mead --models DIR [--out FILE]
+  etalk eval --checkpoint DIR --data DIR [--split test] --protocol hdtf|mead --models DIR
+                                          the paper's FID, FVD, Sync-C / Sync-D and E-FID
 
 Compiled programs are kept in JAX's persistent compilation cache (`use_compilation_cache`:
 $JAX_COMPILATION_CACHE_DIR, else ~/.cache/etalk-jax/xla), so a second `etalk sample` of the same
@@ -55,6 +59,11 @@ CONVERTERS = {
     "wav2vec2": ("transformers", "etalk_jax.audio.params:convert_wav2vec2_command"),
     "wavlm": ("transformers", "etalk_jax.audio.params:convert_wavlm_command"),
     "pdfgc": (None, "etalk_jax.vision.params:convert_pdfgc_command"),  # motion_model.pth -> ours
+    # the evaluation networks (one file each -> ours)
+    "inception": (None, "etalk_jax.evaluation.inception_params:convert_inception_command"),
+    "i3d": (None, "etalk_jax.evaluation.i3d_params:convert_i3d_command"),
+    "syncnet": (None, "etalk_jax.evaluation.syncnet_params:convert_syncnet_command"),
+    "face3d": (None, "etalk_jax.evaluation.face3d_params:convert_face3d_command"),
 }
 
 
@@ -176,6 +185,12 @@ def _precompute(args: argparse.Namespace) -> int:
   return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+  from etalk_jax.evaluation.command import eval_command  # noqa: PLC0415 (subcommand)
+  eval_command(args)
+  return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
   from etalk_jax.demo import wiring  # noqa: PLC0415 (subcommand)
   return wiring.run(args.workdir, quick=args.quick, progress=not args.no_progress)
@@ -232,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   convert = commands.add_parser("convert", help="convert weights between PyTorch and ours")
   convert.add_argument("model", choices=sorted(CONVERTERS), help="model family")
-  convert.add_argument("--src", required=True, help="source folder (pdfgc: the .pth file)")
+  convert.add_argument("--src", required=True,
+                       help="source folder (pdfgc and the evaluation networks: the file)")
   convert.add_argument("--dst", required=True, help="destination folder (must not exist)")
   convert.add_argument("--to", choices=["ours", "diffusers", "transformers"], default=None,
                        help="ours (default): upstream -> our format; diffusers (svd) or "
@@ -376,6 +392,42 @@ def build_parser() -> argparse.ArgumentParser:
                       help="paste the generated face into the full portrait frame")
   sample.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
   sample.set_defaults(run=_sample)
+
+  evaluate = commands.add_parser(
+      "eval", help="the paper's metrics (FID, FVD, Sync-C / Sync-D, E-FID) of generated videos "
+                   "against their ground truth")
+  evaluate.add_argument("--generated", default=None,
+                        help="folder of generated videos, paired with --reference's by file name")
+  evaluate.add_argument("--reference", default=None, help="folder of ground-truth videos")
+  evaluate.add_argument("--checkpoint", default=None,
+                        help="pipeline checkpoint: generate --data's --split clips first "
+                             "(instead of --generated / --reference)")
+  evaluate.add_argument("--data", default=None,
+                        help="prepared dataset (`etalk prepare`), with --checkpoint")
+  evaluate.add_argument("--split", default="test", help="dataset split to generate (default test)")
+  evaluate.add_argument("--workdir", default="eval_out",
+                        help="with --checkpoint: where generated/ and reference/ are written "
+                             "(default eval_out; videos already there are kept)")
+  evaluate.add_argument("--steps", type=int, default=None,
+                        help="with --checkpoint: ETHD sampling steps (default: the checkpoint's)")
+  evaluate.add_argument("--seed", type=int, default=0,
+                        help="with --checkpoint: the sampler's seed (default 0)")
+  evaluate.add_argument("--protocol", required=True, choices=["hdtf", "mead"],
+                        help="hdtf: 5.76 s per video, FVD on 128 frames; mead: 3.04 s, FVD on 72")
+  evaluate.add_argument("--models", required=True,
+                        help="folder with inception/, i3d/, syncnet/, face3d/ (each written by "
+                             "`etalk convert`)")
+  evaluate.add_argument("--metrics", default="fid,fvd,sync,efid",
+                        help="comma-separated subset of fid, fvd, sync, efid (default all)")
+  evaluate.add_argument("--fvd-convention", choices=["stylegan_v", "center_crop_224"],
+                        default="stylegan_v",
+                        help="I3D input: stylegan_v (resize to 224, [-1, 1], default) or "
+                             "center_crop_224 (shorter side to 224, centre crop)")
+  evaluate.add_argument("--batch-size", type=int, default=16,
+                        help="frames per network call (rounded up to the local devices)")
+  evaluate.add_argument("--out", default=None, help="also write the report as JSON here")
+  evaluate.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
+  evaluate.set_defaults(run=_eval)
   return parser
 
 

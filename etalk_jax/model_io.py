@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from etalk_jax.errors import InputNotFound, UserError
-from etalk_jax.weights import atomic_folder
+from etalk_jax.weights import WEIGHT_VARIABLES, ConversionError, atomic_folder
 
 CONFIG_FILE = "config.json"
 
@@ -134,3 +136,79 @@ def load_model(folder: str | Path, config_class, model_class, compute) -> nnx.Mo
     raise UserError(f"{folder} does not hold a {config_class.label}: {error}") from error
   return restore_model(folder, lambda: abstract(
       lambda rngs: model_class(config, compute=compute, rngs=rngs)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Models converted from one upstream file (PD-FGC, the evaluation networks)
+# ----------------------------------------------------------------------------------------------
+
+
+def parameter_count(model: nnx.Module) -> int:
+  """Trainable parameters (nnx.Param leaves); BatchNorm statistics are not counted."""
+  return sum(int(math.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def weights_summary(model: nnx.Module) -> dict[str, int]:
+  """{tensors, parameters, bytes}: tensors and bytes count everything saved (parameters and
+  BatchNorm running statistics), parameters the trainable ones only."""
+  saved = jax.tree.leaves(nnx.state(model, WEIGHT_VARIABLES))
+  return {"tensors": len(saved), "parameters": parameter_count(model),
+          "bytes": sum(int(x.size * x.dtype.itemsize) for x in saved)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertedFormat:
+  """Our format for a model converted from one upstream weight file: config.json (the model
+  config's fields + an "etalk_format" record {"model": name, "version": version}) and the Orbax
+  state; saving, loading with checks that name the folder and the command that makes one, and
+  the `etalk convert` command's body."""
+  name: str  # the record's model name, e.g. "face3d"
+  label: str  # what a folder holds, e.g. "a converted Deep3DFaceRecon regressor"
+  command: str  # the command that writes one, e.g. "etalk convert face3d --src epoch_20.pth ..."
+  upstream: str  # the file --src takes, e.g. "Deep3DFaceRecon's epoch_20.pth"
+  version: int = 1
+
+  def save(self, model: nnx.Module, dst: str | Path, *, overwrite: bool = False
+           ) -> dict[str, int]:
+    """model (its `config` a ModelConfig) -> dst; returns `weights_summary(model)`."""
+    config = model.config.to_dict()
+    config["etalk_format"] = {"model": self.name, "version": self.version}
+    save_model(model, dst, config, overwrite=overwrite)
+    return weights_summary(model)
+
+  def load(self, folder: str | Path, config_class,
+           build_abstract: Callable[[Any], nnx.Module]) -> nnx.Module:
+    """A folder `save` wrote -> the model `build_abstract(config)` describes, restored."""
+    folder = Path(folder)
+    hint = f"run `{self.command}` first."
+    if not folder.is_dir():
+      raise ConversionError(f"{folder} is not a folder; give the folder written by "
+                            f"`{self.command.split(' --')[0]}`.")
+    try:
+      fields = dict(read_config(folder))
+    except (FileNotFoundError, ValueError) as error:  # no config.json, or not JSON
+      raise ConversionError(f"{folder} does not hold {self.label} ({error}); {hint}") from error
+    record = fields.pop("etalk_format", None)
+    if not isinstance(record, Mapping) or record.get("model") != self.name:
+      raise ConversionError(f"{folder} does not hold {self.label}; {hint}")
+    if record.get("version") != self.version:
+      raise ConversionError(f"{folder} was written in format version {record.get('version')}; "
+                            f"this code reads version {self.version}. Convert it again.")
+    try:
+      config = config_class.from_dict(fields)
+      return restore_model(folder, lambda: build_abstract(config))
+    except (ValueError, FileNotFoundError) as error:
+      raise ConversionError(f"{error} Convert the model again.") from error
+
+  def convert_file(self, src: str | Path, dst: str | Path,
+                   convert: Callable[[Path], nnx.Module], *, overwrite: bool = False
+                   ) -> dict[str, Any]:
+    """`etalk convert`'s body: `convert(src)` saved at dst; returns {tensors, parameters,
+    bytes, seconds, dst}."""
+    start = time.perf_counter()
+    src_path = Path(src)
+    if not src_path.is_file():
+      raise ConversionError(f"--src {src} is not a file; give {self.upstream}.")
+    summary: dict[str, Any] = self.save(convert(src_path), dst, overwrite=overwrite)
+    summary.update(seconds=round(time.perf_counter() - start, 3), dst=str(dst))
+    return summary

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -256,7 +257,10 @@ class TorchFileSource(DictSource):
   def __init__(self, file: Path):
     torch = _torch()
     try:
-      tensors = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+      # torch memory-maps only its zip format (torch >= 1.6); an older, legacy-pickle file (e.g.
+      # pytorch-fid's 2019 Inception weights) is read whole, with the same weights_only guard.
+      tensors = torch.load(str(file), map_location="cpu", weights_only=True,
+                           mmap=zipfile.is_zipfile(file))
     except Exception as error:  # pickle-level errors come in many types
       raise ConversionError(f"{file} could not be read with torch.load(weights_only=True): "
                             f"{error}. Only plain tensor checkpoints are accepted.") from error
@@ -405,6 +409,44 @@ def export_tensors(model: nnx.Module, table: ConversionTable, dtype: Any = None
     array = np.asarray(jax.device_get(variables[entry.path].get_value()))
     array = entry.transform.to_theirs(array)
     yield key, np.ascontiguousarray(array, dtype=dtype or array.dtype)
+
+
+def strip_module_prefix(source: TensorSource) -> TensorSource:
+  """A checkpoint saved from a DataParallel wrapper: the `module.` prefix, when every key carries
+  it, is removed (upstream loaders unwrap the same way)."""
+  keys = source.keys()
+  if keys and all(key.startswith("module.") for key in keys):
+    return AliasedSource(source, [(r"^module\.", "")])
+  return source
+
+
+def load_from_source(source: TensorSource, config: Any,
+                     config_from_checkpoint: Callable[[TensorSource], Any],
+                     build_abstract: Callable[[Any], nnx.Module],
+                     table_of: Callable[[nnx.Module], "ConversionTable"], *,
+                     dtype: Any = None) -> nnx.Module:
+  """A model of `config` (by default read from the source's shapes) built abstractly and filled
+  from `source` through its conversion table, strictly; the source is closed afterwards."""
+  try:
+    config = config if config is not None else config_from_checkpoint(source)
+    model = build_abstract(config)
+    load_into(model, source, table_of(model), dtype=dtype)
+  finally:
+    source.close()
+  return model
+
+
+def export_torch_state(model: nnx.Module, table: ConversionTable, dtype: Any = None
+                       ) -> dict[str, np.ndarray]:
+  """`export_tensors` as a state dict that torch's `load_state_dict(strict=True)` takes: a
+  BatchNorm's `num_batches_tracked` (a training-step counter we do not keep) is written as 0
+  beside each running_var."""
+  out = {}
+  for key, array in export_tensors(model, table, dtype=dtype):
+    out[key] = array
+    if key.endswith(".running_var"):
+      out[key[:-len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
+  return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -65,11 +65,6 @@ def conversion_table(model: nnx.Module) -> ConversionTable:
   return ConversionTable.build(model, renames=RENAMES)
 
 
-def parameter_count(model: nnx.Module) -> int:
-  """Exact count; works on abstract (eval_shape) models too."""
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
 def _config_of(kind: str, src: Any, config):
   config_cls = KINDS[kind][0]
   if config is not None:

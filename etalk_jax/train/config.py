@@ -42,7 +42,10 @@ TRAIN_DEFAULTS = dict(
     compute_dtype="float32",  # bfloat16: bf16 compute over fp32 master weights
     remat="none",  # none | blocks | blocks_save_dots | layers (layers/compute.py REMAT_POLICIES)
     attention="auto",  # auto (the backend's best) | xla | cudnn | splash
-    peak_tflops=0.0)  # per device, for MFU where the device kind is unknown
+    peak_tflops=0.0,  # per device, for MFU where the device kind is unknown
+    # held-out loss: every eval_every steps (0: never) the mean loss over eval_batches batches
+    # of the eval_split split (the same batches and keys each time), as held_out/* metrics
+    eval_every=0, eval_batches=4, eval_split="test")
 MESH_DEFAULTS = dict(data=-1, fsdp=1)
 
 

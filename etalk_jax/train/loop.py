@@ -17,6 +17,10 @@ and an `export` that writes the trained component. Everything else is here, read
   metrics              loss, gradient norm, learning rate, steps/s, examples/s and model-FLOPs
                        utilisation (XLA's cost analysis of the compiled step over the device's
                        peak) to TensorBoard event files and metrics.jsonl; a progress bar
+  held-out loss        with config.train.eval_every > 0: every that many steps (and at the
+                       last), the loss on config.train.eval_batches batches of the held-out
+                       split (config.train.eval_split), logged as `held_out/<metric>` beside
+                       the training loss
 
 The step's RNG key is `fold_in(run key, step)`, so a resumed run draws what the uninterrupted
 one would have; a `featurize` that draws (`Task.featurize_key`) gets `fold_in(fold_in(step key,
@@ -54,6 +58,9 @@ log = logging.getLogger(__name__)
 Batch = Mapping[str, Any]
 LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 FEATURIZE_STREAM = 1  # featurize's key: fold_in(step key, FEATURIZE_STREAM), not the loss's
+# The held-out loss's keys: fold_in(fold_in(run key, HELD_OUT_STREAM), batch index), the same at
+# every evaluation, so that the curve moves only with the parameters.
+HELD_OUT_STREAM = 2
 
 
 @dataclasses.dataclass
@@ -70,6 +77,9 @@ class Task:
   # called as featurize(batch, key) with a key of the step's RNG.
   featurize_key: bool = False
   batch_size: int = 1  # examples per step (for examples/s)
+  # A fresh iterator of the held-out split's host batches (the same fields as `batches`), for
+  # the held-out loss (config.train.eval_every); None: the stage has no held-out data.
+  held_out: Callable[[], Iterator[Batch]] | None = None
 
 
 # -------------------------------------------------------------------------------- optimizer
@@ -192,6 +202,39 @@ def make_step(task: Task, graphdef: nnx.GraphDef, accumulation: int, schedule: o
   return step
 
 
+def make_held_out_loss(task: Task, graphdef: nnx.GraphDef):
+  """`(state, batch, key) -> metrics`: the training loss and its metrics on a batch, without
+  gradients or an update (the model as the step sees it: the same loss, in the same mode)."""
+
+  def held_out_loss(state, batch, key):
+    model, _ = nnx.merge(graphdef, state)
+    loss, metrics = task.loss(model, batch, key)
+    return dict(metrics, loss=loss)
+
+  return held_out_loss
+
+
+def held_out_metrics(task: Task, loss_fn, state, mesh, rules, batches: int, key: jax.Array
+                     ) -> dict[str, float]:
+  """The mean of `loss_fn`'s metrics over the first `batches` batches of a fresh held-out
+  iterator, each with its fixed key, as {"held_out/<name>": value}."""
+  iterator = task.held_out()
+  totals: dict[str, float] = {}
+  for index in range(batches):
+    batch_key = jax.random.fold_in(key, index)
+    host_batch = next(iterator)
+    if task.featurize_key:
+      host_batch = task.featurize(host_batch, jax.random.fold_in(
+          jax.random.fold_in(batch_key, FEATURIZE_STREAM), jax.process_index()))
+    else:
+      host_batch = task.featurize(host_batch)
+    with jax.set_mesh(mesh), use_rules(rules):
+      metrics = jax.device_get(loss_fn(state, _global_batch(host_batch, mesh), batch_key))
+    for name, value in metrics.items():
+      totals[name] = totals.get(name, 0.0) + float(value) / batches
+  return {f"held_out/{name}": value for name, value in totals.items()}
+
+
 # ---------------------------------------------------------------------------------- metrics
 
 # Peak dense bf16 FLOP/s per chip, for model-FLOPs utilisation (vendor figures).
@@ -292,6 +335,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, task: Task 
 
   step_fn = jax.jit(make_step(task, graphdef, accumulation, schedule),
                     out_shardings=(shardings, None), donate_argnums=(0,))
+  eval_every = int(train_config["eval_every"])
+  held_out_fn = None
+  if eval_every > 0:
+    if task.held_out is None:
+      raise UserError(f"config.train.eval_every={eval_every}: stage {task.name} has no held-out "
+                      "data; set it to 0")
+    held_out_fn = jax.jit(make_held_out_loss(task, graphdef))
+    held_out_key = jax.random.fold_in(jax.random.key(int(train_config["seed"])), HELD_OUT_STREAM)
   writer = MetricWriter(workdir)
   log_every = int(train_config["log_every"])
   peak = peak_flops_per_device(float(train_config["peak_tflops"]))
@@ -339,6 +390,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, task: Task 
           bar.set_postfix(loss=f"{metrics['loss']:.4g}", refresh=False)
           last = metrics
           window_start, window_steps = time.perf_counter(), 0
+        if held_out_fn is not None and (step % eval_every == 0 or step == total_steps):
+          held_out = held_out_metrics(task, held_out_fn, state, mesh, rules,
+                                      int(train_config["eval_batches"]), held_out_key)
+          writer.write(step, held_out)
+          last = {**last, **held_out}
+          window_start = time.perf_counter()  # the evaluation is not training time
         if step % checkpoint_every == 0 or step == total_steps or stop.requested():
           nnx.update((model, optimizer), state)
           checkpointer.save(step, model=model, optimizer=optimizer, iterator=task.batches,

@@ -17,30 +17,24 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
-import jax
 import numpy as np
-from flax import nnx
 
 from etalk_jax import model_io
 from etalk_jax.layers.compute import FP32, Compute
 from etalk_jax.vision.pdfgc import AdaptedPDFGC, PDFGCConfig, PDFGCEncoder
 from etalk_jax.weights import (
-  WEIGHT_VARIABLES,
-  AliasedSource,
   ConversionError,
   ConversionTable,
   TensorSource,
-  export_tensors,
-  load_into,
+  export_torch_state,
+  load_from_source,
   open_source,
+  strip_module_prefix,
 )
 
-FORMAT_VERSION = 1
-MODEL_NAME = "pdfgc"
 IGNORE = (r".*\.num_batches_tracked",)
 
 # our trunk module -> upstream FAN_use attribute
@@ -77,6 +71,12 @@ def renames(config: PDFGCConfig) -> list[tuple[str, Any]]:
   return rules
 
 
+FORMAT = model_io.ConvertedFormat(
+    name="pdfgc", label="a converted PD-FGC encoder",
+    command="etalk convert pdfgc --src motion_model.pth --dst DIR",
+    upstream="PD-FGC's motion_model.pth")
+
+
 def conversion_table(encoder: PDFGCEncoder) -> ConversionTable:
   """Our `PDFGCEncoder` leaves <-> `FanEncoder.state_dict()` names."""
   return ConversionTable.build(encoder, renames=renames(encoder.config), ignore=IGNORE)
@@ -87,22 +87,10 @@ def abstract_encoder(config: PDFGCConfig, compute: Compute = FP32) -> PDFGCEncod
   return model_io.abstract(lambda rngs: PDFGCEncoder(config, compute=compute, rngs=rngs))
 
 
-def parameter_count(model: nnx.Module) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
 
 # ----------------------------------------------------------------------------------------------
 # Import
 # ----------------------------------------------------------------------------------------------
-
-
-def strip_prefix(source: TensorSource) -> TensorSource:
-  """The checkpoint in `FanEncoder.state_dict()` names: a DataParallel `module.` prefix, when
-  every key carries it, is removed."""
-  keys = source.keys()
-  if keys and all(k.startswith("module.") for k in keys):
-    return AliasedSource(source, [(r"^module\.", "")])
-  return source
 
 
 def config_from_checkpoint(source: TensorSource) -> PDFGCConfig:
@@ -145,14 +133,10 @@ def pdfgc_from_torch(src: Any, config: PDFGCConfig | None = None, *, compute: Co
   config: the sizes to build; by default read from the checkpoint's shapes. Strict: one
   ConversionError lists every missing, unexpected and mis-shaped key.
   """
-  source = strip_prefix(open_source(src))
-  try:
-    config = config if config is not None else config_from_checkpoint(source)
-    encoder = abstract_encoder(config, compute)
-    load_into(encoder, source, conversion_table(encoder), dtype=dtype)
-  finally:
-    source.close()
-  return encoder
+  source = strip_module_prefix(open_source(src))
+  return load_from_source(source, config, config_from_checkpoint,
+                          lambda config: abstract_encoder(config, compute), conversion_table,
+                          dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,12 +147,7 @@ def pdfgc_from_torch(src: Any, config: PDFGCConfig | None = None, *, compute: Co
 def to_torch(encoder: PDFGCEncoder, dtype: Any = None) -> dict[str, np.ndarray]:
   """Our encoder -> a `FanEncoder` state dict (numpy) that `load_state_dict(strict=True)` takes;
   `num_batches_tracked` is written as 0 for every BatchNorm."""
-  out = {}
-  for key, array in export_tensors(encoder, conversion_table(encoder), dtype=dtype):
-    out[key] = array
-    if key.endswith(".running_var"):
-      out[key[:-len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
-  return out
+  return export_torch_state(encoder, conversion_table(encoder), dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,62 +155,21 @@ def to_torch(encoder: PDFGCEncoder, dtype: Any = None) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _summary(model: nnx.Module) -> dict:
-  saved = jax.tree.leaves(nnx.state(model, WEIGHT_VARIABLES))
-  return {"tensors": len(saved), "parameters": parameter_count(model),
-          "bytes": sum(int(x.size * x.dtype.itemsize) for x in saved)}
-
-
 def save_pdfgc(encoder: PDFGCEncoder, dst: str | Path, *, overwrite: bool = False) -> dict:
-  """Our format (config.json + Orbax state/); returns {tensors, parameters, bytes}.
-
-  tensors and bytes count everything saved (parameters and BatchNorm running statistics);
-  parameters counts trainable parameters only.
-  """
-  config = encoder.config.to_dict()
-  config["etalk_format"] = {"model": MODEL_NAME, "version": FORMAT_VERSION}
-  model_io.save_model(encoder, dst, config, overwrite=overwrite)
-  return _summary(encoder)
+  """Our format (config.json + Orbax state/); returns {tensors, parameters, bytes}
+  (`model_io.weights_summary`)."""
+  return FORMAT.save(encoder, dst, overwrite=overwrite)
 
 
 def load_pdfgc(folder: str | Path, compute: Compute = FP32) -> PDFGCEncoder:
   """Our format (written by `etalk convert pdfgc`) -> `PDFGCEncoder`."""
-  folder = Path(folder)
-  if not folder.is_dir():
-    raise ConversionError(f"{folder} is not a folder; give the folder written by "
-                          "`etalk convert pdfgc`.")
-  try:
-    fields = dict(model_io.read_config(folder))
-  except (FileNotFoundError, ValueError) as error:  # no config.json, or not JSON
-    raise ConversionError(
-        f"{folder} does not hold a converted PD-FGC encoder ({error}); run "
-        "`etalk convert pdfgc --src motion_model.pth --dst DIR` first.") from error
-  record = fields.pop("etalk_format", None)
-  if not isinstance(record, Mapping) or record.get("model") != MODEL_NAME:
-    raise ConversionError(f"{folder} does not hold a converted PD-FGC encoder; run `etalk "
-                          "convert pdfgc --src motion_model.pth --dst DIR` first.")
-  if record.get("version") != FORMAT_VERSION:
-    raise ConversionError(f"{folder} was written in format version {record.get('version')}; "
-                          f"this code reads version {FORMAT_VERSION}. Convert it again.")
-  try:
-    config = PDFGCConfig.from_dict(fields)
-    return model_io.restore_model(folder, lambda: abstract_encoder(config, compute))
-  except (ValueError, FileNotFoundError) as error:
-    raise ConversionError(f"{error} Convert the model again.") from error
+  return FORMAT.load(folder, PDFGCConfig, lambda config: abstract_encoder(config, compute))
 
 
 def convert_pdfgc_command(src: str, dst: str, overwrite: bool = False) -> dict:
-  """`etalk convert pdfgc --src motion_model.pth --dst DIR [--overwrite]`.
-
-  Returns {tensors, parameters, bytes, seconds, dst}.
-  """
-  start = time.perf_counter()
-  src_path = Path(src)
-  if not src_path.is_file():
-    raise ConversionError(f"--src {src} is not a file; give PD-FGC's motion_model.pth.")
-  summary = save_pdfgc(pdfgc_from_torch(src_path), dst, overwrite=overwrite)
-  summary.update(seconds=round(time.perf_counter() - start, 3), dst=str(dst))
-  return summary
+  """`etalk convert pdfgc --src motion_model.pth --dst DIR [--overwrite]`; returns {tensors,
+  parameters, bytes, seconds, dst}."""
+  return FORMAT.convert_file(src, dst, pdfgc_from_torch, overwrite=overwrite)
 
 
 # The trained lip and expression encoders (PD-FGC + adapters): the same config.json with its own
@@ -243,9 +181,9 @@ def save_encoders(encoders: AdaptedPDFGC, dst: str | Path, *, overwrite: bool = 
   """`AdaptedPDFGC` (trunk + trained adapters) -> our format; returns {tensors, parameters,
   bytes}."""
   config = encoders.config.to_dict()
-  config["etalk_format"] = {"model": ENCODERS_NAME, "version": FORMAT_VERSION}
+  config["etalk_format"] = {"model": ENCODERS_NAME, "version": FORMAT.version}
   model_io.save_model(encoders, dst, config, overwrite=overwrite)
-  return _summary(encoders)
+  return model_io.weights_summary(encoders)
 
 
 def load_encoders(folder: str | Path, compute: Compute = FP32) -> AdaptedPDFGC:

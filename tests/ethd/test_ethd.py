@@ -22,8 +22,8 @@ from etalk_jax.ethd import (
   save_ethd,
 )
 from etalk_jax.ethd.edi import area_downsample
+from etalk_jax.model_io import parameter_count
 from etalk_jax.svd import UNetConfig, unet_from_diffusers
-from etalk_jax.svd.params import parameter_count
 from etalk_jax.train.config import load_config
 from etalk_jax.train.stages import common
 from tests.helpers.svd_reference import (

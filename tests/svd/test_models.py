@@ -16,8 +16,9 @@ from flax import nnx
 
 from etalk_jax import svd
 from etalk_jax.layers.compute import Compute
+from etalk_jax.model_io import parameter_count
 from etalk_jax.svd.config import UNetConfig, VAEConfig
-from etalk_jax.svd.params import abstract_model, parameter_count
+from etalk_jax.svd.params import abstract_model
 from tests.helpers.svd_reference import (
   UNET_THREE_LEVELS,
   UNET_TWO_LEVELS,

@@ -120,6 +120,7 @@ def _train_args(inputs, workdir, steps: int) -> list[str]:
           f"--config.encoders.vision={inputs['pdfgc']}", f"--config.train.steps={steps}",
           "--config.train.log_every=2", "--config.train.checkpoint_every=2",
           "--config.optim.ema_decay=0.5", "--config.optim.name=adam8bit",
+          "--config.train.eval_every=4", "--config.train.eval_batches=1",
           '--config.encoders.audio_features={"chunk_frames": 100, "context_frames": 10, '
           '"bucket_frames": [60, 100]}']
 
@@ -132,13 +133,19 @@ def test_etalk_train_runs_resumes_and_exports(projector_inputs, tmp_path, capsys
   assert cli.main(_train_args(projector_inputs, resumed, 4)) == 0  # resumes at step 2
 
   lines = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
-  assert [line["step"] for line in lines] == [2, 4]
+  # Training metrics at steps 2 and 4, the held-out loss (the test split) at step 4.
+  assert [line["step"] for line in lines] == [2, 4, 4]
+  training, held_out = lines[1], lines[2]
   for name in ("loss", "grad_norm", "lr", "steps_per_s", "examples_per_s", "pull"):
-    assert np.isfinite(lines[-1][name]), name
+    assert np.isfinite(training[name]), name
+  assert set(held_out) == {"step", "held_out/loss", "held_out/pull"}
+  assert np.isfinite(held_out["held_out/loss"]) and held_out["held_out/loss"] != training["loss"]
   assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
   resumed_lines = [json.loads(line)
                    for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-  assert resumed_lines[-1]["loss"] == lines[-1]["loss"]  # the same batches and keys after resume
+  # The same batches and keys after resume, and the same held-out batches.
+  assert resumed_lines[-2]["loss"] == training["loss"]
+  assert resumed_lines[-1] == held_out
 
   # The export holds the EMA weights, equal in both runs.
   want, got = load_projector(straight / "export"), load_projector(resumed / "export")

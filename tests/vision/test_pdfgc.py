@@ -187,9 +187,9 @@ def test_configs_and_full_parameter_count():
     adapted = model_io.abstract(lambda rngs, c=config: AdaptedPDFGC(c, rngs=rngs))
     with torch.device("meta"):
       torch_count = sum(p.numel() for p in FanEncoder(config).parameters())
-    counts[name] = params.parameter_count(encoder)
+    counts[name] = model_io.parameter_count(encoder)
     assert counts[name] == torch_count
-    adapters = params.parameter_count(adapted) - counts[name]
+    adapters = model_io.parameter_count(adapted) - counts[name]
     assert adapters == 2 * (2 * config.feature_dim * config.adapter_dim + config.adapter_dim
                             + config.feature_dim)
     print(f"PD-FGC {name}: {counts[name]:,} encoder parameters, {adapters:,} adapter parameters")

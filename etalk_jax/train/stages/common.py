@@ -23,6 +23,7 @@ from etalk_jax.svd import UNetConfig
 from etalk_jax.svd.codec import VAECodec, reference_noise
 from etalk_jax.svd.params import load_unet
 from etalk_jax.train import precompute
+from etalk_jax.train.config import TRAIN_DEFAULTS, with_defaults
 from etalk_jax.train.frozen import (
   feature_config,
   latent_codec_from_spec,
@@ -61,6 +62,16 @@ def loader_iterator(config, *, with_frames: bool = True, with_reference: bool = 
                                  with_reference=with_reference, with_masks=with_masks,
                                  frame_masks=frame_masks)
   return iter(loader.make_dataset(dataset_dir, data.split, loader_config))
+
+
+def held_out_config(config):
+  """A copy of `config` that reads the held-out split (config.train.eval_split) instead of
+  config.data.split, in this process (no loader workers: a held-out iterator is made afresh at
+  every evaluation)."""
+  held_out = config.copy_and_resolve_references()
+  held_out.data.split = str(with_defaults(config.train, TRAIN_DEFAULTS)["eval_split"])
+  held_out.data.num_workers = 0
+  return held_out
 
 
 def _loader_config(config, window: int | None = None, **switches):

@@ -47,5 +47,7 @@ def make_task(config, mesh) -> Task:
 
   return Task(name="dicte", model=model, trainable=nnx.Param, loss=loss,
               batches=batches, featurize=featurize,
+              held_out=lambda: common.vaid_data(common.held_out_config(config), featurizer,
+                                                window=dicte_config.window_frames)[0],
               export=lambda model, folder: save_vaid_model(model, folder, overwrite=True),
               batch_size=int(config.data.batch_size))

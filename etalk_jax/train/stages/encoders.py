@@ -100,4 +100,6 @@ def make_task(config, mesh) -> Task:
 
   return Task(name="encoders", model=model, trainable=TRAINABLE, loss=loss,
               batches=common.loader_iterator(config, frame_masks=True), featurize=featurize,
+              held_out=lambda: common.loader_iterator(common.held_out_config(config),
+                                                      frame_masks=True),
               featurize_key=True, export=export, batch_size=int(config.data.batch_size))

@@ -53,10 +53,14 @@ def make_task(config, mesh) -> Task:
     info = common.check_precomputed(config, with_codec=True)
     lip_dim, expression_dim = int(info["lip_dim"]), int(info["expression_dim"])
     batches = common.precomputed_iterator(config, frame_masks=frame_masks)
+    held_out = lambda: common.precomputed_iterator(common.held_out_config(config),
+                                                   frame_masks=frame_masks)
   else:
     featurizer = common.featurizer(config)
     lip_dim, expression_dim = featurizer.lip_dim, featurizer.expression_dim
     batches = common.loader_iterator(config, frame_masks=frame_masks)
+    held_out = lambda: common.loader_iterator(common.held_out_config(config),
+                                              frame_masks=frame_masks)
   projector = load_projector(config.vaid.projector)
   dicte = load_dicte(config.vaid.dicte)
   dicte_steps = int(config.vaid.dicte_steps) or dicte.config.sample_steps
@@ -120,6 +124,6 @@ def make_task(config, mesh) -> Task:
     return value, {}
 
   return Task(name="ethd", model=model, trainable=nnx.Param, loss=loss,
-              batches=batches, featurize=featurize, featurize_key=True,
+              batches=batches, featurize=featurize, featurize_key=True, held_out=held_out,
               export=lambda model, folder: save_ethd(model, folder, overwrite=True),
               batch_size=int(config.data.batch_size))

@@ -50,6 +50,9 @@ def make_task(config, mesh) -> Task:
   return Task(name="ser", model=model, trainable=nnx.Param, loss=loss,
               batches=common.loader_iterator(config, with_frames=False, with_reference=False,
                                              with_masks=False),
+              held_out=lambda: common.loader_iterator(common.held_out_config(config),
+                                                      with_frames=False, with_reference=False,
+                                                      with_masks=False),
               featurize=featurize,
               export=lambda model, folder: save_ser(model, folder, overwrite=True),
               batch_size=int(config.data.batch_size))

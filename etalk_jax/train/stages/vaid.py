@@ -77,4 +77,6 @@ def make_task(config, mesh) -> Task:
     save_vaid_model(model.dicte, Path(folder) / "dicte", overwrite=True)
 
   return Task(name="vaid", model=model, trainable=nnx.Param, loss=loss, batches=batches,
-              featurize=featurize, export=export, batch_size=int(config.data.batch_size))
+              featurize=featurize, export=export, batch_size=int(config.data.batch_size),
+              held_out=lambda: common.vaid_data(common.held_out_config(config), featurizer,
+                                                window=dicte_config.window_frames)[0])
