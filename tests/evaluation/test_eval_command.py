@@ -149,6 +149,12 @@ def test_bad_input_is_one_message(models, videos, tmp_path, capsys):
   for arguments, message in cases:
     assert cli.main(base + arguments) == 2, arguments
     assert message in capsys.readouterr().err, arguments
+  # The same command succeeds on good input: the table on stdout, the report at --out.
+  assert cli.main(base + ["--generated", str(videos / "generated"), "--reference",
+                          str(videos / "generated"), "--metrics", "fid",
+                          "--out", str(tmp_path / "fid.json")]) == 0
+  assert "FID" in capsys.readouterr().out
+  assert abs(json.loads((tmp_path / "fid.json").read_text())["metrics"]["fid"]["value"]) < 1e-6
   empty_models = tmp_path / "models"
   (empty_models / "inception").mkdir(parents=True)
   assert cli.main(["eval", "--protocol", "mead", "--models", str(empty_models), "--generated",
