@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[torch,test,faces]"
+	$(PY) -m pip install -q -e ".[torch,test,faces,app]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -26,7 +26,8 @@ test: setup
 # The slow tests CI runs after `make test` (within ~8 min on 2 cores): the device check's CPU dry
 # run, the full-size TPU export, the V-AID joint stage, V-AID learning (projector and Di-CTE), the
 # ETHD objective under jit, the loader's worker processes, the MEAD layout and the wheel (configs
-# ship, the demo loads them outside the source tree). Left to `make
+# ship, the demo loads them outside the source tree), `etalk app` in headless Chromium, the
+# evaluation networks at full size. Left to `make
 # test-all`: the ETHD overfit (its smoke version runs in `make test`) and the 500-frame Di-CTE
 # generation (over 6 min of CPU alone). -m slow picks the slow tests of the files listed;
 # loadfile keeps a file on one worker, so its module fixtures are built once.
@@ -39,7 +40,9 @@ SLOW_SUBSET := \
   tests/ethd/test_objective.py \
   tests/data_pipeline/test_loader.py \
   tests/data_pipeline/test_synthetic.py \
-  tests/test_packaging.py
+  tests/test_packaging.py \
+  tests/test_app.py \
+  tests/evaluation
 
 test-slow-subset: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile -m slow $(SLOW_SUBSET)

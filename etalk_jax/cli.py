@@ -16,6 +16,7 @@
                                           latents + encoder outputs for V-AID and ETHD
   etalk sample --portrait P --audio A --checkpoint DIR --out OUT.mp4 [--emotion WORD | ...]
                [--dtype float32|bfloat16] [--attention auto|xla|cudnn|splash]
+  etalk app [--checkpoint DIR] [--port 7860]      a web page: portrait + speech -> video
   etalk eval --generated DIR --reference DIR --protocol hdtf|mead --models DIR [--out FILE]
   etalk eval --checkpoint DIR --data DIR [--split test] --protocol hdtf|mead --models DIR
                                           the paper's FID, FVD, Sync-C / Sync-D and E-FID
@@ -182,6 +183,12 @@ def _precompute(args: argparse.Namespace) -> int:
   print(f"wrote {summary['dst']}: {summary['clips']} clips, {summary['frames']} frames, "
         f"{summary['bytes'] / 2 ** 20:.1f} MiB in {summary['seconds']:.1f} s "
         f"(encoders fingerprint {summary['fingerprint'][:12]})")
+  return 0
+
+
+def _app(args: argparse.Namespace) -> int:
+  from etalk_jax.app import app_command  # noqa: PLC0415 (subcommand)
+  app_command(args.checkpoint, host=args.host, port=args.port, open_browser=args.open)
   return 0
 
 
@@ -392,6 +399,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="paste the generated face into the full portrait frame")
   sample.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
   sample.set_defaults(run=_sample)
+
+  app = commands.add_parser("app", help="a web page (Gradio): portrait + speech (+ emotion) -> "
+                                        "video; needs the `app` extra")
+  app.add_argument("--checkpoint", default=None,
+                   help="pipeline checkpoint folder (default demo_out/checkpoint, which "
+                        "`make demo` writes)")
+  app.add_argument("--host", default="127.0.0.1",
+                   help="address to serve on (default 127.0.0.1: this machine only)")
+  app.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+  app.add_argument("--open", action="store_true", help="open the page in a browser")
+  app.set_defaults(run=_app)
 
   evaluate = commands.add_parser(
       "eval", help="the paper's metrics (FID, FVD, Sync-C / Sync-D, E-FID) of generated videos "

@@ -23,7 +23,7 @@ PACKAGES = ("etalk_jax", "data_pipeline")
 LOWER = tuple(f"etalk_jax.{name}" for name in (
     "layers", "svd", "ethd", "audio", "vision", "vaid", "emotion", "diffusion", "evaluation"))
 UPPER = tuple(f"etalk_jax.{name}" for name in ("parallel", "train", "pipeline", "demo", "cli",
-                                               "evaluation.command"))
+                                               "app", "evaluation.command"))
 
 Graph = dict[str, set[str]]
 

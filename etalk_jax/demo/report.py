@@ -223,7 +223,10 @@ def write_report(workdir: Path, speaker: str, emotions: list[str],
     print(f"   {kind:20s} {report[kind]['lip_sync']:9.3f} {report[kind]['emotion']:13.3f}")
   print(f"   sampling: {report['sampling']['frames_per_second']} frames/s after the first video "
         f"({report['sampling']['first_video_seconds_incl_compile']} s incl. compile)")
-  print(f"   total {report['total_seconds'] / 60:.1f} min; videos in {workdir / 'videos'}")
   margin = report["generated"]["lip_sync"] - report["no-audio baseline"]["lip_sync"]
-  print("   lip sync above the no-audio baseline by " f"{margin:.3f}")
+  print(f"   lip sync {'above' if margin >= 0 else 'below'} the no-audio baseline by "
+        f"{abs(margin):.3f}")
+  print(f"   total {report['total_seconds'] / 60:.1f} min; videos (generated, no-audio, ground "
+        f"truth) in {workdir / 'videos'}")
+  print(f"   try it in the browser: etalk app --checkpoint {workdir / 'checkpoint'}")
   return report

@@ -370,6 +370,9 @@ def run(workdir: str | Path = "demo_out", *, quick: bool = False, progress: bool
   clock = Clock()
   print(f"etalk demo{' --quick' if quick else ''}: EmotiveTalk end to end on synthetic talking "
         f"faces, CPU, nothing downloaded (output: {workdir})")
+  # Measured on the 2-core dev machine (WORKSPACE.md); a finished stage is not run again.
+  print(f"   expect about {3 if quick else 8} minutes on 2 CPU cores (longer on a busy "
+        "machine); each stage prints its progress")
   done = run_steps(STEPS, step_actions(workdir, config, progress), clock)
   reader, emotion_reader = done["readers"]
   print(f"   mouth reader fit correlation {reader.fit_correlation:.3f}, emotion reader fit "
