@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from data_pipeline import EMOTION_LABELS, INT16_SCALE, SAMPLES_PER_FRAME, media
 from data_pipeline.faces import LIPS_OUTER
@@ -190,6 +190,26 @@ def fit_readers(dataset_dir: str) -> tuple[MouthReader, EmotionReader]:
 
 
 KINDS = ("generated", "ground truth", "no-audio baseline")  # the report's rows
+
+
+def write_frame_grid(path: Path, rows: list[tuple[str, np.ndarray]], columns: int = 8,
+                     scale: int = 2) -> Path:
+  """A PNG of `columns` evenly spaced frames of each row's video (uint8 (n, H, W, 3)), one row
+  per video with its label on the left, each frame enlarged `scale` times (nearest)."""
+  label_width = 110
+  height, width = rows[0][1].shape[1:3]
+  cell_h, cell_w = height * scale, width * scale
+  grid = Image.new("RGB", (label_width + columns * cell_w, len(rows) * cell_h), "white")
+  draw = ImageDraw.Draw(grid)
+  for row, (label, frames) in enumerate(rows):
+    draw.text((6, row * cell_h + cell_h // 2 - 6), label, fill="black")
+    picks = np.linspace(0, len(frames) - 1, columns).round().astype(int)
+    for column, index in enumerate(picks):
+      tile = Image.fromarray(frames[index]).resize((cell_w, cell_h), Image.NEAREST)
+      grid.paste(tile, (label_width + column * cell_w, row * cell_h))
+  path = Path(path)
+  grid.save(path)
+  return path
 
 
 def write_report(workdir: Path, speaker: str, emotions: list[str],

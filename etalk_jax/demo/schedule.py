@@ -68,20 +68,29 @@ def run_steps(steps: Sequence[Step], actions: dict[str, Action], clock: Clock) -
   # spawn: JAX does not survive fork.
   context = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as side:
-    for step in steps:
-      for need in step.needs:
-        if need in pending:
-          collect(need)
-      function, args = actions[step.name](results)
-      if step.beside:
-        pending[step.name] = side.submit(timed, function, *args)
-      elif step.title is None:
-        results[step.name] = function(*args)
-      else:
-        with clock.phase(step.title):
+    try:
+      for step in steps:
+        for need in step.needs:
+          if need in pending:
+            collect(need)
+        function, args = actions[step.name](results)
+        if step.beside:
+          pending[step.name] = side.submit(timed, function, *args)
+        elif step.title is None:
           results[step.name] = function(*args)
-          if isinstance(results[step.name], str):
-            print(f"   {results[step.name]}", flush=True)
-    for name in list(pending):
-      collect(name)
+        else:
+          with clock.phase(step.title):
+            results[step.name] = function(*args)
+            if isinstance(results[step.name], str):
+              print(f"   {results[step.name]}", flush=True)
+      for name in list(pending):
+        collect(name)
+    except BaseException:
+      # A failed or interrupted step ends the run: the side process gets SIGTERM too (a
+      # training stage there saves its step and stops), instead of the executor waiting for
+      # its step to finish.
+      side.shutdown(wait=False, cancel_futures=True)
+      for child in multiprocessing.active_children():
+        child.terminate()
+      raise
   return results

@@ -41,6 +41,7 @@ from etalk_jax.demo.report import (
   held_out_clips,
   lip_sync_score,
   speech_envelope,
+  write_frame_grid,
   write_report,
 )
 from etalk_jax.demo.schedule import Action, Clock, run_steps
@@ -224,6 +225,11 @@ def stage_configs(workdir: Path, dataset_dir: str, frozen: dict[str, Path], conf
   return {"encoders": encoders, "projector": projector, "dicte": dicte, "ethd": ethd, "ser": ser}
 
 
+class DemoInterrupted(Exception):
+  """A stage's training stopped on SIGTERM (its last step saved): the demo stops too, and the
+  same command resumes it."""
+
+
 def train_stage(workdir: Path, name: str, stage_config, progress: bool) -> str:
   """Trains one stage into workdir/runs/<name> unless its export exists; returns a summary line.
   Module-level: the side process runs it too."""
@@ -231,6 +237,8 @@ def train_stage(workdir: Path, name: str, stage_config, progress: bool) -> str:
   if (export / ("renderer" if name == "encoders" else "")).exists():
     return f"{export} exists: already trained"
   summary = train(stage_config, export.parent, progress=progress)
+  if "stopped_at" in summary:
+    raise DemoInterrupted(f"stage {name} stopped at step {summary['stopped_at']}, saved")
   metrics = summary["final_metrics"]
   return (f"{name}: loss {metrics.get('loss', float('nan')):.4f} after {summary['steps']} "
           f"steps, {metrics.get('steps_per_s', 0):.2f} steps/s, compile "
@@ -334,6 +342,7 @@ def generate_held_out(pipe: EmotiveTalkPipeline, workdir: Path, dataset_dir: str
   rows: dict[str, dict[str, list[float]]] = {kind: {"lip_sync": [], "emotion": []}
                                              for kind in KINDS}
   generation: list[dict[str, float]] = []
+  strip: list[tuple[str, np.ndarray]] = []  # the first emotion's videos, for frames.png
   with clock.phase(f"generate: held-out identity {speaker}, emotions {', '.join(emotions)}"):
     for emotion in emotions:
       clip = by_emotion[emotion]
@@ -347,6 +356,8 @@ def generate_held_out(pipe: EmotiveTalkPipeline, workdir: Path, dataset_dir: str
         generation.append({"frames": len(result.frames), "seconds": seconds})
         name = f"{emotion}{'' if kind == 'generated' else '_no_audio'}.mp4"
         result.write(videos / name)
+        if emotion == emotions[0]:
+          strip.append((f"{kind}" if kind == "generated" else "no audio", result.frames))
         rows[kind]["lip_sync"].append(lip_sync_score(reader(result.frames, portrait,
                                                             portrait_landmarks),
                                                      envelope))
@@ -355,6 +366,10 @@ def generate_held_out(pipe: EmotiveTalkPipeline, workdir: Path, dataset_dir: str
       truth = Result(frames=clip.frames, audio=clip.speech, fps=FPS, expressions=np.zeros((0,)),
                      lip_latents=np.zeros((0,)), emotion=emotion)
       truth.write(videos / f"{emotion}_ground_truth.mp4")
+      if emotion == emotions[0]:
+        strip.append(("ground truth", clip.frames))
+        grid = write_frame_grid(workdir / "frames.png", strip)
+        print(f"   {grid}: {emotion}, generated / no audio / ground truth, 8 frames each")
       rows["ground truth"]["lip_sync"].append(lip_sync_score(
           reader(clip.frames, portrait, portrait_landmarks), envelope))
       rows["ground truth"]["emotion"].append(emotion_reader.accuracy(clip.frames, portrait,
@@ -373,7 +388,12 @@ def run(workdir: str | Path = "demo_out", *, quick: bool = False, progress: bool
   # Measured on the 2-core dev machine (WORKSPACE.md); a finished stage is not run again.
   print(f"   expect about {3 if quick else 8} minutes on 2 CPU cores (longer on a busy "
         "machine); each stage prints its progress")
-  done = run_steps(STEPS, step_actions(workdir, config, progress), clock)
+  try:
+    done = run_steps(STEPS, step_actions(workdir, config, progress), clock)
+  except DemoInterrupted as interruption:
+    print(f"\netalk demo: interrupted ({interruption}); run the same command to resume",
+          flush=True)
+    return 130  # as a shell reports a run stopped by a signal
   reader, emotion_reader = done["readers"]
   print(f"   mouth reader fit correlation {reader.fit_correlation:.3f}, emotion reader fit "
         f"accuracy {emotion_reader.fit_accuracy:.3f}")

@@ -4,10 +4,12 @@ couple of steps, the pipeline checkpoint is written and loads, videos and the re
 import json
 
 import numpy as np
+import pytest
+from PIL import Image
 
 from data_pipeline import media, synthetic
 from etalk_jax import cli
-from etalk_jax.demo import report as demo_report, stages
+from etalk_jax.demo import report as demo_report, stages, wiring
 from etalk_jax.pipeline import EmotiveTalkPipeline
 
 
@@ -41,6 +43,9 @@ def test_quick_demo_trains_every_stage_generates_and_reports(tmp_path, capsys):
   videos = sorted(p.name for p in (workdir / "videos").glob("*.mp4"))
   assert videos == sorted(f"{e}{s}.mp4" for e in ("sad", "angry")
                           for s in ("", "_no_audio", "_ground_truth"))
+  # The frame strip: generated, no audio and ground truth, 8 frames of 64 px enlarged twice.
+  assert Image.open(workdir / "frames.png").size == (110 + 8 * 128, 3 * 128)
+  assert "try it in the browser: etalk app --checkpoint" in out
   info = media.probe(workdir / "videos" / "sad.mp4")
   assert info.width == info.height == 64
   assert EmotiveTalkPipeline.load(workdir / "checkpoint").resolution == 64
@@ -86,3 +91,20 @@ def test_the_stage_graph_runs_each_step_after_what_it_needs():
       stages.TRAINED_STAGES)
   ethd = next(step for step in stages.STEPS if step.name == "ethd")
   assert {"projector", "dicte"} <= set(ethd.needs)  # ETHD reads their exports
+
+
+def test_an_interrupted_stage_stops_the_demo_with_the_resume_advice(tmp_path, monkeypatch, capsys):
+  """SIGTERM during a stage's training: `train` saves and returns `stopped_at`; the demo stops
+  there (not with a later, misleading error) and says how to resume."""
+  monkeypatch.setattr(wiring, "train", lambda config, folder, progress: {
+      "stopped_at": 3, "final_metrics": {}, "steps": 10, "compile_seconds": 0.0})
+  with pytest.raises(wiring.DemoInterrupted, match="stage ethd stopped at step 3"):
+    wiring.train_stage(tmp_path, "ethd", None, progress=False)
+
+  def interrupted(*args):
+    raise wiring.DemoInterrupted("stage ethd stopped at step 3, saved")
+
+  monkeypatch.setattr(wiring, "run_steps", interrupted)
+  assert cli.main(["demo", "--quick", "--workdir", str(tmp_path / "demo"), "--no-progress"]) == 130
+  assert "interrupted (stage ethd stopped at step 3, saved); run the same command to resume" in (
+      capsys.readouterr().out)
