@@ -237,6 +237,18 @@ def pdfgc_crop(frame: np.ndarray, landmarks_px: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------- detection
 
+def require_mediapipe():
+  """The `mediapipe` module, or MissingDependency naming the `faces` extra. Commands that detect
+  faces call it before any work (`etalk prepare` would otherwise skip every video for it)."""
+  try:
+    import mediapipe  # noqa: PLC0415 (optional, the `faces` extra: detection only)
+  except ImportError as error:
+    raise MissingDependency(f"face detection needs MediaPipe ({error}): pip install "
+                            "'etalk-jax[faces]' (mediapipe==0.10.14, which ships its models)"
+                            ) from None
+  return mediapipe
+
+
 class FaceLandmarker:
   """MediaPipe face mesh (478 points with refined eyes and lips) over the frames of one video.
 
@@ -245,11 +257,7 @@ class FaceLandmarker:
   """
 
   def __init__(self, max_faces: int = 4, min_confidence: float = 0.5):
-    try:
-      import mediapipe as mp  # noqa: PLC0415 (optional, the `faces` extra: detection only)
-    except ImportError:
-      raise MissingDependency("face detection needs MediaPipe: pip install 'etalk-jax[faces]' "
-                              "(mediapipe==0.10.14, which ships its models)") from None
+    mp = require_mediapipe()
     self._mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=False, max_num_faces=max_faces,
                                                  refine_landmarks=True,
                                                  min_detection_confidence=min_confidence,

@@ -2,10 +2,11 @@
 etalk_jax's own media/audio readers).
 
 - `iter_video_frames`: decode any container, resample to a constant frame rate by timestamps
-  (variable-frame-rate sources included), RGB uint8 frames one at a time (long videos never sit in
-  memory).
-- `read_audio`: the first audio stream of a file as 16 kHz mono int16, with its start time so that
-  audio and video line up.
+  (variable-frame-rate sources included), turned upright as the container's display matrix says
+  (phone footage), RGB uint8 frames one at a time (long videos never sit in memory).
+- `read_audio`: the first audio stream of a file as 16 kHz mono int16 (any rate, any channel
+  layout), with its start time so that audio and video line up; gaps in its timestamps become
+  silence.
 - `encode_h264` / `decode_frames`: clip crops to H.264-in-MP4 bytes, and back, decoding only the
   frames a window needs (seek to the keyframe before it).
 - `write_video_file` / `write_audio_file`: mp4 (+AAC) and m4a files, written atomically.
@@ -75,10 +76,35 @@ def probe(path: str | os.PathLike) -> VideoInfo:
                      start_time=start, duration=duration, has_audio=bool(container.streams.audio))
 
 
+def _upright(frame, path) -> np.ndarray:
+  """A decoded frame as RGB, turned as its display matrix says it is to be shown (what FFmpeg's
+  command line does by default, `-autorotate`: the same transpose / flip per matrix). Phones store
+  portrait video sideways with such a matrix; MediaPipe would not find the sideways face."""
+  array = frame.to_ndarray(format="rgb24")
+  side_data = frame.side_data.get(_av().sidedata.sidedata.Type.DISPLAYMATRIX)
+  if side_data is None:
+    return array
+  matrix = np.frombuffer(bytes(side_data), np.int32)
+  clockwise = round(-frame.rotation) % 360  # PyAV's rotation is counter-clockwise
+  if clockwise == 90:
+    return array.transpose(1, 0, 2) if matrix[3] > 0 else np.rot90(array, -1)
+  if clockwise == 270:
+    return np.flipud(np.rot90(array, -1)) if matrix[3] < 0 else np.rot90(array, 1)
+  if clockwise == 180:
+    array = array[:, ::-1] if matrix[0] < 0 else array
+    return array[::-1] if matrix[4] < 0 else array
+  if clockwise == 0:
+    return array[::-1] if matrix[4] < 0 else array
+  raise MediaError(f"{path}: its display matrix turns the picture by {clockwise} degrees; only "
+                   "multiples of 90 are supported (re-encode it upright)")
+
+
 def iter_video_frames(path: str | os.PathLike, fps: int = FPS) -> Iterator[np.ndarray]:
   """Yields RGB uint8 frames (H, W, 3) at a constant `fps`, frame k being the source frame whose
   timestamp is nearest to start + k / fps (repeats or drops source frames, so 30 fps, 24 fps and
-  variable-rate sources all come out at `fps`). Raises MediaError on a broken stream."""
+  variable-rate sources all come out at `fps`), turned upright by the display matrix if the
+  container has one (so H, W may be the stored ones swapped). Raises MediaError on a broken
+  stream."""
   with _open(path) as container:
     if not container.streams.video:
       raise MediaError(f"{path}: no video stream")
@@ -98,7 +124,7 @@ def iter_video_frames(path: str | os.PathLike, fps: int = FPS) -> Iterator[np.nd
         while previous is not None and next_index / fps < time:
           slot = next_index / fps
           chosen = previous[1] if slot - previous[0] <= time - slot else frame
-          yield chosen.to_ndarray(format="rgb24")
+          yield _upright(chosen, path)
           next_index += 1
         previous = (time, frame)
     except _av().FFmpegError as error:
@@ -108,27 +134,46 @@ def iter_video_frames(path: str | os.PathLike, fps: int = FPS) -> Iterator[np.nd
       raise MediaError(f"{path}: no decodable video frame")
     # The last source frame covers up to one output period past its timestamp.
     while next_index / fps <= previous[0] + 0.5 / fps:
-      yield previous[1].to_ndarray(format="rgb24")
+      yield _upright(previous[1], path)
       next_index += 1
 
 
+# An audio frame starting this much later than the previous one ends is a gap (recorders that send
+# nothing while it is quiet write such tracks); smaller jitter is ignored. Half a 25 fps frame.
+AUDIO_GAP_SECONDS = 0.02
+
+
 def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray, float]:
-  """The first audio stream as mono int16 at `sample_rate`, and its start time in seconds (the
-  container's clock, comparable with `probe(path).start_time`). Raises MediaError if there is
-  none."""
+  """The first audio stream as mono int16 at `sample_rate` (resampled from any rate, channels
+  mixed down), and its start time in seconds (the container's clock, comparable with
+  `probe(path).start_time`). A gap in the stream's timestamps is filled with silence, so the
+  audio after it stays aligned with the video. Raises MediaError if there is none."""
   av = _av()
   with _open(path) as container:
     if not container.streams.audio:
       raise MediaError(f"{path}: no audio stream (the pipeline needs the speech track; remux the "
                        f"audio in)")
     stream = container.streams.audio[0]
-    resampler = av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
+    new_resampler = lambda: av.AudioResampler(format="s16", layout="mono",  # noqa: E731
+                                              rate=sample_rate)
+    resampler = new_resampler()
     chunks = []
     start = None
+    expected = None  # where the next frame should start (seconds), from the frames so far
     try:
       for frame in container.decode(stream):
-        if start is None and frame.time is not None:
-          start = frame.time
+        if frame.time is not None:
+          if start is None:
+            start = expected = frame.time
+          elif frame.time - expected > AUDIO_GAP_SECONDS:
+            # The samples before the gap leave the resampler first, then the silence.
+            for out in resampler.resample(None):
+              chunks.append(out.to_ndarray().reshape(-1))
+            resampler = new_resampler()
+            chunks.append(np.zeros(int(round((frame.time - expected) * sample_rate)), np.int16))
+            expected = frame.time
+        if expected is not None:
+          expected += frame.samples / frame.sample_rate
         for out in resampler.resample(frame):
           chunks.append(out.to_ndarray().reshape(-1))
       for out in resampler.resample(None):

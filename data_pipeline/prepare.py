@@ -8,8 +8,14 @@ Then the TFDS builder (`hdtf`, `mead` or `talking_heads`) splits clips 90/10 (se
 speaker) and writes array_record files. TFDS writes into a temporary folder and renames it when
 complete, so a crash never leaves a partial dataset visible.
 
-Anything wrong with one input (corrupt, truncated or empty file, no audio, no face, too small) skips
-that input with its reason, counted in `<dst>/prepare_report.json`; it never stops the run.
+Anything wrong with one input (corrupt, truncated or empty file, no audio or a silent track, no
+face, too small) skips that input with its reason, counted in `<dst>/prepare_report.json`; it never
+stops the run. What concerns every input stops it before any work, as one user error: a missing
+`faces` extra (`faces.require_mediapipe`), and, once every video is done, nothing to write
+(`NothingPrepared`: every video skipped). Unusual but valid inputs are prepared: variable frame
+rates, a display matrix (turned upright), odd sizes, any audio rate or channel layout, gaps in the
+audio's timestamps (silence). A run killed at any point (SIGKILL) and started again redoes only the
+video it was on and writes the same records as an uninterrupted run.
 The command itself (`prepare_command`) sits above the builders, in data_pipeline.builders.real.
 """
 
@@ -30,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipeline import EMOTION_LABELS, SAMPLE_RATE, SAMPLES_PER_FRAME, faces, media
-from etalk_jax.errors import InputNotFound, UserError
+from etalk_jax.errors import InputNotFound, MissingDependency, UserError
 
 LAYOUTS = ("hdtf", "mead", "folder")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
@@ -40,6 +46,10 @@ MEAD_EMOTIONS = {"angry": "angry", "contempt": "contempt", "disgusted": "disgust
 # The paper drops MEAD clips shorter than one 120-frame window from training.
 MEAD_MIN_TRAIN_FRAMES = 120
 WORK_DIR_NAME = "_prepare_work"
+TEMPORARY_PREFIX = "."  # a video's folder while it is being prepared: .<key>.tmp-<pid>
+# A track whose loudest sample stays under this (int16; -60 dBFS) holds no speech: skipped, since
+# lip sync cannot be learnt from it. Silence inside a track with speech is kept.
+SILENT_PEAK = 33
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +130,36 @@ class Skip(Exception):
     self.category = category
 
 
+class NothingPrepared(UserError):
+  """Every video was skipped (or no clip was kept): there is no dataset to write. `report` is the
+  summary (`summarize`), which the command writes before raising this."""
+
+  def __init__(self, message: str, report: dict):
+    super().__init__(message)
+    self.report = report
+
+
+def nothing_prepared_message(src, report: dict, report_path=None) -> str:
+  """One line: why nothing was prepared, the most common skip reasons, where each file's is."""
+  reasons = sorted(report["skipped_by_reason"].items(), key=lambda pair: (-pair[1], pair[0]))
+  counts = ", ".join(f"{name}: {count}" for name, count in reasons[:3])
+  if len(reasons) > 3:
+    counts += f", {len(reasons) - 3} more kinds"
+  if report["videos_skipped"] == report["videos"]:
+    videos = "the only video" if report["videos"] == 1 else f"all {report['videos']} videos"
+    what = f"{videos} in {src} skipped ({counts})"
+    most_common = reasons[0][0]
+    example = next(item["reason"] for item in report["skipped_files"]
+                   if item["category"] == most_common)
+    what += f"; e.g. {example}"
+  else:
+    what = (f"no clip of {src} was kept: {report['videos_ok']} usable video(s) gave "
+            f"{report['clips_dropped_short_from_train']} clip(s), all of them shorter than "
+            f"{MEAD_MIN_TRAIN_FRAMES} frames, which MEAD's training split leaves out")
+  where = f"; every file's reason is in {report_path}" if report_path else ""
+  return f"nothing prepared: {what}{where}"
+
+
 def _cache_key(item: VideoItem, options: PrepareOptions) -> str:
   stat = item.path.stat()
   audio = item.audio_path.stat() if item.audio_path else None
@@ -137,27 +177,56 @@ def process_video(item: VideoItem, options: PrepareOptions, work_dir: str | os.P
   final = work_dir / _cache_key(item, options)
   if (final / "result.json").is_file():
     return json.loads((final / "result.json").read_text())
-  temporary = work_dir / f".{final.name}.tmp-{os.getpid()}"
+  temporary = work_dir / f"{TEMPORARY_PREFIX}{final.name}.tmp-{os.getpid()}"
   shutil.rmtree(temporary, ignore_errors=True)
   temporary.mkdir(parents=True)
   started = time.time()
   try:
-    result = {"status": "ok", "clips": _prepare_clips(item, options, temporary)}
-  except Skip as skip:
-    result = {"status": "skipped", "category": skip.category, "reason": str(skip), "clips": []}
-  except Exception as error:  # an unexpected library failure on one file must not end the run
-    result = {"status": "skipped", "category": "error",
-              "reason": f"{item.relative}: {type(error).__name__}: {error}", "clips": []}
-  result.update(source=item.relative, speaker=item.speaker, emotion=item.emotion, level=item.level,
-                seconds=round(time.time() - started, 2), directory=final.name)
-  if result["status"] == "ok" and not result["clips"]:
-    result.update(status="skipped", category="too_short",
-                  reason=f"{item.relative}: no run of >= {options.min_clip_frames} frames with a "
-                         "usable face")
-  (temporary / "result.json").write_text(json.dumps(result, indent=1))
-  shutil.rmtree(final, ignore_errors=True)
-  os.replace(temporary, final)
+    try:
+      result = {"status": "ok", "clips": _prepare_clips(item, options, temporary)}
+    except Skip as skip:
+      result = {"status": "skipped", "category": skip.category, "reason": str(skip), "clips": []}
+    except MissingDependency:
+      raise  # concerns every video, not this one: stop (and cache nothing)
+    except Exception as error:  # an unexpected library failure on one file must not end the run
+      result = {"status": "skipped", "category": "error",
+                "reason": f"{item.relative}: {type(error).__name__}: {error}", "clips": []}
+    result.update(source=item.relative, speaker=item.speaker, emotion=item.emotion,
+                  level=item.level, seconds=round(time.time() - started, 2),
+                  directory=final.name)
+    if result["status"] == "ok" and not result["clips"]:
+      result.update(status="skipped", category="too_short",
+                    reason=f"{item.relative}: no run of >= {options.min_clip_frames} frames with "
+                           "a usable face")
+    (temporary / "result.json").write_text(json.dumps(result, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(temporary, final)
+  finally:
+    shutil.rmtree(temporary, ignore_errors=True)  # gone after the rename; else half-done work
   return result
+
+
+def remove_stale_temporaries(work_dir: Path) -> list[Path]:
+  """Removes the half-done folders of runs that were killed (their process is gone), so a
+  restarted run does not keep them on disk; returns what it removed. A live process's (another
+  run on the same folder, or a worker) is left alone."""
+  removed = []
+  for folder in work_dir.glob(f"{TEMPORARY_PREFIX}*.tmp-*"):
+    pid = folder.name.rsplit(".tmp-", 1)[1]
+    if pid.isdigit() and not _process_alive(int(pid)):
+      shutil.rmtree(folder, ignore_errors=True)
+      removed.append(folder)
+  return removed
+
+
+def _process_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # exists, someone else's
+  return True
 
 
 def _prepare_clips(item: VideoItem, options: PrepareOptions, out: Path) -> list[dict]:
@@ -173,6 +242,10 @@ def _prepare_clips(item: VideoItem, options: PrepareOptions, out: Path) -> list[
     audio, audio_start = media.read_audio(item.audio_path or item.path)
   except media.MediaError as error:
     raise Skip("no_audio", str(error)) from None
+  peak = int(np.abs(audio.astype(np.int32)).max())
+  if peak < SILENT_PEAK:
+    raise Skip("silent_audio", f"{item.audio_path or name}: the audio track is silent (loudest "
+                               f"sample {peak} of 32767); the pipeline learns lip sync from speech")
   # Separate audio files (MEAD) start with the video; an embedded track may start later or earlier.
   audio_offset = 0.0 if item.audio_path else audio_start - info.start_time
 
@@ -285,8 +358,11 @@ def _audio_slice(audio: np.ndarray, first: int, length: int) -> np.ndarray:
 
 def process_all(items: list[VideoItem], options: PrepareOptions, work_dir: Path,
                 progress: bool = True) -> list[dict]:
-  """Runs `process_video` over all items (in `options.workers` processes), with a progress bar."""
+  """Runs `process_video` over all items (in `options.workers` processes), with a progress bar.
+  Videos finished by an earlier (killed) run are read from `work_dir`; its half-done folders are
+  removed first."""
   work_dir.mkdir(parents=True, exist_ok=True)
+  remove_stale_temporaries(work_dir)
   bar = tqdm(total=len(items), desc="prepare videos", unit="video", disable=not progress)
   results = []
   if options.workers <= 1:
@@ -319,7 +395,8 @@ def summarize(results: list[dict], assignment: dict[str, str], dropped_short: in
     "videos_ok": len(results) - len(skipped),
     "videos_skipped": len(skipped),
     "skipped_by_reason": by_reason,
-    "skipped_files": [{"source": r["source"], "reason": r["reason"]} for r in skipped],
+    "skipped_files": [{"source": r["source"], "category": r["category"], "reason": r["reason"]}
+                      for r in skipped],
     "notes": [clip["note"] for r in results for clip in r["clips"] if "note" in clip],
     "clips": clips,
     "clips_dropped_short_from_train": dropped_short,

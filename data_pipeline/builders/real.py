@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipeline import prepare
+from data_pipeline import faces, prepare
 from data_pipeline.builders import common
 from etalk_jax.errors import InputNotFound, UserError
 from etalk_jax.records import write_text_atomically
@@ -69,6 +69,7 @@ class _PreparedVideos(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       raise InputNotFound(f"{self._src}: no videos found for layout {self.LAYOUT!r} "
                           f"(suffixes {', '.join(prepare.VIDEO_SUFFIXES)}); check --src and "
                           "--layout")
+    faces.require_mediapipe()  # else every video would be skipped for it
     work_dir = (Path(self._data_dir_root) / prepare.WORK_DIR_NAME
                 / f"{self.name}-{self.builder_config.name}")
     results = prepare.process_all(items, options, work_dir, progress=self._progress)
@@ -89,7 +90,13 @@ class _PreparedVideos(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       splits[split].append(pair)
     per_clip = {clip_key(pair): split for split, pairs in splits.items() for pair in pairs}
     self.report = prepare.summarize(results, per_clip, dropped_short)
-    return {split: self._generate_examples(work_dir, pairs) for split, pairs in splits.items()}
+    if not per_clip:
+      raise prepare.NothingPrepared(prepare.nothing_prepared_message(self._src, self.report),
+                                    self.report)
+    # A split with no clip (one clip in all, --test-fraction 0) is left out: TFDS cannot write an
+    # empty one.
+    return {split: self._generate_examples(work_dir, pairs) for split, pairs in splits.items()
+            if pairs}
 
   def _generate_examples(self, work_dir: Path, pairs):
     for result, clip in pairs:
@@ -151,8 +158,13 @@ def prepare_command(src: str, layout: str, dst: str, resolution: int = 512, **op
   Options (prepare.PrepareOptions fields): clip_frames, min_clip_frames, min_source_side,
   min_face_fraction, max_gap_frames, crf, test_fraction, split_by_speaker, seed, workers; plus
   progress (bool). Writes `<dst>/prepare_report.json` and returns it: counts of videos ok /
-  skipped by reason, the skipped files with reasons, clips and frames per split, and
-  `dataset_dir` (what the loader reads).
+  skipped by reason, the skipped files with reasons, clips and frames per split (a split with no
+  clip is not written), and `dataset_dir` (what the loader reads).
+
+  User errors, before any work: no MediaPipe (the `faces` extra), a bad resolution, no videos.
+  When every video is skipped, the report is written and `prepare.NothingPrepared` names it with
+  the most common reasons. Killed and started again, it reuses every finished video
+  (`<dst>/_prepare_work/`) and writes the same records.
   """
   progress = options.pop("progress", True)
   unknown = set(options) - {f.name for f in dataclasses.fields(prepare.PrepareOptions)}
@@ -165,13 +177,26 @@ def prepare_command(src: str, layout: str, dst: str, resolution: int = 512, **op
   dst_path = Path(dst)
   started = time.time()
   builder = builder_for(layout, Path(src), dst_path, settings, progress=progress)
-  builder.download_and_prepare()
+  if not builder.data_path.exists():  # a finished dataset is reported without detecting faces
+    faces.require_mediapipe()
+  try:
+    builder.download_and_prepare()
+  except prepare.NothingPrepared as nothing:
+    _write_report(nothing.report, dst_path, src, layout, resolution, None, started)
+    raise prepare.NothingPrepared(
+        prepare.nothing_prepared_message(src, nothing.report, dst_path / REPORT_NAME),
+        nothing.report) from None
   report = builder.report if builder.report is not None else _report_of_existing(builder)
-  report.update(src=str(src), layout=layout, resolution=resolution,
-                dataset_dir=str(builder.data_path), seconds=round(time.time() - started, 1))
-  dst_path.mkdir(parents=True, exist_ok=True)
-  write_text_atomically(dst_path / REPORT_NAME, json.dumps(report, indent=1))
+  _write_report(report, dst_path, src, layout, resolution, str(builder.data_path), started)
   return report
+
+
+def _write_report(report: dict, dst: Path, src, layout: str, resolution: int,
+                  dataset_dir: str | None, started: float) -> None:
+  report.update(src=str(src), layout=layout, resolution=resolution, dataset_dir=dataset_dir,
+                seconds=round(time.time() - started, 1))
+  dst.mkdir(parents=True, exist_ok=True)
+  write_text_atomically(dst / REPORT_NAME, json.dumps(report, indent=1))
 
 
 def _report_of_existing(builder) -> dict:
