@@ -9,7 +9,11 @@ Landmarks are (478, 2) arrays of (x, y); the functions say whether they expect p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import sys
+import warnings
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -249,6 +253,30 @@ def require_mediapipe():
   return mediapipe
 
 
+# mediapipe 0.10.14 calls protobuf 4's deprecated GetPrototype on every frame: not the user's
+# concern (the `faces` extra pins both).
+warnings.filterwarnings("ignore", message="SymbolDatabase.GetPrototype", category=UserWarning)
+
+
+@contextlib.contextmanager
+def _start_up_notes_hidden():
+  """MediaPipe's native side (TFLite's "Created ... delegate", absl's "All log messages before
+  absl::InitializeLog()", the "Feedback manager" warnings) writes start-up notes straight to file
+  descriptor 2, which no Python or environment setting of mediapipe 0.10.14 silences; protobuf
+  prints. They come from the graph's threads as it starts, so the mesh is created and runs one
+  blank frame inside this (tens of milliseconds; nothing else writes to stderr meanwhile)."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  try:
+    with open(os.devnull, "w") as null:
+      os.dup2(null.fileno(), 2)
+    yield
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
 class FaceLandmarker:
   """MediaPipe face mesh (478 points with refined eyes and lips) over the frames of one video.
 
@@ -258,10 +286,13 @@ class FaceLandmarker:
 
   def __init__(self, max_faces: int = 4, min_confidence: float = 0.5):
     mp = require_mediapipe()
-    self._mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=False, max_num_faces=max_faces,
-                                                 refine_landmarks=True,
-                                                 min_detection_confidence=min_confidence,
-                                                 min_tracking_confidence=min_confidence)
+    with _start_up_notes_hidden():
+      self._mesh = mp.solutions.face_mesh.FaceMesh(
+          static_image_mode=False, max_num_faces=max_faces, refine_landmarks=True,
+          min_detection_confidence=min_confidence, min_tracking_confidence=min_confidence)
+      # A blank frame starts the inference threads (which log) here; it finds no face, so the
+      # tracking state is as before.
+      self._mesh.process(np.zeros((64, 64, 3), np.uint8))
     self._previous_centre: np.ndarray | None = None
     self.faces_seen_max = 0
 

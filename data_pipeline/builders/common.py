@@ -7,6 +7,7 @@ import TensorFlow, and the whole pipeline must run without it (the tests check `
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Iterable
 
 import numpy as np
@@ -16,6 +17,24 @@ from data_pipeline import EMOTION_LABELS, NUM_LANDMARKS
 
 VERSION = tfds.core.Version("1.0.0")
 TRAIN, TEST = "train", "test"
+
+# TFDS announces every config passed as an object ("Using custom data configuration ...", an absl
+# warning): all of ours are, so it says nothing to a user.
+logging.getLogger("absl").addFilter(
+    lambda record: not record.getMessage().startswith("Using custom data configuration"))
+
+
+class QuietBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """TFDS's builder without its download banners: "Downloading and preparing dataset Unknown
+  size (download: Unknown size, ...)" and "... Subsequent calls will reuse this data" speak of
+  downloads that ours never make; the commands print what they wrote themselves. (These are
+  TFDS's private hooks: should TFDS rename them, the banners come back, nothing breaks.)"""
+
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
 
 
 def clip_features(**extra: tfds.features.FeatureConnector) -> tfds.features.FeaturesDict:

@@ -40,7 +40,7 @@ class PrecomputedConfig(tfds.core.BuilderConfig):
   examples: Callable[[], Iterable[tuple[str, dict[str, Any]]]] | None = None
 
 
-class PrecomputedTalkingHeads(tfds.core.GeneratorBasedBuilder):
+class PrecomputedTalkingHeads(common.QuietBuilder):
   """Clips of a prepared dataset with their latents, l_v, e_v and speech-encoder states."""
 
   VERSION = common.VERSION

@@ -36,7 +36,7 @@ _CONFIGS = [RealConfig(name="res512", resolution=512,
                        description="1024² crops (32-frame training windows)")]
 
 
-class _PreparedVideos(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class _PreparedVideos(common.QuietBuilder, skip_registration=True):
   """Shared by the three layouts: `LAYOUT` picks the source reader."""
 
   VERSION = common.VERSION

@@ -24,7 +24,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   crf: int = 18
 
 
-class SyntheticTalkingHeads(tfds.core.GeneratorBasedBuilder):
+class SyntheticTalkingHeads(common.QuietBuilder):
   """Synthetic talking heads with ground-truth mouth opening, eye opening, pose and emotion."""
 
   VERSION = common.VERSION

@@ -57,12 +57,18 @@ def run_steps(steps: Sequence[Step], actions: dict[str, Action], clock: Clock) -
   titles = {step.name: step.title for step in steps}
 
   def collect(name: str) -> None:
-    """A side step's result, its wait timed as its phase; prints the step's own time."""
-    with clock.phase(f"{titles[name]} (side process)"):
-      result, seconds = pending.pop(name).result()
-      if isinstance(result, str):
-        print(f"   {result}")
-      print(f"   {seconds:.1f} s in the side process", flush=True)
+    """A side step's result; its phase is the time it took in the side process (what the main
+    process waited for it, often nothing, is said beside)."""
+    title = f"{titles[name]} (side process)"
+    print(f"\n== {title}", flush=True)
+    began = time.perf_counter()
+    result, seconds = pending.pop(name).result()
+    waited = time.perf_counter() - began
+    if isinstance(result, str):
+      print(f"   {result}")
+    clock.phases[title] = round(seconds, 1)
+    print(f"   {title}: {seconds:.1f} s in the side process (waited {waited:.1f} s; total "
+          f"{time.perf_counter() - clock.started:.0f} s)", flush=True)
     results[name] = result
 
   # spawn: JAX does not survive fork.
