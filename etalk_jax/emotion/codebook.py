@@ -6,7 +6,9 @@ generation an emotion keyword and an intensity alpha in [0, 1.5] give Di-CTE's c
 
     e_cond = e_neutral + alpha * (e_keyword - e_neutral)
 
-so alpha = 0 is the neutral face, 1 the keyword's mean face, and up to 1.5 exaggerates it.
+so alpha = 0 is the neutral face, 1 the keyword's mean face, and up to 1.5 exaggerates it. A
+blend ("happy:0.7,surprised:0.3") puts the weighted mean of its keywords' latents in place of
+e_keyword (weights normalised to sum 1).
 `Codebook.nearest` reads the emotion back from expression codes (of generated frames, say).
 
 Frames are encoded exactly as V-AID's training targets are (`VAIDFeaturizer.encode_frames`: each
@@ -37,7 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipeline import EMOTIONS, loader, media
-from etalk_jax.emotion.keywords import check_keyword
+from etalk_jax.emotion.keywords import check_keyword, parse_emotion
 from etalk_jax.errors import OutputExists, UserError
 from etalk_jax.records import read_record, write_text_atomically
 
@@ -105,7 +107,11 @@ class Codebook:
     return self.latents[self.keywords.index(keyword)]
 
   def condition(self, keyword: str, intensity: float = 1.0) -> np.ndarray:
-    """e_cond `(dim,)` = e_neutral + intensity * (e_keyword - e_neutral), intensity in [0, 1.5]."""
+    """e_cond `(dim,)` = e_neutral + intensity * (e_keyword - e_neutral), intensity in [0, 1.5].
+
+    `keyword` may be a blend, "happy:0.7,surprised:0.3" (`keywords.parse_emotion`): then
+    e_keyword is the weighted mean of the keywords' latents (weights normalised to sum 1), so
+    the intensity scales the mixture from neutral as it scales one keyword."""
     try:
       alpha = float(intensity)
     except (TypeError, ValueError):
@@ -115,7 +121,8 @@ class Codebook:
                       f"(neutral) to 1 (the keyword's mean face) up to {MAX_INTENSITY} "
                       "(exaggerated).")
     neutral = self.latent("neutral")
-    return (neutral + np.float32(alpha) * (self.latent(keyword) - neutral)).astype(np.float32)
+    target = sum(np.float32(weight) * self.latent(name) for name, weight in parse_emotion(keyword))
+    return (neutral + np.float32(alpha) * (target - neutral)).astype(np.float32)
 
   def nearest(self, expressions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Expression codes `(..., dim)` -> (keywords `(...)` str, indices `(...)` into `keywords`):

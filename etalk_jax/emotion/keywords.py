@@ -36,6 +36,7 @@ labels in the wrapper (e.g. drop "love" or send it to "happy").
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 
@@ -145,6 +146,47 @@ def check_keyword(word: str) -> str:
   if normalised in KEYWORD_ALIASES:
     return KEYWORD_ALIASES[normalised]
   raise UserError(f"unknown emotion {word!r}; use one of {_keyword_list()}.")
+
+
+def parse_emotion(spec: str) -> tuple[tuple[str, float], ...]:
+  """`--emotion` as a user writes it -> ((keyword, weight), ...), weights summing to 1.
+
+  "happy" is ((happy, 1.0),); a blend "happy:0.7,surprised:0.3" mixes keywords by relative
+  weights (non-negative, not all zero; normalised to sum 1, so "happy:2,sad:2" is an even mix),
+  each keyword spelled as `check_keyword` accepts and named once.
+  """
+  parts = [part.strip() for part in str(spec).split(",")]
+  if len(parts) == 1 and ":" not in parts[0]:
+    return ((check_keyword(parts[0]), 1.0),)
+  weights: dict[str, float] = {}
+  for part in parts:
+    word, colon, number = part.partition(":")
+    if not colon:
+      raise UserError(f"emotion blend {spec!r}: {part!r} has no weight; write keyword:weight "
+                      "pairs separated by commas, e.g. happy:0.7,surprised:0.3.")
+    keyword = check_keyword(word)
+    try:
+      weight = float(number)
+    except ValueError:
+      weight = math.nan
+    if not math.isfinite(weight) or weight < 0:
+      raise UserError(f"emotion blend {spec!r}: the weight of {word.strip()!r} is {number!r}; "
+                      "give a number >= 0.")
+    if keyword in weights:
+      raise UserError(f"emotion blend {spec!r} names {keyword!r} twice; name each keyword once.")
+    weights[keyword] = weight
+  total = sum(weights.values())
+  if total <= 0:
+    raise UserError(f"emotion blend {spec!r}: the weights are all zero; give at least one "
+                    "positive weight.")
+  return tuple((keyword, weight / total) for keyword, weight in weights.items())
+
+
+def emotion_name(parts: tuple[tuple[str, float], ...]) -> str:
+  """The canonical name of a parsed emotion: the keyword, or "happy:0.70,surprised:0.30"."""
+  if len(parts) == 1:
+    return parts[0][0]
+  return ",".join(f"{keyword}:{weight:.2f}" for keyword, weight in parts)
 
 
 def _tokens(text: str) -> list[str]:

@@ -18,7 +18,13 @@ from etalk_jax import model_io, records as records_module
 from etalk_jax.audio import AudioFeatures, FeatureConfig, WavLM, WavLMConfig
 from etalk_jax.emotion import ser
 from etalk_jax.emotion.codebook import Codebook, build_codebook, codebook_build_command
-from etalk_jax.emotion.keywords import NEGATED, check_keyword, keyword_from_text
+from etalk_jax.emotion.keywords import (
+  NEGATED,
+  check_keyword,
+  emotion_name,
+  keyword_from_text,
+  parse_emotion,
+)
 from etalk_jax.vision.pdfgc import PDFGC_SMALL, AdaptedPDFGC
 
 
@@ -149,6 +155,27 @@ def test_build_and_condition():
       book.condition("happy", bad)
   with pytest.raises(ValueError, match="unknown emotion"):
     book.condition("contempt")
+
+
+def test_blends_mix_keywords_by_normalised_weights():
+  assert parse_emotion(" Happy ") == (("happy", 1.0),)
+  assert parse_emotion("happy:0.7, surprise:0.3") == (("happy", 0.7), ("surprised", 0.3))
+  assert parse_emotion("happy:2,sad:2") == (("happy", 0.5), ("sad", 0.5))
+  assert emotion_name(parse_emotion("happy:0.7,surprised:0.3")) == "happy:0.70,surprised:0.30"
+  assert emotion_name(parse_emotion("joy")) == "happy"
+  for bad, message in (("happy:0.7,sad", "no weight"), ("happy:-1,sad:1", ">= 0"),
+                       ("happy:x,sad:1", ">= 0"), ("happy:0,sad:0", "all zero"),
+                       ("happy:1,joy:1", "twice"), ("happy:1,elated:1", "unknown emotion")):
+    with pytest.raises(ValueError, match=message):
+      parse_emotion(bad)
+  codes, labels = _labelled_codes()
+  book = build_codebook(codes, labels, {"dataset": "toy"})
+  happy, surprised, neutral = (book.latent(k) for k in ("happy", "surprised", "neutral"))
+  mix = 0.7 * happy + 0.3 * surprised
+  np.testing.assert_allclose(book.condition("happy:0.7,surprised:0.3"), mix, atol=1e-5)
+  np.testing.assert_allclose(book.condition("happy:7,surprised:3", 0.5),
+                             neutral + 0.5 * (mix - neutral), atol=1e-5)
+  np.testing.assert_allclose(book.condition("happy:1,sad:0"), happy, atol=1e-6)
 
 
 def test_build_requires_every_keyword_unless_allowed():
