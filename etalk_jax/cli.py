@@ -365,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
   sample.add_argument("--portrait", required=True, help="photo of one face (PNG, JPEG)")
   sample.add_argument("--audio", required=True, help="speech (wav, flac, mp3, m4a, mp4)")
   sample.add_argument("--checkpoint", required=True, help="pipeline checkpoint folder")
-  sample.add_argument("--out", required=True, help="output video (.mp4, H.264 + AAC)")
+  sample.add_argument("--out", required=True,
+                      help="output video (.mp4, H.264 + AAC); a missing folder is created")
   source = sample.add_mutually_exclusive_group()
   source.add_argument("--emotion", default=None,
                       help="keyword: happy, angry, sad, surprised, fearful, disgusted, worried, "

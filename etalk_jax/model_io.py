@@ -90,11 +90,22 @@ def save_model(model: nnx.Module, folder: str | Path, config: dict[str, Any], *,
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
+  """A saved model's config.json as a dict; a missing, unparsable or non-object file raises
+  one UserError naming it."""
   path = Path(folder) / CONFIG_FILE
   if not path.is_file():
     raise InputNotFound(f"{folder} is not a saved etalk-jax model: {CONFIG_FILE} is missing. "
                         "Convert weights with `etalk convert` first.")
-  return json.loads(path.read_text())
+  try:
+    fields = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise UserError(f"{path} is not valid JSON ({error}); the saved model is damaged. Write it "
+                    "again (`etalk convert`, or the stage's export).") from None
+  if not isinstance(fields, dict):
+    raise UserError(f"{path} holds a JSON {type(fields).__name__}, not a model config; the "
+                    "saved model is damaged. Write it again (`etalk convert`, or the stage's "
+                    "export).")
+  return fields
 
 
 def restore_model(folder: str | Path, build_abstract: Callable[[], nnx.Module]) -> nnx.Module:

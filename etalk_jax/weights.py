@@ -4,8 +4,11 @@ Every converter in the project (SVD, wav2vec2/WavLM, PD-FGC) is a `ConversionTab
 our module gets exactly one PyTorch key and a layout transform, derived from the leaf's module type
 (Linear weight transposed, ConvNd weight permuted, norm weight -> scale) and a short list of
 renames where our names differ from upstream. Loading is strict: every source key must be used
-(or explicitly ignored), every leaf filled, every shape right; otherwise one `ConversionError`
-lists all the missing, unexpected and mis-shaped keys before any tensor data is read.
+(or explicitly ignored), every leaf filled, every shape right, every tensor of the right kind
+(floating point for a float leaf: an integer tensor would be cast silently); otherwise one
+`ConversionError` lists all the missing, unexpected, mis-shaped and wrong-dtype keys before any
+tensor data is read. PyTorch files are read with `torch.load(weights_only=True)` only: a pickle
+that would run code is refused before anything in it runs.
 
 Tensors are streamed one at a time from safetensors (memory-mapped) or from
 `torch.load(weights_only=True)` files, so peak memory stays near the size of the target model.
@@ -18,9 +21,11 @@ import contextlib
 import dataclasses
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -137,11 +142,13 @@ class ConversionTable:
     return any(re.fullmatch(p, key) for p in self.ignore)
 
   def check(self, source: "TensorSource", what: str) -> None:
-    """Raises one ConversionError listing every mismatch between `source` and the table."""
+    """Raises one ConversionError listing every mismatch between `source` and the table:
+    missing, unexpected and mis-shaped keys, and tensors of the wrong kind (an integer or bool
+    tensor where the model has a float leaf; any float width is fine, it is cast)."""
     keys = set(source.keys())
     missing = sorted(set(self.entries) - keys)
     unexpected = sorted(k for k in keys - set(self.entries) if not self.is_ignored(k))
-    misshaped = []
+    misshaped, mistyped = [], []
     for key in sorted(keys & set(self.entries)):
       entry = self.entries[key]
       their_shape = tuple(source.shape(key))
@@ -149,17 +156,22 @@ class ConversionTable:
           or entry.transform.our_shape(their_shape) != entry.shape):
         expected = entry.transform.to_theirs(np.empty(entry.shape, np.uint8)).shape
         misshaped.append(f"{key}: file has {their_shape}, model needs {tuple(expected)}")
-    if missing or unexpected or misshaped:
+      their_dtype = source.dtype(key)
+      wanted = dtype_kind(np.dtype(entry.dtype).name)
+      if their_dtype is not None and dtype_kind(their_dtype) != wanted:
+        mistyped.append(f"{key}: file has {their_dtype}, model needs {wanted} "
+                        f"({np.dtype(entry.dtype).name})")
+    if missing or unexpected or misshaped or mistyped:
       lines = [f"{what} does not match the model configuration "
                f"({len(missing)} missing, {len(unexpected)} unexpected, "
-               f"{len(misshaped)} with the wrong shape)."]
+               f"{len(misshaped)} with the wrong shape, {len(mistyped)} with the wrong dtype)."]
       for title, items in (("missing", missing), ("unexpected", unexpected),
-                           ("wrong shape", misshaped)):
+                           ("wrong shape", misshaped), ("wrong dtype", mistyped)):
         if items:
           lines.append(f"  {title}:")
           lines.extend(f"    {item}" for item in items)
-      lines.append("  Check that the config.json beside the weights is the one they were "
-                   "trained with, and that the file is complete.")
+      lines.append("  Check that the file is the model's own release and complete, and that "
+                   "a config.json beside it is the one the weights were trained with.")
       raise ConversionError("\n".join(lines))
 
 
@@ -185,8 +197,44 @@ class TensorSource(abc.ABC):
   def read(self, key: str) -> np.ndarray:
     """A tensor's data as numpy."""
 
+  def dtype(self, key: str) -> str | None:
+    """A tensor's dtype name without reading its data ("float32", "bfloat16", "int64", ...);
+    None where the source cannot tell (then `ConversionTable.check` does not check it)."""
+    return None
+
   def close(self) -> None:
     pass
+
+
+# safetensors' dtype codes -> numpy-style names (the F8 variants as ml_dtypes names them).
+_SAFETENSORS_DTYPES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
+    "U32": "uint32", "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16",
+    "BF16": "bfloat16", "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2"}
+
+
+def dtype_kind(name: str) -> str:
+  """A dtype name -> "floating point", "integer", "bool", "complex" or the name itself: what a
+  weight file's tensor must share with the model's leaf (its width may differ: it is cast)."""
+  name = name.removeprefix("torch.")
+  if name.startswith(("float", "bfloat", "half", "double")):
+    return "floating point"
+  if name.startswith(("int", "uint", "long", "short")):
+    return "integer"
+  if name.startswith("complex"):
+    return "complex"
+  return name
+
+
+def _dtype_name(value) -> str | None:
+  """The dtype name of a torch tensor or an array-like, without reading its data."""
+  dtype = getattr(value, "dtype", None)
+  if dtype is None:
+    return None
+  if hasattr(value, "detach"):  # a torch tensor: "torch.float32"
+    return str(dtype).removeprefix("torch.")
+  return np.dtype(dtype).name
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -217,6 +265,9 @@ class DictSource(TensorSource):
   def read(self, key):
     return _to_numpy(self.tensors[key])
 
+  def dtype(self, key):
+    return _dtype_name(self.tensors[key])
+
 
 class SafetensorsSource(TensorSource):
   """Tensors of one or more safetensors files (a sharded checkpoint), read one at a time.
@@ -232,15 +283,19 @@ class SafetensorsSource(TensorSource):
     self.description = description
     self._files: dict[str, Path] = {}
     self._shapes: dict[str, tuple[int, ...]] = {}
+    self._dtypes: dict[str, str] = {}
     for file in files:
       try:
         with safe_open(str(file), framework="np") as handle:
           for key in handle.keys():
             self._files[key] = Path(file)
-            self._shapes[key] = tuple(handle.get_slice(key).get_shape())
+            tensor = handle.get_slice(key)
+            self._shapes[key] = tuple(tensor.get_shape())
+            code = tensor.get_dtype()
+            self._dtypes[key] = _SAFETENSORS_DTYPES.get(code, code.lower())
       except Exception as error:  # safetensors raises several types for a damaged header
-        raise ConversionError(f"{file} is not a readable safetensors file ({error}). "
-                              "Re-download or re-export it.") from error
+        raise ConversionError(f"{file} is not a readable safetensors file ({error}); it is "
+                              "damaged or incomplete. Re-download or re-export it.") from error
 
   def keys(self):
     return list(self._files)
@@ -248,22 +303,55 @@ class SafetensorsSource(TensorSource):
   def shape(self, key):
     return self._shapes[key]
 
+  def dtype(self, key):
+    return self._dtypes[key]
+
   def read(self, key):
     with self._safe_open(str(self._files[key]), framework="np") as handle:
       return np.array(handle.get_tensor(key), copy=True)
 
 
+def _torch_load_error(file: Path, error: Exception) -> ConversionError:
+  """torch.load(weights_only=True)'s failure as one short message: a refused pickle (one that
+  would import and call something other than tensor rebuilding: run code) or a damaged file."""
+  text = str(error)
+  # torch wraps the unpickler's reason in paragraphs of advice (with terminal escapes, and ways
+  # to allow the code to run); keep the reason's first sentence alone.
+  reason = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
+  detail = " ".join((reason.group(1) if reason else text).split())
+  detail = re.sub(r"\x1b\[[0-9;]*m", "", detail).split(". ")[0].rstrip(".")
+  if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in detail:
+    return ConversionError(
+        f"{file} was refused by torch.load(weights_only=True): loading it would call a Python "
+        f"function the file names, i.e. run code ({detail}). Nothing in it was run; use the "
+        "weight file its project releases, or re-save the model's state_dict() with "
+        "torch.save.")
+  if isinstance(error, pickle.UnpicklingError):
+    return ConversionError(
+        f"{file} is not a plain tensor checkpoint that torch.load(weights_only=True) reads "
+        f"({detail}); re-save the model's state_dict() with torch.save.")
+  return ConversionError(f"{file} could not be read with torch.load(weights_only=True) "
+                         f"({detail}); it is damaged or incomplete. Re-download or re-export "
+                         "it.")
+
+
 class TorchFileSource(DictSource):
+  """The tensors of a `torch.save` file, read with `torch.load(weights_only=True)`: a pickle
+  that would run code is refused before anything in it runs."""
+
   def __init__(self, file: Path):
     torch = _torch()
     try:
-      # torch memory-maps only its zip format (torch >= 1.6); an older, legacy-pickle file (e.g.
-      # pytorch-fid's 2019 Inception weights) is read whole, with the same weights_only guard.
-      tensors = torch.load(str(file), map_location="cpu", weights_only=True,
-                           mmap=zipfile.is_zipfile(file))
+      with warnings.catch_warnings():
+        # A legacy file pickled with protocol 4 is read all the same; the warning says nothing
+        # a user can act on.
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        # torch memory-maps only its zip format (torch >= 1.6); an older, legacy-pickle file
+        # (e.g. pytorch-fid's 2019 Inception weights) is read whole, with the same guard.
+        tensors = torch.load(str(file), map_location="cpu", weights_only=True,
+                             mmap=zipfile.is_zipfile(file))
     except Exception as error:  # pickle-level errors come in many types
-      raise ConversionError(f"{file} could not be read with torch.load(weights_only=True): "
-                            f"{error}. Only plain tensor checkpoints are accepted.") from error
+      raise _torch_load_error(file, error) from error
     if isinstance(tensors, dict) and "state_dict" in tensors and isinstance(
         tensors["state_dict"], dict):
       tensors = tensors["state_dict"]
@@ -297,6 +385,9 @@ class AliasedSource(TensorSource):
 
   def read(self, key):
     return self.source.read(self._names[key])
+
+  def dtype(self, key):
+    return self.source.dtype(self._names[key])
 
   def close(self):
     self.source.close()

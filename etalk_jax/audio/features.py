@@ -54,6 +54,8 @@ class AudioError(UserError):
 def decode_audio(path: str | Path) -> tuple[np.ndarray, int]:
   """The first audio track of a media file -> (float32 (channels, samples), sample rate)."""
   path = Path(path)
+  if path.is_dir():
+    raise AudioError(f"{path} is a folder; give a wav, flac, mp3, m4a or mp4 file.")
   if not path.is_file():
     raise AudioError(f"{path} does not exist; give a wav, flac, mp3, m4a or mp4 file.")
   if path.stat().st_size == 0:
@@ -74,8 +76,10 @@ def decode_audio(path: str | Path) -> tuple[np.ndarray, int]:
   except AudioError:
     raise
   except (av.FFmpegError, UnicodeDecodeError, ValueError) as error:
-    raise AudioError(f"{path} could not be decoded as audio ({error}); give a wav, flac, mp3, "
-                     "m4a or mp4 file that plays.") from error
+    # FFmpeg's own words without its errno and the path (the message names the path already).
+    reason = getattr(error, "strerror", None) or str(error)
+    raise AudioError(f"{path} could not be decoded as audio ({reason}); it is damaged or not "
+                     "audio. Give a wav, flac, mp3, m4a or mp4 file that plays.") from error
   if not chunks or sum(c.shape[-1] for c in chunks) == 0:
     raise AudioError(f"{path} holds no audio samples; give a file that holds speech.")
   samples = np.concatenate([c.reshape(c.shape[0] if c.ndim == 2 else 1, -1) for c in chunks],

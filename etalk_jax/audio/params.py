@@ -128,6 +128,9 @@ class TransformersView(TensorSource):
     array = self.source.read(their_key)
     return fn(array) if fn else array
 
+  def dtype(self, key):
+    return self.source.dtype(self._map[key][0])  # g of a fused weight keeps the weight's dtype
+
   def close(self):
     self.source.close()
 
@@ -149,9 +152,15 @@ def _read_config_json(folder: Path) -> dict:
     raise ConversionError(f"{folder} has no config.json; a transformers model folder holds "
                           "config.json beside its weights.")
   try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as error:
-    raise ConversionError(f"{path} is not valid JSON ({error}).") from error
+    fields = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise ConversionError(f"{path} is not valid JSON ({error}); restore the config.json the "
+                          "model was released with.") from error
+  if not isinstance(fields, dict):
+    raise ConversionError(f"{path} holds a JSON {type(fields).__name__}, not the object of a "
+                          "transformers config; restore the config.json the model was released "
+                          "with.")
+  return fields
 
 
 def _resolve_config(family: _Family, src: Any, config) -> Wav2Vec2Config:

@@ -170,7 +170,8 @@ def save_pipeline(folder: str | Path, *, ethd, projector, dicte, encoders, audio
 def read_pipeline_record(folder: str | Path) -> dict[str, Any]:
   """pipeline.json of a checkpoint, with its format checked."""
   path = Path(folder) / PIPELINE_FILE
-  fix = "Give the folder save_pipeline (or training's export) wrote."
+  fix = ("Give the folder save_pipeline of this etalk-jax wrote (`etalk demo` writes one at "
+         "demo_out/checkpoint); one of another version needs the etalk-jax that wrote it.")
   record = read_record(path, format=FORMAT, version=VERSION,
                        what="an etalk pipeline checkpoint", fix=fix, required=REQUIRED_FIELDS)
   missing = [f"components.{name}" for name in COMPONENT_FOLDERS

@@ -124,19 +124,33 @@ class Result:
 def check_sampling_arguments(intensity: Any, steps: int | None, guidance: float | None) -> float:
   """The numeric arguments of a call (or of `etalk sample`, before anything loads) checked;
   returns the intensity as a float."""
-  try:
-    intensity = float(intensity)
-  except (TypeError, ValueError):
-    intensity = float("nan")
+  intensity = _as_float(intensity)
   if not 0.0 <= intensity <= MAX_INTENSITY:  # also rejects NaN
     raise UserError(f"emotion intensity {intensity} is out of range; give a number from 0 "
-                    f"(neutral) to 1 (the emotion's mean face) up to {MAX_INTENSITY}.")
-  if steps is not None and int(steps) < 1:
-    raise UserError(f"steps must be at least 1, got {steps}.")
-  if guidance is not None and not float(guidance) >= 1.0:
+                    f"(neutral) to 1 (the emotion's mean face) up to {MAX_INTENSITY} "
+                    "(--intensity).")
+  if steps is not None and (not _is_integer(steps) or int(steps) < 1):
+    raise UserError(f"steps must be at least 1, got {steps}; give a whole number of ETHD "
+                    "sampling steps (--steps; default: the checkpoint's).")
+  if guidance is not None and not _as_float(guidance) >= 1.0:  # also rejects NaN
     raise UserError(f"guidance must be a number of at least 1 (1 switches it off), got "
                     f"{guidance}.")
   return intensity
+
+
+def _is_integer(value: Any) -> bool:
+  """An int, or a number equal to one (2.0); not a bool or a string."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    return False
+  return float(value).is_integer()
+
+
+def _as_float(value: Any) -> float:
+  """value as a float; NaN when it is not a number (so that the range checks refuse it)."""
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return float("nan")
 
 
 class StageProgress:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,9 @@ def read_image(source: Any, what: str = "the portrait") -> tuple[np.ndarray, str
 
 
 def detect_face(image: np.ndarray, name: str) -> np.ndarray:
-  """Pixel landmarks (478, 2) of the largest face in an RGB image (MediaPipe)."""
+  """Pixel landmarks (478, 2) of the largest face in an RGB image (MediaPipe). With several
+  faces, a warning is logged (one line on `etalk`'s stderr; Python's last-resort handler prints
+  it where logging is not set up) and the largest is used."""
   with faces.FaceLandmarker() as landmarker:
     landmarks = landmarker(image)
     count = landmarker.faces_seen_max
@@ -53,9 +54,8 @@ def detect_face(image: np.ndarray, name: str) -> np.ndarray:
     raise UserError(f"no face found in the portrait {name}; use a photo with one clearly "
                     "visible, frontal face")
   if count > 1:
-    message = f"{count} faces found in {name}; using the largest"
-    warnings.warn(message, stacklevel=3)
-    log.warning(message)
+    log.warning("%d faces found in %s; using the largest (crop the photo to choose another)",
+                count, name)
   return np.asarray(landmarks, np.float32)
 
 

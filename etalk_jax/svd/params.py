@@ -156,11 +156,25 @@ def load_vae(folder: str | Path, compute: Compute = FP32) -> TemporalVAE:
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def _read_component_config(path: Path) -> dict[str, Any]:
+  """A component's config.json as a dict; one UserError naming it when it does not parse."""
+  try:
+    fields = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise UserError(f"{path} is not valid JSON ({error}); restore the config.json the model "
+                    "was released with.") from None
+  if not isinstance(fields, dict):
+    raise UserError(f"{path} holds a JSON {type(fields).__name__}, not a diffusers config; "
+                    "restore the config.json the model was released with.")
+  return fields
+
+
 def _components(src: Path) -> dict[str, Path]:
-  """kind -> folder: a pipeline folder's unet/ and vae/, or a single component folder."""
+  """kind -> folder: a pipeline folder's unet/ and vae/, or a single component folder. Every
+  config.json found is parsed here, before anything is converted or written."""
   config = src / "config.json"
   if config.is_file():
-    name = json.loads(config.read_text()).get("_class_name")
+    name = _read_component_config(config).get("_class_name")
     if name not in _KIND_OF_CLASS:
       raise UserError(f"{config} describes a {name!r}; expected one of "
                       f"{', '.join(_KIND_OF_CLASS)}")
@@ -170,6 +184,8 @@ def _components(src: Path) -> dict[str, Path]:
   if not found:
     raise UserError(f"{src} is neither an SVD pipeline folder (with unet/ and vae/) nor a "
                     "UNet or VAE folder with config.json")
+  for folder in found.values():
+    _read_component_config(folder / "config.json")
   return found
 
 
