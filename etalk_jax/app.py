@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline import EMOTIONS
-from etalk_jax.emotion.keywords import check_keyword
+from etalk_jax.emotion.keywords import parse_emotion
 from etalk_jax.errors import InputNotFound, MissingDependency, UserError
 from etalk_jax.pipeline.checkpoint import read_pipeline_record
 from etalk_jax.pipeline.core import EmotiveTalkPipeline, check_sampling_arguments
@@ -57,7 +57,7 @@ def emotion_arguments(source: str, keyword: str | None, text: str | None, image:
     raise UserError(f"the emotion source is {source!r}, but no {source} was given; give one or "
                     "choose another source.")
   if argument == "emotion":
-    check_keyword(value)
+    parse_emotion(value)
   return {argument: value}
 
 
@@ -115,8 +115,9 @@ def build_app(generator: Generator):
         source = gr.Radio(list(SOURCES), value=next(iter(SOURCES)), label="emotion source",
                           elem_id="source")
         # Only the chosen source's input is shown (`show_source` below).
-        keyword = gr.Dropdown(list(EMOTIONS), value="happy", label="keyword", visible=False,
-                              elem_id="keyword")
+        keyword = gr.Dropdown(list(EMOTIONS), value="happy", allow_custom_value=True,
+                              label="keyword (or a blend: happy:0.7,surprised:0.3)",
+                              visible=False, elem_id="keyword")
         text = gr.Textbox(label="text (an emotion in words)", visible=False, elem_id="text")
         image = gr.Image(label="face photo showing the emotion", type="filepath",
                          visible=False, elem_id="image")

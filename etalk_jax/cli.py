@@ -127,7 +127,8 @@ def _sample(args: argparse.Namespace) -> int:
       emotion_video=args.emotion_video, emotion_audio=args.emotion_audio,
       intensity=args.intensity, steps=args.steps, guidance=args.guidance,
       resolution=args.resolution, seed=args.seed, paste_back=args.paste_back,
-      progress=not args.no_progress, dtype=args.dtype, attention=args.attention)
+      progress=not args.no_progress, dtype=args.dtype, attention=args.attention,
+      overwrite=args.overwrite)
   emotion = summary["emotion"] or "none (the portrait's own expression)"
   print(f"wrote {summary['out']}: {summary['frames']} frames ({summary['seconds']:.2f} s of "
         f"video) in {summary['generation_seconds']:.1f} s ({summary['generation_fps']:.2f} "
@@ -370,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
   source = sample.add_mutually_exclusive_group()
   source.add_argument("--emotion", default=None,
                       help="keyword: happy, angry, sad, surprised, fearful, disgusted, worried, "
-                           "neutral")
+                           "neutral; or a blend of them with relative weights, e.g. "
+                           "happy:0.7,surprised:0.3 (--intensity scales the mix)")
   source.add_argument("--emotion-text", default=None, help="emotion described in words")
   source.add_argument("--emotion-image", default=None, help="photo of a face showing it")
   source.add_argument("--emotion-video", default=None,
@@ -396,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
   sample.add_argument("--attention", choices=list(ATTENTION_IMPLEMENTATIONS), default="auto",
                       help="attention implementation: auto (default: cuDNN flash on a GPU, "
                            "splash on a TPU, XLA on the CPU), xla, cudnn or splash")
+  sample.add_argument("--overwrite", action="store_true",
+                      help="replace --out if it exists (without it, an existing file is an error)")
   sample.add_argument("--paste-back", action="store_true",
                       help="paste the generated face into the full portrait frame")
   sample.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)

@@ -18,8 +18,8 @@ from typing import Any
 import jax
 
 from data_pipeline import SAMPLE_RATE
-from etalk_jax.emotion.keywords import check_keyword
-from etalk_jax.errors import InputNotFound, UserError, WrongPathKind
+from etalk_jax.emotion.keywords import parse_emotion
+from etalk_jax.errors import InputNotFound, OutputExists, UserError, WrongPathKind
 from etalk_jax.layers.compute import Compute
 from etalk_jax.pipeline import inputs
 from etalk_jax.pipeline.checkpoint import read_pipeline_record
@@ -36,15 +36,19 @@ INPUT_FILES = {
 }
 
 
-def check_output(out: str | Path) -> Path:
-  """--out checked before anything runs: an .mp4 path, not a folder, in a folder that exists or
-  can be created (the nearest existing ancestor is a writable folder). Nothing is created here:
-  the video's writer creates the folder, so a run that fails leaves nothing behind."""
+def check_output(out: str | Path, overwrite: bool = False) -> Path:
+  """--out checked before anything runs: an .mp4 path, not a folder, not an existing file unless
+  `overwrite`, in a folder that exists or can be created (the nearest existing ancestor is a
+  writable folder). Nothing is created here: the video's writer creates the folder, so a run
+  that fails leaves nothing behind."""
   path = Path(out)
   if path.suffix.lower() != ".mp4":
     raise UserError(f"--out {out}: the output is an H.264 mp4; give a path ending in .mp4.")
   if path.is_dir():
     raise WrongPathKind(f"--out {out} is a folder; give a file path ending in .mp4.")
+  if path.exists() and not overwrite:
+    raise OutputExists(f"--out {out} exists; give another path, or pass --overwrite to "
+                       "replace it.")
   folder = path.absolute().parent
   existing = folder
   while not existing.exists() and existing != existing.parent:
@@ -76,21 +80,22 @@ def sample_command(portrait: str, audio: str, out: str, checkpoint: str, *,
                    emotion_audio: str | None = None, intensity: float = 1.0,
                    steps: int | None = None, guidance: float | None = None,
                    resolution: int | None = None, seed: int = 0, paste_back: bool = False,
-                   progress: bool = True, dtype: str | None = None, attention: str = "auto"
-                   ) -> dict[str, Any]:
+                   progress: bool = True, dtype: str | None = None, attention: str = "auto",
+                   overwrite: bool = False) -> dict[str, Any]:
   """`etalk sample`: checks every input (the module docstring), loads the checkpoint, generates,
   writes `out` atomically (nothing is left there on failure; its folder is created if missing)
   and returns a summary {out, frames, seconds, generation_seconds, fps}.
   dtype: "float32" or "bfloat16" (bf16 compute over the fp32 weights); None: the backend's
   default (`default_dtype`). attention: a `Compute` attention implementation."""
-  out_path = check_output(out)
+  out_path = check_output(out, overwrite)
   # The arguments alone are checked before anything loads (loading takes seconds).
   if emotion is not None:
     try:
-      check_keyword(emotion)
+      parse_emotion(emotion)
     except UserError as error:
-      raise UserError(f"--emotion: {error} For an emotion in other words, use --emotion-text "
-                      f"\"{emotion}\".") from None
+      hint = (f" For an emotion in other words, use --emotion-text \"{emotion}\"."
+              if "unknown emotion" in str(error) else "")
+      raise UserError(f"--emotion: {error}{hint}") from None
   check_sampling_arguments(intensity, steps, guidance)
   record = read_pipeline_record(checkpoint)
   if resolution is not None and int(resolution) != int(record["resolution"]):

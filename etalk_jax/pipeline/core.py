@@ -45,7 +45,7 @@ from etalk_jax.diffusion.sampling import (
   windows_for_devices,
 )
 from etalk_jax.emotion.codebook import MAX_INTENSITY
-from etalk_jax.emotion.keywords import check_keyword, keyword_from_text
+from etalk_jax.emotion.keywords import emotion_name, keyword_from_text, parse_emotion
 from etalk_jax.emotion.ser import keyword_from_speech
 from etalk_jax.errors import UserError
 from etalk_jax.layers.compute import FP32, Compute
@@ -247,9 +247,10 @@ class EmotiveTalkPipeline:
 
     portrait: image path or uint8 (H, W, 3); landmarks: its (478, 2) pixel landmarks (skips
     face detection). speech: audio path, `(samples, rate)` or 16 kHz float samples. At most one
-    emotion source: a keyword, a text, an image, a driving video (its per-frame expressions
-    drive the face directly) or emotional speech; none -> the portrait's own expression
-    ("uncond."). intensity in [0, 1.5] scales a keyword or image condition from neutral.
+    emotion source: a keyword (or a blend of keywords, "happy:0.7,surprised:0.3", weights
+    normalised to sum 1), a text, an image, a driving video (its per-frame expressions drive
+    the face directly) or emotional speech; none -> the portrait's own expression ("uncond.").
+    intensity in [0, 1.5] scales a keyword's, a blend's or an image's condition from neutral.
     steps: ETHD Euler steps (default: pipeline.json's). guidance: classifier-free guidance on
     the speech, a constant scale (default: pipeline.json's sampler scales; 1 is off): each step
     also denoises with the lip latents zeroed, as training's condition dropout drops them, and
@@ -321,10 +322,14 @@ class EmotiveTalkPipeline:
       sampler = dataclasses.replace(sampler, min_guidance_scale=float(guidance),
                                     max_guidance_scale=float(guidance))
     keyword = None
-    if emotion is not None or emotion_text is not None:
-      keyword = check_keyword(emotion) if emotion is not None else keyword_from_text(
-          emotion_text)
-      self.codebook.latent(keyword)  # a codebook without this keyword says so now
+    if emotion is not None:  # a keyword, or a blend "happy:0.7,surprised:0.3"
+      parts = parse_emotion(emotion)
+      keyword = emotion_name(parts)
+      for name, _ in parts:
+        self.codebook.latent(name)  # a codebook without this keyword says so now
+    elif emotion_text is not None:
+      keyword = keyword_from_text(emotion_text)
+      self.codebook.latent(keyword)
     if emotion_audio is not None:
       self._check_speech_emotion_model()
     return sampler, keyword, intensity

@@ -323,6 +323,14 @@ def test_sample_command(checkpoint, portrait, tmp_path, monkeypatch, capsys):
           str(checkpoint), "--no-progress"]
   assert cli.main(base + ["--out", str(out), "--emotion", "sad"]) == 0
   assert probe(out).width == RESOLUTION and "25 frames" in capsys.readouterr().out
+  # An existing --out is kept unless --overwrite says otherwise; a blend is an --emotion.
+  written = out.stat().st_mtime_ns
+  assert cli.main(base + ["--out", str(out), "--emotion", "sad"]) == 2
+  assert "--overwrite" in capsys.readouterr().err and out.stat().st_mtime_ns == written
+  assert cli.main(base + ["--out", str(out), "--emotion", "happy:0.7,sad:0.3",
+                          "--overwrite"]) == 0
+  assert "emotion: happy:0.70,sad:0.30" in capsys.readouterr().out
+  assert out.stat().st_mtime_ns != written
   for wrong in (["--emotion", "elated"], ["--resolution", "512"], ["--audio", "missing.wav"]):
     assert cli.main(base + ["--out", str(bad)] + wrong) == 2
     assert "etalk sample: error:" in capsys.readouterr().err
