@@ -47,8 +47,10 @@ def _open(path: str | os.PathLike):
   try:
     return av.open(str(path))
   except Exception as error:  # PyAV raises many FFmpeg error types; all mean "unreadable".
-    raise MediaError(f"{path}: cannot open as audio/video "
-                     f"({type(error).__name__}: {error})") from None
+    # FFmpeg's own words, without its errno number and the path the message names already.
+    reason = getattr(error, "strerror", None) or str(error)
+    raise MediaError(f"{path}: cannot open as audio/video ({reason}); it is damaged or not a "
+                     "media file.") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -104,6 +104,8 @@ def sample_command(portrait: str, audio: str, out: str, checkpoint: str, *,
                     f"--resolution {record['resolution']} or another checkpoint.")
   check_input_files({"--portrait": portrait, "--audio": audio, "--emotion-image": emotion_image,
                      "--emotion-video": emotion_video, "--emotion-audio": emotion_audio})
+  if emotion_video is not None:
+    inputs.check_driving_video(emotion_video)
   # The portrait and the speech are read (and the face found) before the checkpoint loads, so
   # that a photo without a face or a broken audio file is refused at once; the pipeline then
   # takes them as read.

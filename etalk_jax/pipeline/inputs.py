@@ -25,14 +25,15 @@ MIN_SPEECH_SECONDS = 0.2
 
 
 def read_image(source: Any, what: str = "the portrait") -> tuple[np.ndarray, str]:
-  """A path or an array -> (uint8 RGB (H, W, 3), its name for messages)."""
+  """A path or an array -> (uint8 RGB (H, W, 3), its name for messages: `what` and the path,
+  e.g. "the emotion image face.png")."""
   if isinstance(source, (str, Path)):
     path = Path(source)
     if not path.is_file():
       raise InputNotFound(f"{what} {path} does not exist; give a PNG or JPEG photo.")
     try:
       with Image.open(path) as image:
-        return np.asarray(image.convert("RGB")), str(path)
+        return np.asarray(image.convert("RGB")), f"{what} {path}"
     except (UnidentifiedImageError, OSError) as error:
       raise UserError(f"{what} {path} could not be read as an image ({error}); give a PNG or "
                       "JPEG photo.") from None
@@ -51,8 +52,8 @@ def detect_face(image: np.ndarray, name: str) -> np.ndarray:
     landmarks = landmarker(image)
     count = landmarker.faces_seen_max
   if landmarks is None:
-    raise UserError(f"no face found in the portrait {name}; use a photo with one clearly "
-                    "visible, frontal face")
+    raise UserError(f"no face found in {name}; use a photo with one clearly visible, frontal "
+                    "face")
   if count > 1:
     log.warning("%d faces found in %s; using the largest (crop the photo to choose another)",
                 count, name)
@@ -103,13 +104,26 @@ def read_speech(source: Any) -> tuple[np.ndarray, str]:
   return samples, what
 
 
-def video_face_crops(video_path: Any, resolution: int) -> tuple[np.ndarray, np.ndarray]:
-  """A driving video -> (uint8 crops (n, R, R, 3), their landmarks (n, 478, 2) in crop pixels)
-  of its frames with a face, all cut with one box (the training crop of the whole clip)."""
+def check_driving_video(video_path: Any) -> Path:
+  """The driving video's path, checked to exist and to be a video: a still image (a PNG or JPEG
+  decodes as one frame) is refused, pointing to --emotion-image."""
   path = Path(video_path)
   if not path.is_file():
     raise InputNotFound(f"the emotion video {path} does not exist; give an mp4 of a talking "
                         "face.")
+  frames = 0
+  for _ in media.iter_video_frames(path):
+    frames += 1
+    if frames == 2:
+      return path
+  raise UserError(f"the emotion video {path} is a still image ({frames} frame); give a video "
+                  "of a talking face, or pass a photo as --emotion-image.")
+
+
+def video_face_crops(video_path: Any, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+  """A driving video -> (uint8 crops (n, R, R, 3), their landmarks (n, 478, 2) in crop pixels)
+  of its frames with a face, all cut with one box (the training crop of the whole clip)."""
+  path = check_driving_video(video_path)
   video, landmarks = [], []
   with faces.FaceLandmarker() as landmarker:
     for frame in media.iter_video_frames(path):

@@ -26,6 +26,7 @@ from skimage import data as skimage_data
 from data_pipeline import synthetic
 from data_pipeline.media import probe
 from etalk_jax import cli
+from etalk_jax.errors import UserError
 from etalk_jax.pipeline import EmotiveTalkPipeline, inputs as pipeline_inputs, save_pipeline
 from etalk_jax.pipeline.command import check_output
 from tests.pipeline.test_pipeline import RESOLUTION, tiny_components
@@ -227,7 +228,8 @@ def test_several_faces_take_the_largest_with_a_warning_and_8khz_speech_works(
   assert "25 frames" in printed
   _check_video(out)
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-  assert f"2 faces found in {files['two_faces']}; using the largest" in " ".join(warnings)
+  assert f"2 faces found in the portrait {files['two_faces']}; using the largest" in " ".join(
+      warnings)
   # The larger copy's face (the right half), not the smaller one.
   assert len(used) == 1 and used[0][:, 0].min() > LARGE_FACE_LEFT
 
@@ -249,3 +251,18 @@ def test_the_out_check_creates_nothing(tmp_path):
   target = tmp_path / "new" / "deeper" / "talk.mp4"
   assert check_output(target) == target
   assert list(tmp_path.iterdir()) == []
+
+
+def test_a_faceless_emotion_image_is_named_as_such(tmp_path):
+  noise = tmp_path / "noise.png"
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96, 3), np.uint8)).save(noise)
+  image, name = pipeline_inputs.read_image(noise, "the emotion image")
+  with pytest.raises(UserError, match=f"no face found in the emotion image {noise}; use a photo"):
+    pipeline_inputs.detect_face(image, name)
+
+
+def test_a_still_image_is_not_a_driving_video(tmp_path):
+  photo = tmp_path / "face.png"
+  Image.fromarray(skimage_data.astronaut()).save(photo)
+  with pytest.raises(UserError, match="is a still image .*--emotion-image"):
+    pipeline_inputs.check_driving_video(photo)
