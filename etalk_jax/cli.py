@@ -115,7 +115,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _synthesize(args: argparse.Namespace) -> int:
   from data_pipeline.builders.synthetic_talking_heads import build  # noqa: PLC0415 (subcommand)
-  print(f"dataset: {build(args.dst, args.config)}")
+  print(f"dataset: {build(args.dst, args.config, progress=not args.no_progress)}")
   return 0
 
 
@@ -303,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="dataset size: tiny (the tests': 64 px, 2 identities), demo "
                                "(etalk demo's: 64 px, 10 identities; default) or res512 (512 "
                                "px, for loader benchmarks)")
+  synthesize.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
   synthesize.set_defaults(run=_synthesize)
 
   train = commands.add_parser(

@@ -6,12 +6,14 @@ import TensorFlow, and the whole pipeline must run without it (the tests check `
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from typing import Iterable
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils
 
 from data_pipeline import EMOTION_LABELS, NUM_LANDMARKS
 
@@ -22,6 +24,18 @@ TRAIN, TEST = "train", "test"
 # warning): all of ours are, so it says nothing to a user.
 logging.getLogger("absl").addFilter(
     lambda record: not record.getMessage().startswith("Using custom data configuration"))
+
+
+@contextlib.contextmanager
+def tfds_progress(shown: bool):
+  """TFDS's own progress bars ("Generating splits...", "Shuffling ...") on or off within the
+  block, restored after (TFDS has a setter only)."""
+  before = getattr(tqdm_utils, "_active", True)
+  tfds.display_progress_bar(shown)
+  try:
+    yield
+  finally:
+    tfds.display_progress_bar(before)
 
 
 class QuietBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):

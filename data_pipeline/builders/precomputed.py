@@ -22,7 +22,6 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core.utils import tqdm_utils
 
 from data_pipeline.builders import common
 from etalk_jax.errors import UserError
@@ -80,11 +79,7 @@ def build(data_dir: str, config: PrecomputedConfig) -> str:
 
   TFDS's own progress bars are off meanwhile: the caller shows one (or none, when asked for none).
   """
-  shown = getattr(tqdm_utils, "_active", True)  # TFDS has a setter only
-  tfds.display_progress_bar(False)
-  try:
+  with common.tfds_progress(False):
     builder = PrecomputedTalkingHeads(config=config, data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare()
-  finally:
-    tfds.display_progress_bar(shown)
   return str(builder.data_path)

@@ -180,7 +180,8 @@ def prepare_command(src: str, layout: str, dst: str, resolution: int = 512, **op
   if not builder.data_path.exists():  # a finished dataset is reported without detecting faces
     faces.require_mediapipe()
   try:
-    builder.download_and_prepare()
+    with common.tfds_progress(progress):
+      builder.download_and_prepare()
   except prepare.NothingPrepared as nothing:
     _write_report(nothing.report, dst_path, src, layout, resolution, None, started)
     raise prepare.NothingPrepared(

@@ -97,9 +97,10 @@ def _clip_id(item) -> str:
   return f"{identity.speaker}_{emotion}_level{level}_{take:03d}"
 
 
-def build(data_dir: str, config: str | SyntheticConfig = "tiny") -> str:
+def build(data_dir: str, config: str | SyntheticConfig = "tiny", progress: bool = True) -> str:
   """Prepares the synthetic dataset under `data_dir` (no-op if already there); returns its
-  directory."""
-  builder = SyntheticTalkingHeads(config=config, data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare()
+  directory. progress: TFDS's progress bars while it writes."""
+  with common.tfds_progress(progress):
+    builder = SyntheticTalkingHeads(config=config, data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare()
   return str(builder.data_path)

@@ -89,8 +89,7 @@ def build_dataset(workdir: Path, config, progress: bool) -> str:
     name += f"_face{spec.face_scale:g}".replace(".", "p")
   builder_config = SyntheticConfig(name=name, description="etalk demo: identities held out",
                                    spec=spec, split_by_speaker=True, test_fraction=test_fraction)
-  del progress  # TFDS prints its own progress bars
-  return build(str(workdir / "data"), builder_config)
+  return build(str(workdir / "data"), builder_config, progress=progress)
 
 
 def save_frozen_encoders(workdir: Path, config) -> dict[str, Path]:
