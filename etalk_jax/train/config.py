@@ -45,7 +45,11 @@ TRAIN_DEFAULTS = dict(
     peak_tflops=0.0,  # per device, for MFU where the device kind is unknown
     # held-out loss: every eval_every steps (0: never) the mean loss over eval_batches batches
     # of the eval_split split (the same batches and keys each time), as held_out/* metrics
-    eval_every=0, eval_batches=4, eval_split="test")
+    eval_every=0, eval_batches=4, eval_split="test",
+    # a step whose loss or gradient norm is NaN / inf: "stop" the run (a UserError naming the
+    # step and its batch, raised before the next checkpoint so none holds the poisoned state) or
+    # "skip" its update (parameters and optimizer state stay as they were; logged with its batch)
+    nonfinite="stop")
 MESH_DEFAULTS = dict(data=-1, fsdp=1)
 
 

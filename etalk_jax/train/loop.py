@@ -21,6 +21,18 @@ and an `export` that writes the trained component. Everything else is here, read
                        last), the loss on config.train.eval_batches batches of the held-out
                        split (config.train.eval_split), logged as `held_out/<metric>` beside
                        the training loss
+  non-finite steps     a NaN / inf loss or gradient norm: config.train.nonfinite "stop" (the
+                       default) raises a UserError naming the step and its batch (clip ids and
+                       window starts) before the next checkpoint or export, so none holds the
+                       poisoned state; "skip" leaves parameters and optimizer state as they were
+                       (a `lax.cond` inside the step) and logs the step with its batch. The step
+                       never syncs for this: each step's loss and gradient norm stay on the
+                       device until the loop fetches them anyway (log steps) or must (before a
+                       checkpoint, the export, a SIGTERM stop), all pending ones in one transfer
+  resume checks        a checkpoint whose arrays' shapes differ from the config's model is
+                       refused, naming the arrays and the config fields that differ from the
+                       run's config.json (written once the restore succeeded); a damaged step
+                       folder is refused naming the file (etalk_jax.train.checkpoint)
 
 The step's RNG key is `fold_in(run key, step)`, so a resumed run draws what the uninterrupted
 one would have; a `featurize` that draws (`Task.featurize_key`) gets `fold_in(fold_in(step key,
@@ -32,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -49,7 +62,7 @@ from etalk_jax import parallel
 from etalk_jax.errors import UserError
 from etalk_jax.layers.sharding import use_rules
 from etalk_jax.train import stages
-from etalk_jax.train.checkpoint import StopRequest, TrainCheckpointer
+from etalk_jax.train.checkpoint import CheckpointMismatch, StopRequest, TrainCheckpointer
 from etalk_jax.train.config import MESH_DEFAULTS, OPTIM_DEFAULTS, TRAIN_DEFAULTS, with_defaults
 from etalk_jax.train.optim import Optimizer, adam_8bit
 
@@ -61,6 +74,7 @@ FEATURIZE_STREAM = 1  # featurize's key: fold_in(step key, FEATURIZE_STREAM), no
 # The held-out loss's keys: fold_in(fold_in(run key, HELD_OUT_STREAM), batch index), the same at
 # every evaluation, so that the curve moves only with the parameters.
 HELD_OUT_STREAM = 2
+NONFINITE_MODES = ("stop", "skip")  # config.train.nonfinite
 
 
 @dataclasses.dataclass
@@ -165,12 +179,15 @@ def _split_micro(batch: Batch, accumulation: int) -> Batch:
   return jax.tree.map(split, batch)
 
 
-def make_step(task: Task, graphdef: nnx.GraphDef, accumulation: int, schedule: optax.Schedule):
+def make_step(task: Task, graphdef: nnx.GraphDef, accumulation: int, schedule: optax.Schedule,
+              skip_nonfinite: bool = False):
   """The pure step `(state, batch, key) -> (state, metrics)` over `nnx.state((model,
   optimizer))`; gradients only for `task.trainable`, accumulated over `accumulation`
-  micro-batches."""
+  micro-batches. With `skip_nonfinite`, a step whose loss or gradient norm is not finite returns
+  `state` unchanged (optimizer step count included)."""
 
   def step(state, batch, key):
+    before = jax.tree.leaves(state)  # the input arrays: what a skipped step returns
     model, optimizer = nnx.merge(graphdef, state)
     model_graph, trainable, frozen = nnx.split(model, task.trainable, ...)
 
@@ -197,7 +214,14 @@ def make_step(task: Task, graphdef: nnx.GraphDef, accumulation: int, schedule: o
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    lr=schedule(optimizer.step.get_value()))
     optimizer.update(model, grads)
-    return nnx.state((model, optimizer)), metrics
+    after = nnx.state((model, optimizer))
+    if skip_nonfinite:
+      finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+      # A cond, not a select per leaf: it picks whole buffers (typed RNG keys included).
+      leaves = jax.lax.cond(finite, lambda new, old: new, lambda new, old: old,
+                            jax.tree.leaves(after), before)
+      after = jax.tree.unflatten(jax.tree.structure(after), leaves)
+    return after, metrics
 
   return step
 
@@ -292,13 +316,59 @@ def _global_batch(batch: Batch, mesh) -> Batch:
           if value is not None}
 
 
+def batch_ids(batch: Batch) -> str:
+  """What identifies a host batch in a message: its clip ids and window starts, where it has
+  them."""
+  parts = []
+  for name in ("clip_id", "start"):
+    if name in batch:
+      values = [v.decode() if isinstance(v, bytes) else v for v in np.asarray(batch[name]).tolist()]
+      parts.append(f"{name} {values}")
+  where = "" if jax.process_count() == 1 else f" (process {jax.process_index()}'s examples)"
+  return ("batch: " + ", ".join(parts) + where) if parts else "its batch has no clip ids"
+
+
+def _nonfinite_steps(pending: list) -> list[tuple[int, float, float, str]]:
+  """(step, loss, gradient norm, batch ids) of the pending steps whose loss or gradient norm is
+  not finite; fetches all pending values in one transfer."""
+  values = jax.device_get([(loss, norm) for _, loss, norm, _ in pending])
+  return [(step, float(loss), float(norm), ids)
+          for (step, _, _, ids), (loss, norm) in zip(pending, values)
+          if not (np.isfinite(loss) and np.isfinite(norm))]
+
+
+def _flat_config(tree, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  flat = {}
+  for name, value in tree.items():
+    flat.update(_flat_config(value, f"{prefix}.{name}" if prefix else str(name)))
+  return flat
+
+
+def config_changes(saved_file: Path, config: ml_collections.ConfigDict) -> str:
+  """The fields of `config` that differ from the config saved in `saved_file` (the run's
+  config.json), as "name: saved -> now; ..."."""
+  try:
+    saved = _flat_config(json.loads(saved_file.read_text()))
+  except FileNotFoundError:
+    return f"{saved_file} is missing, so the changed fields cannot be named"
+  except ValueError as error:
+    return f"{saved_file} does not parse ({error}), so the changed fields cannot be named"
+  now = _flat_config(json.loads(config.to_json_best_effort()))
+  changes = [f"{name}: {saved.get(name, '(absent)')!r} -> {now.get(name, '(absent)')!r}"
+             for name in sorted(set(saved) | set(now)) if saved.get(name) != now.get(name)]
+  return "; ".join(changes) if changes else "none (the shapes changed another way)"
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, task: Task | None = None,
           progress: bool = True) -> dict[str, Any]:
   """Runs (or resumes) the stage `config.stage` in `workdir`; returns a summary.
 
   workdir/checkpoints  Orbax steps (resume from the latest)
   workdir/export       the trained component, written when the run reaches config.train.steps
-  workdir/metrics.jsonl, workdir/tensorboard/, workdir/config.json
+  workdir/metrics.jsonl, workdir/tensorboard/, workdir/config.json (the config of the latest
+                       start or resume, written once a resume's checkpoint was restored)
   """
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
@@ -320,20 +390,39 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, task: Task 
   state = jax.device_put(state, shardings)
   nnx.update((model, optimizer), state)
 
-  if jax.process_index() == 0:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  nonfinite = train_config["nonfinite"]
+  if nonfinite not in NONFINITE_MODES:
+    raise UserError(f"config.train.nonfinite={nonfinite!r}: use one of {NONFINITE_MODES}")
+  config_file = workdir / "config.json"
   rng = jax.random.key(int(train_config["seed"]))
   start = 0
   checkpoint_every = int(train_config["checkpoint_every"])
   checkpointer = TrainCheckpointer(workdir / "checkpoints", max_to_keep=int(train_config["keep"]))
   if checkpointer.latest_step() is not None:
-    restored = checkpointer.restore(model=model, optimizer=optimizer, iterator=task.batches,
-                                    rng=rng)
+    try:
+      restored = checkpointer.restore(model=model, optimizer=optimizer, iterator=task.batches,
+                                      rng=rng)
+    except CheckpointMismatch as error:
+      checkpointer.close()
+      shown = "; ".join(error.mismatches[:4]) + (
+          f"; and {len(error.mismatches) - 4} more" if len(error.mismatches) > 4 else "")
+      raise UserError(
+          f"{workdir}: cannot resume: this config changes the shapes of {len(error.mismatches)} "
+          f"saved arrays ({shown}). Fields that differ from the run's config.json: "
+          f"{config_changes(config_file, config)}. Resume with the saved values or use a fresh "
+          f"--workdir") from error
+    except BaseException:
+      checkpointer.close()
+      raise
     start, rng = restored.step, restored.rng
     log.info("resumed %s from step %d", task.name, start)
     state = nnx.state((model, optimizer))
+  # Only now: a refused resume leaves the config the checkpoints were saved with.
+  if jax.process_index() == 0:
+    config_file.write_text(config.to_json_best_effort(indent=2))
 
-  step_fn = jax.jit(make_step(task, graphdef, accumulation, schedule),
+  step_fn = jax.jit(make_step(task, graphdef, accumulation, schedule,
+                              skip_nonfinite=nonfinite == "skip"),
                     out_shardings=(shardings, None), donate_argnums=(0,))
   eval_every = int(train_config["eval_every"])
   held_out_fn = None
@@ -353,16 +442,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, task: Task 
   bar = tqdm(total=total_steps, initial=start, desc=f"train {task.name}", unit="step",
              disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
   stopped = False
+  # (step, loss, gradient norm, batch ids) of the steps not yet checked for NaN / inf: device
+  # scalars, fetched together when the loop next syncs (see _nonfinite_steps).
+  pending: list[tuple[int, jax.Array, jax.Array, str]] = []
+  skipped: list[int] = []
   try:
     with StopRequest() as stop:
       for step in range(start + 1, total_steps + 1):
         key = jax.random.fold_in(rng, step)
-        host_batch = next(task.batches)
+        loaded = next(task.batches)
         if task.featurize_key:  # each host draws for its own examples
-          host_batch = task.featurize(host_batch, jax.random.fold_in(
+          host_batch = task.featurize(loaded, jax.random.fold_in(
               jax.random.fold_in(key, FEATURIZE_STREAM), jax.process_index()))
         else:
-          host_batch = task.featurize(host_batch)
+          host_batch = task.featurize(loaded)
         batch = _global_batch(host_batch, mesh)
         if compiled is None:
           # Compiled once, ahead of time, so that its cost analysis gives the FLOPs for MFU;
@@ -377,9 +470,27 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, task: Task 
           flops_per_step = float((cost or {}).get("flops", 0.0))
           window_start = time.perf_counter()
         state, metrics = compiled(state, batch, key)
+        pending.append((step, metrics["loss"], metrics["grad_norm"], batch_ids(loaded)))
         window_steps += 1
         bar.update(1)
-        if step % log_every == 0 or step == total_steps:
+        stopping = stop.requested()
+        logging_step = step % log_every == 0 or step == total_steps
+        saving = step % checkpoint_every == 0 or step == total_steps or stopping
+        if logging_step or saving:  # the loop syncs here anyway; before any save, it must
+          for bad_step, loss, norm, ids in _nonfinite_steps(pending):
+            if nonfinite == "stop":
+              raise UserError(
+                  f"step {bad_step}: the loss is {loss} and the gradient norm {norm} ({ids}); "
+                  f"the run stopped before saving that state: the last checkpoint is step "
+                  f"{checkpointer.latest_step()} in {checkpointer.directory}. Check those clips, "
+                  f"lower config.optim.lr, or set config.train.nonfinite=skip to skip such "
+                  f"updates")
+            log.warning("step %d: loss %s, gradient norm %s (%s): update skipped", bad_step,
+                        loss, norm, ids)
+            writer.write(bad_step, {"skipped_nonfinite": 1.0})
+            skipped.append(bad_step)
+          pending.clear()
+        if logging_step:
           metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
           elapsed = time.perf_counter() - window_start
           metrics["steps_per_s"] = window_steps / elapsed
@@ -396,11 +507,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, task: Task 
           writer.write(step, held_out)
           last = {**last, **held_out}
           window_start = time.perf_counter()  # the evaluation is not training time
-        if step % checkpoint_every == 0 or step == total_steps or stop.requested():
+        if saving:
           nnx.update((model, optimizer), state)
           checkpointer.save(step, model=model, optimizer=optimizer, iterator=task.batches,
                             rng=rng, force=True)
-        if stop.requested():
+        if stopping:
           stopped = True
           summary["stopped_at"] = step
           break
@@ -416,8 +527,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, task: Task 
       nnx.replace_by_pure_dict(trainable, ema)
       nnx.update(model, trainable)
     if jax.process_index() == 0:
+      # What an export killed midway left (weights.atomic_folder's temporary folders): never
+      # read, only removed.
+      for stale in [*workdir.glob(".export.partial-*"), *workdir.glob("export/.*.partial-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
       task.export(model, workdir / "export")
     summary["export"] = str(workdir / "export")
   summary.update(final_metrics=last, compile_seconds=round(compile_seconds, 2),
-                 flops_per_step=flops_per_step, steps=total_steps)
+                 flops_per_step=flops_per_step, steps=total_steps, skipped_steps=skipped)
   return summary
