@@ -441,6 +441,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, task: Task 
   last: dict[str, float] = {}
   bar = tqdm(total=total_steps, initial=start, desc=f"train {task.name}", unit="step",
              disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+
+  def say(message: str) -> None:
+    """A line for the user above the progress bar (process 0 only)."""
+    if jax.process_index() != 0:
+      return
+    if progress:
+      tqdm.write(f"   {message}")
+    else:
+      print(f"   {message}", flush=True)
   stopped = False
   # (step, loss, gradient norm, batch ids) of the steps not yet checked for NaN / inf: device
   # scalars, fetched together when the loop next syncs (see _nonfinite_steps).
@@ -459,12 +468,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, task: Task 
         batch = _global_batch(host_batch, mesh)
         if compiled is None:
           # Compiled once, ahead of time, so that its cost analysis gives the FLOPs for MFU;
-          # every step's batch has the same shapes.
+          # every step's batch has the same shapes. Said first: the bar sits at its first step
+          # meanwhile, for minutes on a CPU.
+          say(f"{task.name}: compiling the training step (once per run: seconds to minutes "
+              "on a CPU; a second run of the same shapes loads it from the compilation cache)")
           began = time.perf_counter()
           # The mesh and the config's rules for the activation constraints inside models.
           with jax.set_mesh(mesh), use_rules(rules):
             compiled = step_fn.lower(state, batch, key).compile()
           compile_seconds = time.perf_counter() - began
+          say(f"{task.name}: compiled in {compile_seconds:.0f} s")
           cost = compiled.cost_analysis()
           cost = cost[0] if isinstance(cost, (list, tuple)) else cost
           flops_per_step = float((cost or {}).get("flops", 0.0))
