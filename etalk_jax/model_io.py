@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from etalk_jax.errors import InputNotFound, UserError
+from etalk_jax.records import read_json_object
 from etalk_jax.weights import WEIGHT_VARIABLES, ConversionError, atomic_folder
 
 CONFIG_FILE = "config.json"
@@ -96,16 +97,8 @@ def read_config(folder: str | Path) -> dict[str, Any]:
   if not path.is_file():
     raise InputNotFound(f"{folder} is not a saved etalk-jax model: {CONFIG_FILE} is missing. "
                         "Convert weights with `etalk convert` first.")
-  try:
-    fields = json.loads(path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as error:
-    raise UserError(f"{path} is not valid JSON ({error}); the saved model is damaged. Write it "
-                    "again (`etalk convert`, or the stage's export).") from None
-  if not isinstance(fields, dict):
-    raise UserError(f"{path} holds a JSON {type(fields).__name__}, not a model config; the "
-                    "saved model is damaged. Write it again (`etalk convert`, or the stage's "
-                    "export).")
-  return fields
+  return read_json_object(path, what="a model config", fix="the saved model is damaged. Write "
+                          "it again (`etalk convert`, or the stage's export).")
 
 
 def restore_model(folder: str | Path, build_abstract: Callable[[], nnx.Module]) -> nnx.Module:

@@ -36,6 +36,20 @@ def read_record(path: str | Path, *, format: str, version: int, what: str, fix: 
   return record
 
 
+def read_json_object(path: str | Path, *, what: str, fix: str,
+                     error: type[UserError] = UserError) -> dict[str, Any]:
+  """The JSON object in the file at `path` (which exists), or one `error` naming the file, why
+  it cannot be read (not JSON, or JSON but not an object) and `fix` (a sentence)."""
+  path = Path(path)
+  try:
+    fields = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as reason:
+    raise error(f"{path} is not valid JSON ({reason}); {fix}") from None
+  if not isinstance(fields, dict):
+    raise error(f"{path} holds a JSON {type(fields).__name__}, not {what}; {fix}")
+  return fields
+
+
 def write_text_atomically(path: str | Path, text: str) -> Path:
   """Writes `text` to `path` through a temporary file beside it and a rename, so a reader (or a
   crash) never sees half a file; returns the absolute path."""

@@ -34,6 +34,7 @@ from etalk_jax.audio.wav2vec2 import Wav2Vec2, Wav2Vec2Config, WeightNormConv1d
 from etalk_jax.audio.wavlm import WavLM, WavLMConfig
 from etalk_jax.errors import UserError
 from etalk_jax.layers.compute import FP32, Compute
+from etalk_jax.records import read_json_object
 from etalk_jax.weights import (
   CONV,
   ConversionError,
@@ -151,16 +152,9 @@ def _read_config_json(folder: Path) -> dict:
   if not path.is_file():
     raise ConversionError(f"{folder} has no config.json; a transformers model folder holds "
                           "config.json beside its weights.")
-  try:
-    fields = json.loads(path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as error:
-    raise ConversionError(f"{path} is not valid JSON ({error}); restore the config.json the "
-                          "model was released with.") from error
-  if not isinstance(fields, dict):
-    raise ConversionError(f"{path} holds a JSON {type(fields).__name__}, not the object of a "
-                          "transformers config; restore the config.json the model was released "
-                          "with.")
-  return fields
+  return read_json_object(path, what="the object of a transformers config",
+                          fix="restore the config.json the model was released with.",
+                          error=ConversionError)
 
 
 def _resolve_config(family: _Family, src: Any, config) -> Wav2Vec2Config:

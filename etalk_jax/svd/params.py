@@ -20,6 +20,7 @@ from flax import nnx
 from etalk_jax import model_io
 from etalk_jax.errors import InputNotFound, UserError
 from etalk_jax.layers.compute import FP32, Compute
+from etalk_jax.records import read_json_object
 from etalk_jax.svd.config import UNetConfig, VAEConfig
 from etalk_jax.svd.unet import UNetSpatioTemporal
 from etalk_jax.svd.vae import TemporalVAE
@@ -158,15 +159,8 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 def _read_component_config(path: Path) -> dict[str, Any]:
   """A component's config.json as a dict; one UserError naming it when it does not parse."""
-  try:
-    fields = json.loads(path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as error:
-    raise UserError(f"{path} is not valid JSON ({error}); restore the config.json the model "
-                    "was released with.") from None
-  if not isinstance(fields, dict):
-    raise UserError(f"{path} holds a JSON {type(fields).__name__}, not a diffusers config; "
-                    "restore the config.json the model was released with.")
-  return fields
+  return read_json_object(path, what="a diffusers config",
+                          fix="restore the config.json the model was released with.")
 
 
 def _components(src: Path) -> dict[str, Path]:
