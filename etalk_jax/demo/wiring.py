@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -229,6 +230,10 @@ class DemoInterrupted(Exception):
   same command resumes it."""
 
 
+def _interrupt(signum, frame) -> None:
+  raise DemoInterrupted("SIGTERM")
+
+
 def train_stage(workdir: Path, name: str, stage_config, progress: bool) -> str:
   """Trains one stage into workdir/runs/<name> unless its export exists; returns a summary line.
   Module-level: the side process runs it too."""
@@ -387,12 +392,17 @@ def run(workdir: str | Path = "demo_out", *, quick: bool = False, progress: bool
   # Measured on the 2-core dev machine (WORKSPACE.md); a finished stage is not run again.
   print(f"   expect about {3 if quick else 8} minutes on 2 CPU cores (longer on a busy "
         "machine); each stage prints its progress")
+  # SIGTERM outside a stage's training (which saves its step and stops on its own) ends the demo
+  # at once; every step writes atomically, so the same command resumes it either way.
+  previous = signal.signal(signal.SIGTERM, _interrupt)
   try:
     done = run_steps(STEPS, step_actions(workdir, config, progress), clock)
   except DemoInterrupted as interruption:
     print(f"\netalk demo: interrupted ({interruption}); run the same command to resume",
           flush=True)
     return 130  # as a shell reports a run stopped by a signal
+  finally:
+    signal.signal(signal.SIGTERM, previous)
   reader, emotion_reader = done["readers"]
   print(f"   mouth reader fit correlation {reader.fit_correlation:.3f}, emotion reader fit "
         f"accuracy {emotion_reader.fit_accuracy:.3f}")
