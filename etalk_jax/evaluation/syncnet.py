@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from scipy import signal as scipy_signal
 
 from data_pipeline import FPS, INT16_SCALE, SAMPLE_RATE, SAMPLES_PER_FRAME
@@ -554,25 +555,31 @@ class SyncNetScorer:
   >>> result.confidence, result.min_distance, result.offset  # Sync-C, Sync-D, frames
 
   The windows are embedded `batch_size` at a time by one compiled program (the last batch
-  padded), each batch cut on device from the frames and MFCCs it covers.
+  padded), each batch cut on device from the frames and MFCCs it covers and split over this
+  host's devices (`batch_size` rounded up to a multiple of them; the weights on every one).
   """
 
   def __init__(self, model: SyncNet, batch_size: int = BATCH_SIZE, vshift: int = VSHIFT):
-    self.batch_size = batch_size
+    devices = jax.local_devices()
+    self.batch_size = batch_size = -(-batch_size // len(devices)) * len(devices)
     self.vshift = vshift
-    graphdef, self.state = nnx.split(model)
+    mesh = Mesh(np.array(devices), ("batch",))
+    windows = NamedSharding(mesh, PartitionSpec("batch"))
+    graphdef, state = nnx.split(model)
+    self.state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
 
     def embed(state, frames, mfccs):
       # frames (batch + 4, H, W, 3) and MFCCs (4 batch + 16, 13): window b is frames b .. b+4
       # and MFCC frames 4b .. 4b+19.
       net = nnx.merge(graphdef, state)
       starts = jnp.arange(batch_size)[:, None]
-      lips = frames[starts + jnp.arange(WINDOW_FRAMES)]
-      audio = mfccs[MFCC_PER_FRAME * starts + jnp.arange(MFCC_WINDOW)]  # (batch, 20, 13)
+      lips = jax.lax.with_sharding_constraint(frames[starts + jnp.arange(WINDOW_FRAMES)], windows)
+      audio = jax.lax.with_sharding_constraint(  # (batch, 20, 13)
+          mfccs[MFCC_PER_FRAME * starts + jnp.arange(MFCC_WINDOW)], windows)
       return net.lip_embedding(lips), net.audio_embedding(jnp.swapaxes(audio, 1, 2)[..., None])
 
     # `state` is an argument, so the weights are not baked into the program as constants.
-    self._embed = jax.jit(embed)
+    self._embed = jax.jit(embed, out_shardings=(windows, windows))
 
   def features(self, inputs: SyncInputs) -> tuple[np.ndarray, np.ndarray]:
     """(lip, audio) embeddings (num_windows, embed_dim) float32 of `syncnet_inputs`' output."""

@@ -1,5 +1,6 @@
-"""BatchedForward: one compile for any number of rows, the batch split over the local devices
-(8 simulated CPU devices in a subprocess: XLA_FLAGS must be set before jax is imported)."""
+"""BatchedForward (one compile for any number of rows) and SyncNet's scorer split their batches
+over the local devices (8 simulated CPU devices in a subprocess: XLA_FLAGS must be set before
+jax is imported), equal to one device's results."""
 
 import json
 import os
@@ -21,3 +22,6 @@ def test_batches_split_over_8_devices_equal_one_device_and_compile_once():
   # 11 rows: two calls of 8 (the second padded) through one compiled program.
   assert result["compiles"] == 1 and result["shape"] == [11, 64]
   assert result["max_abs_difference"] <= 1e-5 * max(1.0, result["max_abs_value"])
+  # SyncNet's scorer: batches of 3 windows rounded up to 8, one per device; 25 windows.
+  assert result["sync_batch_size"] == 8 and result["sync_windows"] == 25
+  assert result["sync_difference"] <= 1e-5 * max(1.0, result["sync_value"])
