@@ -32,7 +32,8 @@ from etalk_jax.cli import main
 from etalk_jax.errors import MissingDependency, UserError
 from tests.helpers import prepare_inputs as inputs, prepare_kill_worker as worker
 
-requires_faces = pytest.mark.skipif(importlib.util.find_spec("mediapipe") is None,
+HAS_MEDIAPIPE = importlib.util.find_spec("mediapipe") is not None  # the `faces` extra
+requires_faces = pytest.mark.skipif(not HAS_MEDIAPIPE,
                                     reason="face detection needs the `faces` extra")
 REPO = Path(__file__).resolve().parents[2]
 RESOLUTION = worker.RESOLUTION
@@ -330,7 +331,7 @@ def _unusual_inputs(src: Path) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def unusual(tmp_path_factory):
-  if importlib.util.find_spec("mediapipe") is None:
+  if not HAS_MEDIAPIPE:  # as requires_faces: a module fixture cannot carry the mark
     pytest.skip("face detection needs the `faces` extra")
   src, dst = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dst")
   shown = _unusual_inputs(src)
