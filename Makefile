@@ -27,7 +27,8 @@ test: setup
 # run, the full-size TPU export, the V-AID joint stage, V-AID learning (projector and Di-CTE), the
 # ETHD objective under jit, the loader's worker processes, the MEAD layout and the wheel (configs
 # ship, the demo loads them outside the source tree), `etalk app` in headless Chromium, the
-# evaluation networks at full size, 20 seeded SIGKILL trials of training. Left to `make
+# evaluation networks at full size, 20 seeded SIGKILL trials of training, one training step on
+# a data x FSDP mesh of 8 simulated devices, ETHD's gradients under remat. Left to `make
 # test-all`: the ETHD overfit (its smoke version runs in `make test`) and the 500-frame Di-CTE
 # generation (over 6 min of CPU alone). -m slow picks the slow tests of the files listed;
 # loadfile keeps a file on one worker, so its module fixtures are built once.
@@ -43,7 +44,9 @@ SLOW_SUBSET := \
   tests/test_packaging.py \
   tests/test_app.py \
   tests/evaluation \
-  tests/train/test_faults.py::test_sigkill_20_seeded_trials
+  tests/train/test_faults.py::test_sigkill_20_seeded_trials \
+  tests/parallel/test_step.py \
+  tests/ethd/test_ethd.py::test_rematerialisation_changes_no_gradient
 
 test-slow-subset: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile -m slow $(SLOW_SUBSET)

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from data_pipeline import INT16_SCALE, SAMPLES_PER_FRAME, faces, media
+from data_pipeline import EMOTION_LABELS, INT16_SCALE, SAMPLES_PER_FRAME, faces, media
 from data_pipeline.media import KEYFRAME_INTERVAL, speech_stats
 from etalk_jax.errors import InputNotFound, UserError
 from etalk_jax.records import write_text_atomically
@@ -80,6 +80,10 @@ class LoaderConfig:
   # and EDI learns to swap the reference's emotion for the driving one. 0: always the window's
   # clip.
   cross_clip_reference: float = 0.0
+  # The emotion label (data_pipeline.EMOTION_LABELS) cross-clip references come from when the
+  # identity has a clip in it, e.g. "neutral": the case of inference from a neutral portrait.
+  # "": any other emotion.
+  cross_clip_emotion: str = ""
   frame_masks: bool = False  # also every window frame's face / lip masks (N, R, R) uint8
   with_pdfgc: bool = False  # also the PD-FGC encoder inputs (N, 224, 224, 3) uint8, one per frame
   # Parallelism. Decoding (FFmpeg) releases the GIL, so threads in this process decode windows in
@@ -101,6 +105,9 @@ class LoaderConfig:
     if not 0.0 <= self.cross_clip_reference <= 1.0:
       raise UserError(f"cross_clip_reference is a probability in [0, 1], got "
                       f"{self.cross_clip_reference!r}")
+    if self.cross_clip_emotion and self.cross_clip_emotion not in EMOTION_LABELS:
+      raise UserError(f"cross_clip_emotion {self.cross_clip_emotion!r} is not an emotion label; "
+                      f"give one of {', '.join(EMOTION_LABELS)} or '' (any other emotion)")
 
 
 def _mark_absl_flags_parsed() -> None:
@@ -163,16 +170,21 @@ class ClipIndex:
         pass
     return index
 
-  def other_clip(self, rng: np.random.Generator, clip_id: str) -> int | None:
-    """A record index of another clip of `clip_id`'s identity: one in another emotion when the
-    identity has one, else one in the same emotion (another take or level); None when the identity
-    has this clip only (the caller keeps the window's own clip)."""
+  def other_clip(self, rng: np.random.Generator, clip_id: str, emotion: int | None = None
+                 ) -> int | None:
+    """A record index of another clip of `clip_id`'s identity: one in `emotion` (a label index)
+    when given and the identity has one, else one in another emotion when it has one, else one
+    in the same emotion (another take or level); None when the identity has this clip only (the
+    caller keeps the window's own clip)."""
     if clip_id not in self.position:
       raise KeyError(f"clip {clip_id!r} is not in the ClipIndex of this source")
     i = self.position[clip_id]
     same_identity = self.speakers == self.speakers[i]
     same_identity[i] = False
-    candidates = np.flatnonzero(same_identity & (self.emotions != self.emotions[i]))
+    candidates = np.flatnonzero(same_identity & (self.emotions == emotion)) if (
+        emotion is not None) else np.zeros(0, np.int64)
+    if not len(candidates):
+      candidates = np.flatnonzero(same_identity & (self.emotions != self.emotions[i]))
     if not len(candidates):
       candidates = np.flatnonzero(same_identity)
     if not len(candidates):
@@ -192,7 +204,9 @@ def _draw_reference(rng: np.random.Generator, record: dict[str, Any], reference_
     return record, reference_index
   if rng.random() >= config.cross_clip_reference:
     return record, reference_index
-  other = clips.other_clip(rng, _text(record["clip_id"]))
+  emotion = (EMOTION_LABELS.index(config.cross_clip_emotion) if config.cross_clip_emotion
+             else None)
+  other = clips.other_clip(rng, _text(record["clip_id"]), emotion)
   if other is None:
     return record, reference_index
   other_record = source[other]

@@ -56,5 +56,5 @@ def test_the_wheel_ships_the_configs_and_the_installed_demo_loads_them(tmp_path)
     assert Path(file).is_relative_to(site), file
   assert report["loaded"] == {"encoders": "encoders", "projector": "projector", "dicte": "dicte",
                               "ethd": "ethd", "ser": "ser",
-                              "tiny": ["dicte", "encoders", "ethd", "projector", "ser"],
+                              "tiny": ["dicte", "encoders", "ethd", "pdfgc", "projector", "ser"],
                               "vaid:tiny by name": "projector"}

@@ -2,10 +2,11 @@
 before it, and whether it runs in the side process beside the main process's steps.
 
 Two processes keep both CPU cores busy (one process keeps ~1.2 of two busy: the demo's user time
-over its wall time): the side process builds the frozen encoders and the renderer's
-initialisation while the main one builds the dataset, trains the speech-emotion head and fits the
-report's readers beside the encoder stage, Di-CTE beside the projector and the emotion codebook
-beside ETHD. `schedule.run_steps` runs the graph; `run.py` says what each step does.
+over its wall time): the side process builds the frozen speech encoders and the renderer's
+initialisation while the main one builds the dataset, fits the report's readers while the main
+one pretrains the PD-FGC stand-in, trains the speech-emotion head beside the encoder stage,
+Di-CTE beside the projector and the emotion codebook beside ETHD. `schedule.run_steps` runs the
+graph; `wiring.py` says what each step does.
 """
 
 from __future__ import annotations
@@ -35,13 +36,16 @@ class Step:
 
 
 STEPS = (
-    Step("frozen", "frozen encoders (random tiny wav2vec2, PD-FGC, WavLM) and the initial renderer",
+    Step("frozen", "frozen encoders (random tiny wav2vec2 and WavLM) and the initial renderer",
          beside=True),
     Step("dataset", "synthetic dataset"),
-    Step("configs", None, needs=("dataset", "frozen")),  # fits the latent codec on the dataset
-    Step("ser", "train ser", needs=("configs",), beside=True),
     Step("readers", "mouth and emotion readers, fitted on training identities,",
          needs=("dataset",), beside=True),
+    # The stand-in for PD-FGC's pretrained weights (`pdfgc_standin`), frozen from then on.
+    Step("pdfgc", "pretrain the PD-FGC stand-in on the training frames", needs=("dataset",)),
+    # Fits the latent codec on the dataset.
+    Step("configs", None, needs=("dataset", "frozen", "pdfgc")),
+    Step("ser", "train ser", needs=("configs",), beside=True),
     Step("encoders", "train encoders", needs=("configs",)),
     Step("precompute", "precompute the trained encoders' outputs", needs=("configs", "encoders")),
     Step("dicte", "train dicte", needs=("configs", "precompute"), beside=True),

@@ -1,16 +1,18 @@
 """`etalk demo`'s wiring: what each step of the stage graph (`stages.STEPS`) does, and `run`.
 
 1. builds the synthetic talking-face dataset (configs/tiny.py), holding out whole identities;
-2. saves random tiny frozen encoders (wav2vec2, PD-FGC trunk, WavLM): no pretrained weights
-   exist offline, and every stage reads them from folders as it would read converted ones;
+2. saves random tiny frozen speech encoders (wav2vec2, WavLM) and pretrains a tiny PD-FGC on the
+   training frames' ground truth (`pdfgc_standin`: a random one encodes neither lips nor
+   emotion): no pretrained weights exist offline, and every stage reads them from folders as it
+   would read converted ones;
 3. trains every stage with `etalk_jax.train.loop.train` (configs/<stage>.py:tiny): encoder
    adapters (with the renderer ETHD); then precomputes the trained encoders' outputs for every
    training clip (`etalk precompute`), which the projector, Di-CTE and ETHD (from the renderer)
    read; the speech-emotion head; builds the emotion codebook; writes one pipeline checkpoint.
    A second (spawned) process runs the steps that the next one does not wait for
    (`schedule.run_steps`), so both cores work;
-4. generates, for a held-out identity and held-out speech, videos in two emotions, the same with
-   the audio removed (silence), and writes them and the ground-truth renders as mp4;
+4. generates, for two held-out identities and their held-out speech, videos in two emotions, the
+   same with the audio removed (silence), and writes them and the ground-truth renders as mp4;
 5. reports, measured on the frames (`report`): the lip-sync score (correlation between the mouth
    opening read from the frames and the speech envelope) and the emotion accuracy (the fraction
    of frames an emotion reader reads as the intended keyword), for the generated videos, the
@@ -33,6 +35,7 @@ from etalk_jax import parallel
 from etalk_jax.audio import FeatureConfig, Wav2Vec2, Wav2Vec2Config, WavLM, WavLMConfig
 from etalk_jax.audio.params import load_wav2vec2, load_wavlm, save_speech_encoder
 from etalk_jax.codecs import PatchPCACodec, codec_from_spec
+from etalk_jax.demo.pdfgc_standin import pretrain_pdfgc
 from etalk_jax.demo.report import (
   KINDS,
   EmotionReader,
@@ -57,8 +60,8 @@ from etalk_jax.train.loop import train
 from etalk_jax.train.precompute import precompute_command
 from etalk_jax.train.stages.common import build_ethd
 from etalk_jax.vaid.storage import load_dicte, load_projector
-from etalk_jax.vision.params import load_encoders, save_pdfgc
-from etalk_jax.vision.pdfgc import PDFGC_SMALL, PDFGCEncoder
+from etalk_jax.vision.params import load_encoders
+from etalk_jax.vision.pdfgc import PDFGC_SMALL
 
 
 def tiny_stage_config(stage: str):
@@ -88,33 +91,42 @@ def build_dataset(workdir: Path, config, progress: bool) -> str:
     name += f"_motion{spec.head_motion:g}".replace(".", "p")
   if spec.face_scale != 1.0:
     name += f"_face{spec.face_scale:g}".replace(".", "p")
+  # The split is part of the name: a workdir of another split is not reused with the wrong one.
+  name += f"_test{test_fraction:g}".replace(".", "p")
   builder_config = SyntheticConfig(name=name, description="etalk demo: identities held out",
                                    spec=spec, split_by_speaker=True, test_fraction=test_fraction)
   return build(str(workdir / "data"), builder_config, progress=progress)
 
 
 def save_frozen_encoders(workdir: Path, config) -> dict[str, Path]:
-  """Random tiny wav2vec2, PD-FGC trunk and WavLM, saved once (seeded: the same every run)."""
+  """Random tiny wav2vec2 and WavLM, saved once (seeded: the same every run). PD-FGC's stand-in
+  is pretrained instead (`pretrain_stand_in`)."""
 
   def sizes(fields):
     return {name: tuple(value) if isinstance(value, list) else value
             for name, value in dict(fields).items()}
 
-  # Initialised in one jitted call each (eager flax init of PD-FGC alone takes ~12 s here).
+  # Initialised in one jitted call each.
   mesh = parallel.make_mesh({"data": -1})
-  folders = {name: workdir / "frozen" / name for name in ("wav2vec2", "pdfgc", "wavlm")}
+  folders = {name: workdir / "frozen" / name for name in ("wav2vec2", "wavlm")}
   if not folders["wav2vec2"].exists():
     save_speech_encoder(parallel.create_sharded(
         lambda rngs: Wav2Vec2(Wav2Vec2Config(**sizes(config.wav2vec2)), rngs=rngs), mesh, seed=0),
         folders["wav2vec2"])
-  if not folders["pdfgc"].exists():
-    save_pdfgc(parallel.create_sharded(lambda rngs: PDFGCEncoder(PDFGC_SMALL, rngs=rngs), mesh,
-                                       seed=1), folders["pdfgc"])
   if not folders["wavlm"].exists():
     save_speech_encoder(parallel.create_sharded(
         lambda rngs: WavLM(WavLMConfig(**sizes(config.wavlm)), rngs=rngs), mesh, seed=2),
         folders["wavlm"])
   return folders
+
+
+def pretrain_stand_in(workdir: Path, dataset_dir: str, config, progress: bool) -> Path:
+  """The tiny PD-FGC pretrained on the training frames' ground truth (`pdfgc_standin`), saved
+  once under workdir/frozen/pdfgc; returns the folder."""
+  folder = workdir / "frozen" / "pdfgc"
+  summary = pretrain_pdfgc(dataset_dir, folder, steps=int(config.steps.pdfgc), progress=progress)
+  print(f"   {summary}", flush=True)
+  return folder
 
 
 def fit_codec(workdir: Path, dataset_dir: str, config) -> tuple[Path, float]:
@@ -209,6 +221,7 @@ def stage_configs(workdir: Path, dataset_dir: str, frozen: dict[str, Path], conf
   ethd.encoders.audio_features = audio_features
   ethd.ethd.init = f"ethd:{exports['encoders'] / 'renderer'}"
   ethd.data.cross_clip_reference = float(config.cross_clip_reference)
+  ethd.data.cross_clip_emotion = str(config.cross_clip_emotion)
   for stage_config in (encoders, ethd):
     stage_config.codec = codec
     _demo_ethd(stage_config, config, target_scale)
@@ -317,7 +330,9 @@ def step_actions(workdir: Path, config, progress: bool) -> dict[str, Action]:
   return {
       "frozen": lambda done: (save_frozen_models, (workdir, config)),
       "dataset": lambda done: (build_dataset, (workdir, config, progress)),
-      "configs": lambda done: (stage_configs, (workdir, done["dataset"], done["frozen"], config)),
+      "pdfgc": lambda done: (pretrain_stand_in, (workdir, done["dataset"], config, progress)),
+      "configs": lambda done: (stage_configs, (workdir, done["dataset"],
+                                               {**done["frozen"], "pdfgc": done["pdfgc"]}, config)),
       "readers": lambda done: (fit_readers, (done["dataset"],)),
       "precompute": lambda done: (precompute_features, (done["configs"]["ethd"], progress)),
       "codebook": lambda done: (build_codebook, (workdir, done["dataset"])),
@@ -326,59 +341,67 @@ def step_actions(workdir: Path, config, progress: bool) -> dict[str, Action]:
 
 def generate_held_out(pipe: EmotiveTalkPipeline, workdir: Path, dataset_dir: str, config,
                       readers: tuple[MouthReader, EmotionReader], clock: Clock, progress: bool
-                      ) -> tuple[str, list[str], dict[str, dict[str, list[float]]],
+                      ) -> tuple[list[tuple[str, str]], dict[str, dict[str, list[float]]],
                                  list[dict[str, float]]]:
-  """Videos of the first held-out identity in the demo's emotions, with its speech and with
-  silence, beside its ground truth, written to workdir/videos and scored by `readers`: (speaker,
-  emotions, kind -> "lip_sync" / "emotion" -> one score per emotion, per generated video its
-  frames and seconds)."""
+  """Videos of the held-out identities (`config.held_out_identities` of them) in the demo's
+  emotions, each with its speech and with silence (the same seed), beside its ground truth,
+  written to workdir/videos and scored by `readers`: (each video's (speaker, emotion), kind ->
+  "lip_sync" / "emotion" -> one score per video, per generated video its frames and seconds)."""
   reader, emotion_reader = readers
-  by_speaker = held_out_clips(dataset_dir)
-  speaker, clips = sorted(by_speaker.items())[0]
-  by_emotion = {clip.emotion: clip for clip in clips}
-  emotions = [e for e in config.emotions if e in by_emotion]
-  if len(emotions) < 2:
-    raise ValueError(f"held-out speaker {speaker} lacks the demo's emotions {config.emotions}")
-  portrait_clip = by_emotion.get("neutral", clips[0])
-  portrait, portrait_landmarks = portrait_clip.frames[0], portrait_clip.landmarks_px[0]
-  videos = workdir / "videos"
-  videos.mkdir(exist_ok=True)
+  by_speaker = sorted(held_out_clips(dataset_dir).items())
+  wanted = int(config.held_out_identities)
+  if len(by_speaker) < wanted:
+    raise ValueError(f"the demo's test split holds {len(by_speaker)} identities; the report needs "
+                     f"{wanted} (configs/tiny.py: data.test_fraction)")
+  videos_folder = workdir / "videos"
+  videos_folder.mkdir(exist_ok=True)
   rows: dict[str, dict[str, list[float]]] = {kind: {"lip_sync": [], "emotion": []}
                                              for kind in KINDS}
+  videos: list[tuple[str, str]] = []
   generation: list[dict[str, float]] = []
-  strip: list[tuple[str, np.ndarray]] = []  # the first emotion's videos, for frames.png
-  with clock.phase(f"generate: held-out identity {speaker}, emotions {', '.join(emotions)}"):
-    for emotion in emotions:
-      clip = by_emotion[emotion]
-      envelope = speech_envelope(clip.speech, len(clip.frames))
-      for kind, speech in (("generated", clip.speech),
-                           ("no-audio baseline", np.zeros_like(clip.speech))):
-        began = time.perf_counter()
-        result = pipe(portrait, speech, emotion=emotion, landmarks=portrait_landmarks,
-                      aligned=True, seed=0, progress=progress)
-        seconds = time.perf_counter() - began
-        generation.append({"frames": len(result.frames), "seconds": seconds})
-        name = f"{emotion}{'' if kind == 'generated' else '_no_audio'}.mp4"
-        result.write(videos / name)
-        if emotion == emotions[0]:
-          strip.append((f"{kind}" if kind == "generated" else "no audio", result.frames))
-        rows[kind]["lip_sync"].append(lip_sync_score(reader(result.frames, portrait,
-                                                            portrait_landmarks),
-                                                     envelope))
-        rows[kind]["emotion"].append(emotion_reader.accuracy(result.frames, portrait, emotion))
-        print(f"   {videos / name}: {len(result.frames)} frames in {seconds:.1f} s")
-      truth = Result(frames=clip.frames, audio=clip.speech, fps=FPS, expressions=np.zeros((0,)),
-                     lip_latents=np.zeros((0,)), emotion=emotion)
-      truth.write(videos / f"{emotion}_ground_truth.mp4")
-      if emotion == emotions[0]:
-        strip.append(("ground truth", clip.frames))
-        grid = write_frame_grid(workdir / "frames.png", strip)
-        print(f"   {grid}: {emotion}, generated / no audio / ground truth, 8 frames each")
-      rows["ground truth"]["lip_sync"].append(lip_sync_score(
-          reader(clip.frames, portrait, portrait_landmarks), envelope))
-      rows["ground truth"]["emotion"].append(emotion_reader.accuracy(clip.frames, portrait,
-                                                                     emotion))
-  return speaker, emotions, rows, generation
+  strip: list[tuple[str, np.ndarray]] = []  # the first video's rows, for frames.png
+  speakers = [speaker for speaker, _ in by_speaker[:wanted]]
+  with clock.phase(f"generate: held-out identities {', '.join(speakers)}, emotions "
+                   f"{', '.join(config.emotions)}"):
+    for speaker, clips in by_speaker[:wanted]:
+      by_emotion = {clip.emotion: clip for clip in clips}
+      missing = [e for e in config.emotions if e not in by_emotion]
+      if missing:
+        raise ValueError(f"held-out speaker {speaker} has no clip in {', '.join(missing)}")
+      portrait_clip = by_emotion.get("neutral", clips[0])
+      portrait, portrait_landmarks = portrait_clip.frames[0], portrait_clip.landmarks_px[0]
+      for emotion in config.emotions:
+        clip = by_emotion[emotion]
+        videos.append((speaker, emotion))
+        envelope = speech_envelope(clip.speech, len(clip.frames))
+        for kind, speech in (("generated", clip.speech),
+                             ("no-audio baseline", np.zeros_like(clip.speech))):
+          began = time.perf_counter()
+          result = pipe(portrait, speech, emotion=emotion, landmarks=portrait_landmarks,
+                        aligned=True, seed=0, progress=progress)
+          seconds = time.perf_counter() - began
+          generation.append({"frames": len(result.frames), "seconds": seconds})
+          name = f"{speaker}_{emotion}{'' if kind == 'generated' else '_no_audio'}.mp4"
+          result.write(videos_folder / name)
+          if len(videos) == 1:
+            strip.append(("generated" if kind == "generated" else "no audio", result.frames))
+          rows[kind]["lip_sync"].append(lip_sync_score(
+              reader(result.frames, portrait, portrait_landmarks), envelope))
+          rows[kind]["emotion"].append(emotion_reader.accuracy(result.frames, portrait, emotion))
+          print(f"   {videos_folder / name}: {len(result.frames)} frames in {seconds:.1f} s")
+        truth = Result(frames=clip.frames, audio=clip.speech, fps=FPS, expressions=np.zeros((0,)),
+                       lip_latents=np.zeros((0,)), emotion=emotion)
+        truth.write(videos_folder / f"{speaker}_{emotion}_ground_truth.mp4")
+        if len(videos) == 1:
+          strip.append(("ground truth", clip.frames))
+          grid = write_frame_grid(workdir / "frames.png", strip)
+          print(f"   {grid}: {speaker} {emotion}, generated / no audio / ground truth, 8 frames "
+                "each")
+        rows["ground truth"]["lip_sync"].append(lip_sync_score(
+            reader(clip.frames, portrait, portrait_landmarks), envelope))
+        rows["ground truth"]["emotion"].append(emotion_reader.accuracy(clip.frames, portrait,
+                                                                       emotion))
+  return videos, rows, generation
 
 
 def run(workdir: str | Path = "demo_out", *, quick: bool = False, progress: bool = True) -> int:
@@ -390,7 +413,7 @@ def run(workdir: str | Path = "demo_out", *, quick: bool = False, progress: bool
   print(f"etalk demo{' --quick' if quick else ''}: EmotiveTalk end to end on synthetic talking "
         f"faces, CPU, nothing downloaded (output: {workdir})")
   # Measured on the 2-core dev machine (WORKSPACE.md); a finished stage is not run again.
-  print(f"   expect about {3 if quick else 8} minutes on 2 CPU cores (longer on a busy "
+  print(f"   expect about {3 if quick else 9} minutes on 2 CPU cores (longer on a busy "
         "machine); each stage prints its progress")
   # SIGTERM outside a stage's training (which saves its step and stops on its own) ends the demo
   # at once; every step writes atomically, so the same command resumes it either way.
@@ -408,8 +431,8 @@ def run(workdir: str | Path = "demo_out", *, quick: bool = False, progress: bool
         f"accuracy {emotion_reader.fit_accuracy:.3f}")
   with clock.phase("pipeline checkpoint"):
     pipe = assemble_pipeline(workdir, done["frozen"], config)
-  speaker, emotions, rows, generation = generate_held_out(
+  videos, rows, generation = generate_held_out(
       pipe, workdir, done["dataset"], config, done["readers"], clock, progress)
-  write_report(workdir, speaker, emotions, rows, generation, done["readers"], clock.phases,
+  write_report(workdir, videos, rows, generation, done["readers"], clock.phases,
                time.perf_counter() - clock.started)
   return 0

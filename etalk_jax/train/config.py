@@ -25,12 +25,13 @@ SHIPPED_CONFIGS = Path(configs.__file__).parent  # configs/*.py, installed with 
 # reference: the frame ETHD and Di-CTE are conditioned on, "keyframe" (a random one of the clip)
 # or "first" (the clip's first frame; data_pipeline.loader.LoaderConfig.reference).
 # cross_clip_reference: probability that the reference comes from another clip of the same
-# identity, in another emotion where there is one (LoaderConfig.cross_clip_reference; §3.11).
+# identity, in another emotion where there is one (LoaderConfig.cross_clip_reference; §3.11);
+# cross_clip_emotion: the emotion they come from when the identity has it ("": any other).
 # precomputed: a folder of `etalk precompute` over dataset_dir's clips; the projector, Di-CTE
 # and ETHD stages then read the frozen encoders' outputs from it instead of running them.
 DATA_DEFAULTS = dict(dataset_dir="", split="train", window=None, batch_size=None, seed=0,
                      num_workers=0, reference="keyframe", cross_clip_reference=0.0,
-                     precomputed="")
+                     cross_clip_emotion="", precomputed="")
 OPTIM_DEFAULTS = dict(
     name="adam", lr=None, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
     schedule="constant", warmup_steps=0, final_lr_fraction=0.0,  # or "cosine"

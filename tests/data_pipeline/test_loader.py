@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from data_pipeline import SAMPLES_PER_FRAME, faces, loader
+from data_pipeline import EMOTION_LABELS, SAMPLES_PER_FRAME, faces, loader
 from data_pipeline.builders import synthetic_talking_heads
 from data_pipeline.media import NORMALIZE_EPS
 
@@ -212,6 +212,35 @@ def test_cross_clip_draws_fall_back_to_the_own_clip_of_a_single_clip_identity():
   draws = lambda seed: [index.other_clip(np.random.default_rng(seed), "a_neutral")  # noqa: E731
                         for _ in range(8)]
   assert draws(3) == draws(3)
+
+
+def test_cross_clip_references_from_one_emotion_where_the_identity_has_it(dataset_dir):
+  """cross_clip_emotion "neutral": a window of any other emotion takes its reference from its
+  identity's neutral clip (the inference case: a neutral portrait); a neutral window, whose
+  identity has no other neutral clip, from another emotion."""
+  index = loader.ClipIndex(["a_neutral", "a_sad", "a_happy", "b_sad", "b_happy"],
+                           ["a", "a", "a", "b", "b"], [0, 5, 1, 5, 1])
+  rng = np.random.default_rng(0)
+  assert {index.other_clip(rng, "a_sad", 0) for _ in range(20)} == {0}
+  assert {index.other_clip(rng, "a_neutral", 0) for _ in range(20)} == {1, 2}
+  assert {index.other_clip(rng, "b_sad", 0) for _ in range(20)} == {4}  # no neutral clip
+  neutral = EMOTION_LABELS.index("neutral")
+  checked = 0
+  by_id = _records_by_id(dataset_dir)
+  batches = iter(loader.make_dataset(dataset_dir, "train", _config(
+      cross_clip_reference=1.0, cross_clip_emotion="neutral")))
+  for _ in range(3):
+    batch = next(batches)
+    for row in range(2):
+      window = by_id[str(batch["clip_id"][row])]
+      expected = {int(r["emotion"]) for r in by_id.values()
+                  if r["speaker"] == window["speaker"] and r["clip_id"] != window["clip_id"]}
+      if int(window["emotion"]) != neutral and neutral in expected:
+        assert batch["reference_emotion"][row] == neutral
+        checked += 1
+  assert checked  # the tiny set's speakers have a neutral clip beside the others
+  with pytest.raises(ValueError, match="not an emotion label"):
+    _config(cross_clip_emotion="calm")
 
 
 def test_frame_masks_follow_each_frames_own_landmarks(dataset_dir):

@@ -17,23 +17,25 @@ def test_quick_demo_trains_every_stage_generates_and_reports(tmp_path, capsys):
   workdir = tmp_path / "demo"
   assert cli.main(["demo", "--quick", "--workdir", str(workdir), "--no-progress"]) == 0
   out = capsys.readouterr().out
-  assert "lip-sync" in out and "no-audio baseline" in out
+  assert "lip sync" in out and "no audio" in out and "std over the videos" in out
   for stage in ("encoders", "projector", "dicte", "ethd", "ser"):
     assert (workdir / "runs" / stage / "export").is_dir(), stage
     assert (workdir / "runs" / stage / "metrics.jsonl").is_file(), stage
   report = json.loads((workdir / "report.json").read_text())
   kinds = ("generated", "ground truth", "no-audio baseline")
-  assert set(report) == {*kinds, "lip_sync_per_video", "sampling", "phases_seconds",
-                         "total_seconds", "mouth_reader_fit_correlation",
-                         "emotion_reader_fit_accuracy"}
+  assert set(report) == {*kinds, "videos", "sampling", "phases_seconds", "total_seconds",
+                         "mouth_reader_fit_correlation", "emotion_reader_fit_accuracy"}
+  # Two held-out identities x the two emotions: four videos, each scored for every kind.
+  assert len({video["speaker"] for video in report["videos"]}) == 2
+  assert sorted(video["emotion"] for video in report["videos"]) == ["angry"] * 2 + ["sad"] * 2
   for kind in kinds:
     for score in ("lip_sync", "emotion"):
-      assert np.isfinite(report[kind][score]), (kind, score)
+      per_video = [video[kind][score] for video in report["videos"]]
+      assert np.all(np.isfinite(per_video)), (kind, score)
+      # The headline score is the mean over the videos, with their spread beside it.
+      assert np.isclose(report[kind][score], np.mean(per_video)), (kind, score)
+      assert np.isclose(report[kind][f"{score}_std"], np.std(per_video)), (kind, score)
     assert 0 <= report[kind]["emotion"] <= 1, kind  # an accuracy
-    # The headline score is the mean of the per-video ones, one per generated emotion.
-    per_video = report["lip_sync_per_video"][kind]
-    assert sorted(per_video) == ["angry", "sad"], kind
-    assert np.isclose(report[kind]["lip_sync"], np.mean(list(per_video.values()))), kind
   for stage in ("encoders", "projector", "dicte", "ethd", "ser"):
     last = json.loads((workdir / "runs" / stage / "metrics.jsonl").read_text().splitlines()[-1])
     assert np.isfinite(last["loss"]), stage
@@ -41,12 +43,13 @@ def test_quick_demo_trains_every_stage_generates_and_reports(tmp_path, capsys):
   assert report["ground truth"]["lip_sync"] > 0.3
   assert report["sampling"]["frames_per_second"] > 0
   videos = sorted(p.name for p in (workdir / "videos").glob("*.mp4"))
-  assert videos == sorted(f"{e}{s}.mp4" for e in ("sad", "angry")
-                          for s in ("", "_no_audio", "_ground_truth"))
+  assert videos == sorted(f"{v['speaker']}_{v['emotion']}{suffix}.mp4" for v in report["videos"]
+                          for suffix in ("", "_no_audio", "_ground_truth"))
   # The frame strip: generated, no audio and ground truth, 8 frames of 64 px enlarged twice.
   assert Image.open(workdir / "frames.png").size == (110 + 8 * 128, 3 * 128)
   assert "try it in the browser: etalk app --checkpoint" in out
-  info = media.probe(workdir / "videos" / "sad.mp4")
+  first = report["videos"][0]
+  info = media.probe(workdir / "videos" / f"{first['speaker']}_{first['emotion']}.mp4")
   assert info.width == info.height == 64
   assert EmotiveTalkPipeline.load(workdir / "checkpoint").resolution == 64
 

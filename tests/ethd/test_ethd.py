@@ -295,6 +295,8 @@ def test_stage_lip_statistics_replace_an_inits_and_otherwise_stay(svd_and_ethd, 
     common.build_ethd(config, mesh, 8, 7, measured)
 
 
+# ~1 min (three gradient programs of the tiny ETHD): in CI's slow subset (Makefile).
+@pytest.mark.slow
 def test_rematerialisation_changes_no_gradient(svd_and_ethd):
   """Per-block and per-layer remat (and the activation constraints, which need a mesh and are
   no-ops without one) recompute the same gradients as keeping every activation."""

@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 HELPERS = Path(__file__).parents[1] / "helpers"
 
 
+# ~1 min of compiling in its subprocess: in CI's slow subset (Makefile), not `make test`.
+@pytest.mark.slow
 def test_one_step_on_data_x_fsdp_mesh_equals_one_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu", PYTHONPATH=str(HELPERS.parents[1]))

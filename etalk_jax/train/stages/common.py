@@ -81,6 +81,7 @@ def _loader_config(config, window: int | None = None, **switches):
       window=int(window or data.window), batch_size=int(data.batch_size),
       seed=int(data.seed), num_workers=int(data.num_workers), reference=str(data.reference),
       cross_clip_reference=float(data.cross_clip_reference),
+      cross_clip_emotion=str(data.get("cross_clip_emotion", "")),
       shard_index=jax.process_index(), shard_count=jax.process_count(), **switches)
 
 
