@@ -245,10 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
   commands = parser.add_subparsers(dest="command", required=True)
 
   demo = commands.add_parser("demo", help="train every stage on synthetic faces and generate "
-                                          "videos of a held-out identity (CPU, no downloads)")
+                                          "videos of held-out identities (CPU, no downloads)")
   demo.add_argument("--workdir", default="demo_out",
                     help="output folder: data, runs, checkpoint, videos, report.json "
-                         "(default demo_out; an existing one reuses finished stages)")
+                         "(default demo_out; an existing one made with the same demo "
+                         "configuration reuses finished stages, another is refused)")
   demo.add_argument("--quick", action="store_true", help="a short smoke run of the same path")
   demo.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
   demo.set_defaults(run=_demo)

@@ -53,8 +53,10 @@ from etalk_jax.demo.stages import CONFIG_FILES, STEPS, TRAINED_STAGES
 from etalk_jax.diffusion.sampling import SamplerConfig, WindowConfig
 from etalk_jax.emotion.codebook import Codebook, codebook_build_command
 from etalk_jax.emotion.ser import load_ser
+from etalk_jax.errors import UserError
 from etalk_jax.ethd.model import load_ethd, save_ethd
 from etalk_jax.pipeline import EmotiveTalkPipeline, Result, save_pipeline
+from etalk_jax.records import write_text_atomically
 from etalk_jax.train.config import load_config
 from etalk_jax.train.loop import train
 from etalk_jax.train.precompute import precompute_command
@@ -404,11 +406,35 @@ def generate_held_out(pipe: EmotiveTalkPipeline, workdir: Path, dataset_dir: str
   return videos, rows, generation
 
 
+CONFIG_RECORD = "demo_config.json"  # the configs/tiny.py variant a workdir was made with
+
+
+def check_workdir(workdir: Path, config) -> None:
+  """Records `config` in a new workdir; refuses one made with another configuration (or by a
+  version before the record existed): its finished stages would be reused as they are, trained
+  on other data or from other frozen models."""
+  record = workdir / CONFIG_RECORD
+  wanted = json.loads(config.to_json())
+  if record.exists():
+    if json.loads(record.read_text()) == wanted:
+      return
+    why = "another demo configuration"
+  elif any((workdir / name).exists() for name in ("runs", "frozen", "data")):
+    why = "an earlier version of `etalk demo`"
+  else:
+    write_text_atomically(record, json.dumps(wanted, indent=2) + "\n")
+    return
+  raise UserError(f"{workdir} was made by {why}; its finished stages would be reused as they "
+                  f"are. Remove the folder, or give another --workdir.")
+
+
 def run(workdir: str | Path = "demo_out", *, quick: bool = False, progress: bool = True) -> int:
-  """`etalk demo [--quick]` into `workdir` (an existing one reuses finished stages)."""
+  """`etalk demo [--quick]` into `workdir` (an existing one of the same configuration reuses
+  finished stages)."""
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   config = demo_config(quick)
+  check_workdir(workdir, config)
   clock = Clock()
   print(f"etalk demo{' --quick' if quick else ''}: EmotiveTalk end to end on synthetic talking "
         f"faces, CPU, nothing downloaded (output: {workdir})")

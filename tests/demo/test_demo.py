@@ -111,3 +111,26 @@ def test_an_interrupted_stage_stops_the_demo_with_the_resume_advice(tmp_path, mo
   assert cli.main(["demo", "--quick", "--workdir", str(tmp_path / "demo"), "--no-progress"]) == 130
   assert "interrupted (stage ethd stopped at step 3, saved); run the same command to resume" in (
       capsys.readouterr().out)
+
+
+def test_a_workdir_of_another_configuration_is_refused(tmp_path, capsys):
+  """A workdir records the configuration it was made with; one made with another (or by a
+  version before the record) is refused before anything runs: its finished stages would be
+  reused as they are."""
+  config = wiring.demo_config(quick=True)
+  same = tmp_path / "same"
+  same.mkdir()
+  wiring.check_workdir(same, config)
+  wiring.check_workdir(same, config)  # the same configuration: reused
+  assert (same / wiring.CONFIG_RECORD).is_file()
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / wiring.CONFIG_RECORD).write_text(json.dumps({"steps": {"ethd": 1}}))
+  older = tmp_path / "older"
+  (older / "runs").mkdir(parents=True)
+  for workdir, why in ((other, "another demo configuration"),
+                       (older, "an earlier version of `etalk demo`")):
+    assert cli.main(["demo", "--quick", "--workdir", str(workdir), "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert why in error and "Remove the folder, or give another --workdir" in error
+    assert not (workdir / "data").exists()
