@@ -181,8 +181,8 @@ class ClipIndex:
     i = self.position[clip_id]
     same_identity = self.speakers == self.speakers[i]
     same_identity[i] = False
-    candidates = np.flatnonzero(same_identity & (self.emotions == emotion)) if (
-        emotion is not None) else np.zeros(0, np.int64)
+    candidates = [] if emotion is None else np.flatnonzero(same_identity &
+                                                           (self.emotions == emotion))
     if not len(candidates):
       candidates = np.flatnonzero(same_identity & (self.emotions != self.emotions[i]))
     if not len(candidates):

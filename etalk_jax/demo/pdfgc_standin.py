@@ -24,9 +24,10 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from data_pipeline import EMOTION_LABELS, media
+from data_pipeline import EMOTION_LABELS
 from data_pipeline.loader import data_source
 from etalk_jax import parallel
+from etalk_jax.demo.report import clip_from_record
 from etalk_jax.vision.alignment import pdfgc_inputs
 from etalk_jax.vision.params import save_pdfgc
 from etalk_jax.vision.pdfgc import PDFGC_SMALL, PDFGCEncoder
@@ -60,15 +61,15 @@ def training_frames(dataset_dir: str, every: int = 2, chunk: int = 256
   images, mouth, emotion, eye, pose = [], [], [], [], []
   for index in range(len(source)):
     record = source[index]
-    frames = media.decode_frames(record["video"])[::every]
-    landmarks = np.asarray(record["landmarks"], np.float32)[::every] * frames.shape[1]
+    clip = clip_from_record(record)
+    frames, landmarks = clip.frames[::every], clip.landmarks_px[::every]
     for start in range(0, len(frames), chunk):
       images.append(np.asarray(align(frames[start:start + chunk],
                                      landmarks[start:start + chunk]), np.float16))
-    mouth.append(np.asarray(record["mouth_open"], np.float32)[::every])
+    mouth.append(clip.mouth_open[::every])
     eye.append(np.asarray(record["eye_open"], np.float32)[::every])
     pose.append(np.asarray(record["pose"], np.float32)[::every])
-    emotion.append(np.full(len(frames), int(record["emotion"]), np.int32))
+    emotion.append(np.full(len(frames), EMOTION_LABELS.index(clip.emotion), np.int32))
   return {"images": np.concatenate(images), "mouth": np.concatenate(mouth),
           "emotion": np.concatenate(emotion), "eye": np.concatenate(eye),
           "pose": np.concatenate(pose)}
@@ -138,8 +139,9 @@ def pretrain_pdfgc(dataset_dir: str, folder: Path, *, steps: int, batch_size: in
     pick = rng.integers(0, count, batch_size)
     terms = step(model, optimizer, data["images"][pick],
                  {name: value[pick] for name, value in targets.items()}, keys[index])
-    bar.set_postfix(mouth=f"{float(terms['mouth']):.3f}",
-                    emotion_acc=f"{float(terms['emotion_accuracy']):.2f}")
+    if progress and index % 25 == 0:  # reading the loss waits for the step: not every step
+      bar.set_postfix(mouth=f"{float(terms['mouth']):.3f}",
+                      emotion_acc=f"{float(terms['emotion_accuracy']):.2f}")
   model.eval()
   save_pdfgc(model.encoder, folder)
   if not steps:
