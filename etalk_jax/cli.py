@@ -28,6 +28,10 @@ shapes, or a resumed `etalk train`, loads its programs instead of compiling them
 A user error (`etalk_jax.errors.UserError`: bad file, mismatched checkpoint, wrong argument, a
 missing optional dependency) prints one message and exits 2 (with --verbose, its traceback too);
 anything else is a bug and keeps its traceback.
+
+The `etalk` command (`entry`) keeps XLA's "Very slow compile?" alarms off the terminal
+(`etalk_jax.native_log`; XLA_FLAGS=--xla_dump_to=DIR shows them again); `main` alone, as the tests
+call it, leaves stderr as it is.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from pathlib import Path
 
 import jax
 
+from etalk_jax import native_log
 from etalk_jax.errors import UserError
 from etalk_jax.layers.compute import ATTENTION_IMPLEMENTATIONS
 
@@ -478,5 +483,11 @@ def main(argv: list[str] | None = None) -> int:
     return 130
 
 
-if __name__ == "__main__":
+def entry() -> None:
+  """The `etalk` console script: `main` with XLA's slow-operation alarms filtered from stderr."""
+  native_log.hide_slow_operation_alarms()
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  entry()

@@ -33,7 +33,13 @@ Faults (tests/train/test_faults.py):
     the failed step never gets its final name, so the previous complete step stays the latest
     (its partial temporary folder is never read, and is replaced when that step is saved again);
   - a step past `max_to_keep` is renamed into `.deleted/` before it is removed, so a kill during
-    the removal never leaves a half-deleted step under its final name.
+    the removal never leaves a half-deleted step under its final name;
+  - a full disk's message is all the user reads (`quiet_reported_failures`): Orbax's threads log
+    the failure they hit with its traceback (the manager raises it again in the main thread,
+    where it becomes the message), and tensorstore's writes that finish after Orbax closed its
+    event loop report "Event loop is closed" as unraisable exceptions. Orbax's records wait until
+    the save's outcome is known and are dropped only when it is our message; the unraisable hook
+    drops only those closed-loop callbacks.
 
 `StopRequest` turns SIGTERM (a preemption notice, `kill`, Ctrl-C with SIGINT) into a flag the loop
 checks each step: it then saves the current step, waits for the save and exits cleanly.
@@ -41,12 +47,15 @@ checks each step: it then saves the current step, waits for the save and exits c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
+import logging
 import re
 import shutil
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -105,6 +114,91 @@ def _is_damaged(error: BaseException) -> bool:
   holds something else than this run expects)."""
   return any(isinstance(e, (FileNotFoundError, json.JSONDecodeError))
              or DAMAGED_TEXT.search(str(e)) for e in _chain(error))
+
+
+class _SaveFailureLog(logging.Filter):
+  """Orbax's log records that carry an exception (its logger is absl's) wait here until the main
+  thread learns how the save went (`outcome`): a failure this module reports as a UserError (a
+  full disk) drops them, with every later one of that save (the threads it stopped log theirs
+  too); any other failure passes them on, in order, as does `close` any left. So a full disk is
+  one message, and a failure we do not translate keeps every line Orbax logged about it."""
+
+  def __init__(self):
+    super().__init__()
+    self._lock = threading.Lock()
+    self._held: list[logging.LogRecord] = []
+    self._reported = False
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if getattr(record, "etalk_released", False) or not record.exc_info:
+      return True
+    if "orbax" not in record.pathname.replace("\\", "/").split("/"):
+      return True
+    with self._lock:
+      if not self._reported:
+        self._held.append(record)
+    return False
+
+  def start(self) -> None:
+    """A new checkpointer: nothing is reported yet."""
+    with self._lock:
+      self._reported = False
+
+  @contextlib.contextmanager
+  def outcome(self, reported):
+    """Around a save or a wait: when it raises, `reported(error)` says whether the error becomes
+    our message (the held records go) or not (they pass on). When it returns, they stay held:
+    a background failure is raised by a later save or wait, not by the call that started it."""
+    try:
+      yield
+    except BaseException as error:
+      if reported(error):
+        with self._lock:
+          self._reported = True
+          self._held.clear()
+      else:
+        self.release()
+      raise
+
+  def release(self) -> None:
+    """Passes the held records on (a failure that no save or wait raised: none is expected)."""
+    with self._lock:
+      held, self._held = self._held, []
+    for record in held:
+      record.etalk_released = True
+      logging.getLogger(record.name).handle(record)
+
+
+def _is_closed_loop_callback(unraisable) -> bool:
+  """A tensorstore write finishing after Orbax closed the event loop of the save that failed:
+  asyncio's `call_soon_threadsafe` raising "Event loop is closed" from `_check_closed`."""
+  error, traceback = unraisable.exc_value, unraisable.exc_traceback
+  if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+    return False
+  while traceback is not None and traceback.tb_next is not None:
+    traceback = traceback.tb_next
+  return traceback is not None and traceback.tb_frame.f_code.co_name == "_check_closed"
+
+
+_SAVE_FAILURE_LOG = _SaveFailureLog()
+_QUIET = {"installed": False}
+
+
+def quiet_reported_failures() -> _SaveFailureLog:
+  """Keeps the noise of a save that fails with our message off stderr (see the module
+  docstring): installs `_SAVE_FAILURE_LOG` on absl's logger and an unraisable hook that drops
+  only the closed-loop callbacks, once per process."""
+  if not _QUIET["installed"]:
+    _QUIET["installed"] = True
+    logging.getLogger("absl").addFilter(_SAVE_FAILURE_LOG)
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+      if not _is_closed_loop_callback(unraisable):
+        previous_hook(unraisable)
+
+    sys.unraisablehook = hook
+  return _SAVE_FAILURE_LOG
 
 
 def _named_file(error: BaseException, folder: Path) -> Path:
@@ -216,6 +310,8 @@ class TrainCheckpointer:
                      "rng": _array_handler(), "data": _grain_handler(),
                      "meta": ocp.JsonCheckpointHandler()})
     self._saving: int | None = None  # the step whose background write may still be running
+    self._save_log = quiet_reported_failures()
+    self._save_log.start()
     self._empty_trash()
 
   def _empty_trash(self) -> None:
@@ -258,7 +354,8 @@ class TrainCheckpointer:
     """Runs `action()`; a full disk becomes a UserError naming the folder (other errors, bugs
     included, stay as they are)."""
     try:
-      return action()
+      with self._save_log.outcome(is_disk_full):
+        return action()
     except Exception as error:
       if is_disk_full(error):
         raise self._disk_full(error, step) from error
@@ -393,6 +490,7 @@ class TrainCheckpointer:
       self._empty_trash()
     finally:
       self._manager.close()
+      self._save_log.release()
 
 
 def _differences(item: str, saved: dict[str, Any], live: dict[str, Any]) -> list[str]:

@@ -24,8 +24,8 @@ Faults, each armed at the STEP-th step this process runs (`featurize` calls, cou
 A process whose kill is armed never exits by itself: it waits for the kill after its work.
 Prints `batch N <ids>` per step and `save N` once a save has started (so every earlier one is
 complete), flushed. A UserError prints one
-line, `error: ...`, and exits 2, as `etalk` does (on stdout, unlike etalk: on stderr Orbax's
-threads may log into the middle of it); anything else keeps its traceback.
+line, `error: ...`, and exits 2, as `etalk` does (on stdout, unlike etalk, so that the tests can
+also check that stderr holds no traceback); anything else keeps its traceback.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 exit, SIGKILL mid-save -> resume from the last complete step. The loop is
 tests/helpers/train_checkpoint_script.py."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.builders import synthetic_talking_heads
-from etalk_jax.train.checkpoint import StopRequest, TrainCheckpointer
+from etalk_jax.train.checkpoint import StopRequest, TrainCheckpointer, _SaveFailureLog, is_disk_full
 from tests.helpers import train_checkpoint_script as script
 
 SCRIPT = Path(__file__).parents[1] / "helpers" / "train_checkpoint_script.py"
@@ -145,3 +146,43 @@ def test_sigkill_during_async_save_resumes_from_last_complete_step(dataset_dir, 
   resumed = script.train(dataset_dir, str(tmp_path), 8)
   _assert_continues(straight_run, resumed, 2)
   _assert_same_params(resumed["params"], straight_run["params"])
+
+
+class _Collect(logging.Handler):
+  def __init__(self):
+    super().__init__()
+    self.messages = []
+
+  def emit(self, record):
+    self.messages.append(record.getMessage())
+
+
+def _orbax_record(logger: logging.Logger, message: str, error: BaseException):
+  """A record as Orbax's threads log it: from an orbax source file, with the exception."""
+  record = logger.makeRecord(logger.name, logging.ERROR,
+                             "/venv/site-packages/orbax/checkpoint/_src/futures/future.py", 1,
+                             message, (), (type(error), error, None))
+  logger.handle(record)
+
+
+@pytest.mark.parametrize("raised, expected", [
+    (OSError(28, "No space left on device"), []),  # our message: Orbax's lines go
+    (RuntimeError("a bug"), ["thread failed", "later line"]),  # not ours: every line stays
+])
+def test_save_failure_log_holds_orbax_lines_until_the_outcome(raised, expected):
+  logger = logging.getLogger(f"test_save_failure_log.{type(raised).__name__}")
+  logger.propagate = False
+  collect = _Collect()
+  logger.addHandler(collect)
+  save_log = _SaveFailureLog()
+  logger.addFilter(save_log)
+  logger.error("a line without an exception passes at once")
+  _orbax_record(logger, "thread failed", raised)
+  with save_log.outcome(is_disk_full):
+    pass  # the call that started the save returns: its failure comes later
+  assert collect.messages == ["a line without an exception passes at once"]
+  with pytest.raises(type(raised)), save_log.outcome(is_disk_full):
+    raise raised
+  _orbax_record(logger, "later line", raised)
+  save_log.release()  # what close() does
+  assert collect.messages[1:] == expected
