@@ -21,7 +21,7 @@ demo: setup
 	$(VENV)/bin/etalk demo
 
 test: setup
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --durations=15
 
 # The slow tests CI runs after `make test` (within ~8 min on 2 cores): the device check's CPU dry
 # run, the full-size TPU export, the V-AID joint stage, V-AID learning (projector and Di-CTE), the

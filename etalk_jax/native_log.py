@@ -13,6 +13,7 @@ Python tracebacks and `faulthandler` dumps never pass the pipe, so a crash loses
 from __future__ import annotations
 
 import atexit
+import contextlib
 import faulthandler
 import os
 import re
@@ -54,18 +55,31 @@ class AlarmFilter:
     return True
 
 
+def _write_all(fd: int, data: bytes) -> None:
+  while data:
+    data = data[os.write(fd, data):]
+
+
 def _forward(read_fd: int, terminal_fd: int) -> None:
+  """Copies the pipe to the terminal through the filter until every writer has closed it. A
+  terminal that went away (a closed pipe after `| head`) stops the copying, not the draining:
+  a full pipe would block every native write of the process."""
   alarm_filter = AlarmFilter()
+  writable = True
   with os.fdopen(read_fd, "rb", buffering=0) as pipe:
     pending = b""
     while chunk := pipe.read(65536):
       pending += chunk
       *lines, pending = pending.split(b"\n")
-      for line in lines:
-        if alarm_filter.keep(line):
-          os.write(terminal_fd, line + b"\n")
-    if pending and alarm_filter.keep(pending):
-      os.write(terminal_fd, pending)
+      kept = b"".join(line + b"\n" for line in lines if alarm_filter.keep(line))
+      if writable and kept:
+        try:
+          _write_all(terminal_fd, kept)
+        except OSError:
+          writable = False
+    if writable and pending and alarm_filter.keep(pending):
+      with contextlib.suppress(OSError):
+        _write_all(terminal_fd, pending)
 
 
 def hide_slow_operation_alarms() -> bool:

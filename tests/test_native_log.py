@@ -73,3 +73,21 @@ def test_a_user_dumping_xla_sees_the_banner():
   assert "installed False" in result.stdout
   assert "Very slow compile" in result.stderr
   assert "RuntimeError" in result.stderr
+
+
+def test_a_terminal_that_went_away_does_not_block_native_writes():
+  # 256 KiB of native writes with nobody reading stderr any more (`etalk ... 2>&1 | head`): the
+  # forwarder keeps draining its pipe, so the writes, and the process, finish.
+  script = textwrap.dedent("""\
+      import os
+      from etalk_jax import native_log
+      native_log.hide_slow_operation_alarms()
+      for _ in range(4096):
+        os.write(2, b"x" * 63 + b"\\n")
+      print("done", flush=True)
+      """)
+  process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+  process.stderr.close()
+  out, _ = process.communicate(timeout=60)
+  assert process.returncode == 0 and out == b"done\n"
