@@ -23,12 +23,13 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -n 2 --durations=15
 
-# The slow tests CI runs after `make test` (within ~8 min on 2 cores): the device check's CPU dry
+# The slow tests CI runs after `make test` (within ~10 min on 2 cores): the device check's CPU dry
 # run, the full-size TPU export, the V-AID joint stage, V-AID learning (projector and Di-CTE), the
 # ETHD objective under jit, the loader's worker processes, the MEAD layout and the wheel (configs
 # ship, the demo loads them outside the source tree), `etalk app` in headless Chromium, the
 # evaluation networks at full size, 20 seeded SIGKILL trials of training, one training step on
-# a data x FSDP mesh of 8 simulated devices, ETHD's gradients under remat. Left to `make
+# a data x FSDP mesh of 8 simulated devices, ETHD's gradients under remat, `etalk demo --quick`
+# end to end (the README's main job at smoke size). Left to `make
 # test-all`: the ETHD overfit (its smoke version runs in `make test`) and the 500-frame Di-CTE
 # generation (over 6 min of CPU alone). -m slow picks the slow tests of the files listed;
 # loadfile keeps a file on one worker, so its module fixtures are built once.
@@ -46,7 +47,8 @@ SLOW_SUBSET := \
   tests/evaluation \
   tests/train/test_faults.py::test_sigkill_20_seeded_trials \
   tests/parallel/test_step.py \
-  tests/ethd/test_ethd.py::test_rematerialisation_changes_no_gradient
+  tests/ethd/test_ethd.py::test_rematerialisation_changes_no_gradient \
+  tests/demo/test_demo.py::test_quick_demo_trains_every_stage_generates_and_reports
 
 test-slow-subset: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile -m slow $(SLOW_SUBSET)

@@ -13,6 +13,9 @@ from etalk_jax.demo import report as demo_report, stages, wiring
 from etalk_jax.pipeline import EmotiveTalkPipeline
 
 
+# 270 s on a cold compilation cache (stop 29's CI), a fifth of `make test`'s time on 2 cores:
+# CI runs it in the slow subset (Makefile's SLOW_SUBSET).
+@pytest.mark.slow
 def test_quick_demo_trains_every_stage_generates_and_reports(tmp_path, capsys):
   workdir = tmp_path / "demo"
   assert cli.main(["demo", "--quick", "--workdir", str(workdir), "--no-progress"]) == 0
