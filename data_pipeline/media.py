@@ -111,7 +111,11 @@ def iter_video_frames(path: str | os.PathLike, fps: int = FPS) -> Iterator[np.nd
     if not container.streams.video:
       raise MediaError(f"{path}: no video stream")
     stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
+    # Slice threads only: with frame threads ("AUTO" / "FRAME"), a decoder freed before the
+    # stream's end (a caller that stops early or raises mid-video) can hang forever in
+    # avcodec_free_context once torch is imported (PyAV-Org/PyAV#1849, #1861; seen in
+    # check_driving_video's two-frame probe).
+    stream.thread_type = "SLICE"
     start = None
     previous = None  # (time, frame) of the last decoded source frame
     next_index = 0
