@@ -47,7 +47,6 @@ checks each step: it then saves the current step, waits for the save and exits c
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import json
@@ -118,10 +117,11 @@ def _is_damaged(error: BaseException) -> bool:
 
 class _SaveFailureLog(logging.Filter):
   """Orbax's log records that carry an exception (its logger is absl's) wait here until the main
-  thread learns how the save went (`outcome`): a failure this module reports as a UserError (a
-  full disk) drops them, with every later one of that save (the threads it stopped log theirs
-  too); any other failure passes them on, in order, as does `close` any left. So a full disk is
-  one message, and a failure we do not translate keeps every line Orbax logged about it."""
+  thread learns how the save went (`TrainCheckpointer._translated`): a failure this module
+  reports as a UserError (a full disk) drops them, with every later one of that save (the
+  threads it stopped log theirs too); any other failure passes them on, in order, as does
+  `close` any left. So a full disk is one message, and a failure we do not translate keeps
+  every line Orbax logged about it."""
 
   def __init__(self):
     super().__init__()
@@ -144,24 +144,16 @@ class _SaveFailureLog(logging.Filter):
     with self._lock:
       self._reported = False
 
-  @contextlib.contextmanager
-  def outcome(self, reported):
-    """Around a save or a wait: when it raises, `reported(error)` says whether the error becomes
-    our message (the held records go) or not (they pass on). When it returns, they stay held:
-    a background failure is raised by a later save or wait, not by the call that started it."""
-    try:
-      yield
-    except BaseException as error:
-      if reported(error):
-        with self._lock:
-          self._reported = True
-          self._held.clear()
-      else:
-        self.release()
-      raise
+  def drop(self) -> None:
+    """The save failed with our message: its held records go, and every later one of it."""
+    with self._lock:
+      self._reported = True
+      self._held.clear()
 
   def release(self) -> None:
-    """Passes the held records on (a failure that no save or wait raised: none is expected)."""
+    """Passes the held records on: a failure that is not our message, or (from `close`) one
+    that no save or wait raised. A background failure is raised by a later save or wait than
+    the one that started it, so a call that returns keeps them held."""
     with self._lock:
       held, self._held = self._held, []
     for record in held:
@@ -181,16 +173,14 @@ def _is_closed_loop_callback(unraisable) -> bool:
 
 
 _SAVE_FAILURE_LOG = _SaveFailureLog()
-_QUIET = {"installed": False}
-
 
 def quiet_reported_failures() -> _SaveFailureLog:
   """Keeps the noise of a save that fails with our message off stderr (see the module
   docstring): installs `_SAVE_FAILURE_LOG` on absl's logger and an unraisable hook that drops
   only the closed-loop callbacks, once per process."""
-  if not _QUIET["installed"]:
-    _QUIET["installed"] = True
-    logging.getLogger("absl").addFilter(_SAVE_FAILURE_LOG)
+  absl_logger = logging.getLogger("absl")
+  if _SAVE_FAILURE_LOG not in absl_logger.filters:
+    absl_logger.addFilter(_SAVE_FAILURE_LOG)
     previous_hook = sys.unraisablehook
 
     def hook(unraisable) -> None:
@@ -354,11 +344,12 @@ class TrainCheckpointer:
     """Runs `action()`; a full disk becomes a UserError naming the folder (other errors, bugs
     included, stay as they are)."""
     try:
-      with self._save_log.outcome(is_disk_full):
-        return action()
+      return action()
     except Exception as error:
       if is_disk_full(error):
+        self._save_log.drop()
         raise self._disk_full(error, step) from error
+      self._save_log.release()
       raise
 
   def save(self, step: int, *, model: nnx.Module, optimizer: nnx.Optimizer, iterator,
