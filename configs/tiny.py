@@ -51,22 +51,32 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   config.wav2vec2 = TINY_WAV2VEC2
   config.wavlm = TINY_WAV2VEC2
   config.audio_features = AUDIO_FEATURES
-  # Steps per stage (configs/<stage>.py:tiny gives the rest). 200 encoder / 250 ETHD steps (from
-  # 250 / 300) brought the demo under 15 min on a 2-core machine of stop 15's speed. pdfgc: the
-  # PD-FGC stand-in's pretraining (etalk_jax/demo/pdfgc_standin.py), batches of 64, ~90 s.
+  # Steps per stage (configs/<stage>.py:tiny gives the rest). pdfgc: the PD-FGC stand-in's
+  # pretraining (etalk_jax/demo/pdfgc_standin.py), batches of 64, ~90 s. ETHD: 1000 steps (~7 min
+  # here) of the emotion-teaching schedule below; at 250 it renders no emotion, at 2000 (double
+  # the demo's time) emotion accuracy 0.50 (docs/notes/2026-12-06-demo-emotion-high-sigma.md).
   config.steps = dict(pdfgc=2, encoders=2, projector=2, dicte=2, ethd=2, ser=2) if quick else dict(
-      pdfgc=400, encoders=200, projector=300, dicte=300, ethd=250, ser=200)
+      pdfgc=400, encoders=200, projector=300, dicte=300, ethd=1000, ser=200)
   config.video_window = 8  # frames per training window and per sampling window
   # Every stage's reference is its clip's first frame, as the demo's portrait is: the speech has
   # not started, the mouth is shut ("keyframe": a random frame of the clip, open or shut).
   config.reference_frame = "first"
-  # The ETHD stage's probability of a reference from another clip of the identity (another
-  # emotion): configs/ethd_512.py trains with 0.5 so that EDI sees emotion changes. Here 0.5 left
-  # the emotion accuracy at 0.000 after 250 and 1000 ETHD steps (even driven by the ground
-  # truth's own e_v) and cost lip sync: 0.141 +- 0.129 against 0.364 +- 0.018 with 0.
-  config.cross_clip_reference = 0.0
-  # Where cross-clip references come from when the identity has that emotion ("": any other).
-  config.cross_clip_emotion = ""
+  # The ETHD stage's references all come from the identity's neutral clip (the demo's portrait is
+  # a neutral frame), so that every window teaches EDI an emotion change: with same-clip ones the
+  # reference already shows the emotion and the target (latent minus reference) holds none.
+  config.cross_clip_reference = 1.0
+  # Where cross-clip references come from ("": any other emotion); the neutral clip's windows take
+  # another emotion's (the change back to neutral).
+  config.cross_clip_emotion = "neutral"
+  # The ETHD stage's training, as the probes of docs/notes/2026-12-06-demo-emotion-high-sigma.md
+  # found it learns the emotion: noise levels near sigma 55 only (ln sigma ~ N(4, 0.3^2)), where
+  # the noisy input tells nothing and only the conditions say what the face does (below sigma ~8
+  # ETHD reads the emotion off the noisy input, so those samples teach no conditioning; the low
+  # levels stay as the encoder stage's renderer learnt them); ground-truth expressions only
+  # (Di-CTE's e_a are not read, so Di-CTE trains beside it); lip weight 5 (20 let the mouth
+  # crowd the face out of the loss).
+  config.ethd_training = dict(p_mean=4.0, p_std=0.3, lip_weight=5.0, expression_from_truth=1.0,
+                              lr=1e-3, batch_size=2)
   # Batches on which the encoder and ETHD stages measure their lip stream's statistics (ETHD
   # standardises l_v / l_a with them: their variation over time is ~5% of their size).
   config.lip_statistics_batches = 2 if quick else 16

@@ -228,7 +228,19 @@ def stage_configs(workdir: Path, dataset_dir: str, frozen: dict[str, Path], conf
     stage_config.codec = codec
     _demo_ethd(stage_config, config, target_scale)
   ethd.vaid.projector = str(exports["projector"])
-  ethd.vaid.dicte = str(exports["dicte"])
+  # The demo's ETHD trains on ground-truth expressions only (configs/tiny.py: `ethd_training`),
+  # so it reads no Di-CTE, and trains while Di-CTE does (stages.py).
+  training = dict(config.ethd_training)
+  if float(training["expression_from_truth"]) < 1:
+    raise ValueError("configs/tiny.py: ethd_training.expression_from_truth must be 1 (the demo's "
+                     "ETHD stage runs beside Di-CTE's, before its export exists)")
+  ethd.vaid.dicte = ""
+  ethd.expression_from_truth = 1.0
+  ethd.lip_weight = float(training["lip_weight"])
+  ethd.sigma.p_mean = float(training["p_mean"])
+  ethd.sigma.p_std = float(training["p_std"])
+  ethd.optim.lr = float(training["lr"])
+  ethd.data.batch_size = int(training["batch_size"])
   # The trained encoders' outputs for every training clip, written once after the encoder stage
   # (`precompute_features`): these stages would otherwise re-encode each window they draw.
   for stage_config in (projector, dicte, ethd):

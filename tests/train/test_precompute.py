@@ -196,6 +196,13 @@ def test_ethd_stage_reads_precomputed_batches_like_pixel_ones(precomputed, monke
   np.testing.assert_allclose(mean, pixel_mean, rtol=2e-2, atol=5e-2)
   assert np.all((std > 0.3 * pixel_std) & (std < 3 * pixel_std))
 
+  # Trained on ground-truth expressions only (as `etalk demo` trains ETHD), the stage reads no
+  # Di-CTE: none named, and the ground truth stands where its e_a would.
+  config.expression_from_truth, config.vaid.dicte = 1.0, ""
+  truth_only = ethd.make_task(config, mesh).featurize(next(task.batches), key)
+  assert set(truth_only) == set(batch)
+  np.testing.assert_array_equal(truth_only["predicted_expression"], truth_only["expression"])
+
   config.encoders.vision = str(precomputed["wav2vec2"])
   with pytest.raises(ValueError, match="precomputed with other encoders"):
     ethd.make_task(config, mesh)

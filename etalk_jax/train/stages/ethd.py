@@ -12,7 +12,8 @@ precompute`, checked against the encoders the config names) the latents, e_v, e_
 precomputed and only the projector and Di-CTE run. Loss (`ethd.objective.audio_driven_loss`):
 SVD's EDM objective (log-normal sigma, v-prediction, EDM weighting, optional extra weight inside
 the lip mask) on ETHD driven by l_a and the ground-truth expression with probability
-`expression_from_truth` (the paper's 0.6), else Di-CTE's; the lip weight inside each frame's own
+`expression_from_truth` (the paper's 0.6), else Di-CTE's (at 1 Di-CTE is not loaded:
+`config.vaid.dicte` may be empty); the lip weight inside each frame's own
 lip mask (its landmarks', not the reference's, which may be another clip's:
 `config.data.cross_clip_reference`); lip, expression and reference conditions dropped with
 `condition_dropout` each (for optional classifier-free guidance). Export: ETHD in our format
@@ -61,9 +62,12 @@ def make_task(config, mesh) -> Task:
     batches = common.loader_iterator(config, frame_masks=frame_masks)
     held_out = lambda: common.loader_iterator(common.held_out_config(config),
                                               frame_masks=frame_masks)
+  truth_probability = float(config.expression_from_truth)
   projector = load_projector(config.vaid.projector)
-  dicte = load_dicte(config.vaid.dicte)
-  dicte_steps = int(config.vaid.dicte_steps) or dicte.config.sample_steps
+  # Trained on ground-truth expressions only (expression_from_truth 1, as `etalk demo` trains),
+  # the stage never reads Di-CTE's e_a: it neither loads nor samples Di-CTE.
+  dicte = load_dicte(config.vaid.dicte) if truth_probability < 1 else None
+  dicte_steps = (int(config.vaid.dicte_steps) or dicte.config.sample_steps) if dicte else 0
   project = nnx.jit(lambda projector, audio_windows: projector(audio_windows))
   # ETHD reads l_a here (l_v in the encoder stage): standardised with l_a's own statistics.
   lip_stats = common.measure_lip_statistics(
@@ -80,16 +84,19 @@ def make_task(config, mesh) -> Task:
   if not precomputed or dict(config.codec).get("kind") == "vae":
     codec, encode = common.latent_codec(config)
     encode_reference = common.reference_encoder(codec, target.noise_aug_strength)
-  truth_probability = float(config.expression_from_truth)
   dropout = float(config.condition_dropout)
   sigma = {name: float(value) for name, value in dict(config.sigma).items()}
 
   def conditions(batch, audio_windows, reference_image, reference_expression, **features):
-    """The frozen V-AID models' part: l_a from A_w, Di-CTE's e_a for the window."""
-    condition = common.dicte_condition(np.asarray(features["expression"]),
-                                       np.asarray(reference_expression), batch["cross_clip"])
-    predicted = generate_expressions(dicte, _window_key(batch), audio_windows, reference_image,
-                                     condition, sample_steps=dicte_steps)
+    """The frozen V-AID models' part: l_a from A_w, Di-CTE's e_a for the window (without
+    Di-CTE, the ground-truth e_v in its place: the loss then never picks it)."""
+    if dicte is None:
+      predicted = features["expression"]
+    else:
+      condition = common.dicte_condition(np.asarray(features["expression"]),
+                                         np.asarray(reference_expression), batch["cross_clip"])
+      predicted = generate_expressions(dicte, _window_key(batch), audio_windows, reference_image,
+                                       condition, sample_steps=dicte_steps)
     height, width = np.shape(features["latents"])[2:4]
     lip_mask = (common.masks_on_grid(batch["frame_lip_mask"], height, width) if frame_masks else
                 common.masks_on_grid(batch["lip_mask"], height, width)[:, None])
