@@ -6,16 +6,18 @@ talking faces, then videos of two held-out identities saying held-out speech in 
 
 Goals (issue 22): over the 4 videos, generated lip sync (correlation of the mouth opening read
 from the frames with the speech envelope) >= 0.35 with the no-audio baseline's mean within
-+-0.1 of 0; emotion accuracy >= 0.5 (chance 0.125). Measured on stop 28's 2-core machine, every
-stage from scratch, this config: lip sync 0.364 +- 0.018 generated against -0.019 +- 0.047
-without the audio (ground truth 0.725); emotion accuracy 0.000 (ground truth 0.775); about 9 min.
++-0.1 of 0; emotion accuracy >= 0.5 (chance 0.125). Measured on stop 30's 2-core machine, every
+stage from scratch, this config: lip sync 0.641 +- 0.071 generated against 0.021 +- 0.057
+without the audio (ground truth 0.725); emotion accuracy 0.455 +- 0.363 (sad 0.72 / 0.89,
+angry 0.00 / 0.21; ground truth 0.775); 15.6 min with XLA's compilation cache warm.
 What the lip sync needed, besides what made the toy ETHD read its lip tokens at all
 (docs/notes/2026-12-01-demo-reads-lip-tokens.md: first-frame references, standardised l_a,
 utterance-normalised speech, faces at 1.5x): a PD-FGC that encodes the mouth. The random tiny
 one did not (its adapted l_v followed the mouth at r = 0.22 on held-out identities), so every
 later stage learnt from noise (lip sync -0.061 against -0.033); the demo now pretrains it first
 (`pdfgc` steps, etalk_jax/demo/pdfgc_standin.py: r = 0.95). docs/notes/2026-12-06-demo-chain.md
-has each link's figures and why emotion is not rendered yet. The stage configs are
+has each link's figures; docs/notes/2026-12-06-demo-emotion-high-sigma.md how ETHD came to
+render the emotion (training at high noise only, every reference neutral). The stage configs are
 configs/<stage>.py:tiny with the overrides below.
 """
 

@@ -451,7 +451,7 @@ def run(workdir: str | Path = "demo_out", *, quick: bool = False, progress: bool
   print(f"etalk demo{' --quick' if quick else ''}: EmotiveTalk end to end on synthetic talking "
         f"faces, CPU, nothing downloaded (output: {workdir})")
   # Measured on the 2-core dev machine (WORKSPACE.md); a finished stage is not run again.
-  print(f"   expect about {3 if quick else 9} minutes on 2 CPU cores (longer on a busy "
+  print(f"   expect about {3 if quick else 15} minutes on 2 CPU cores (longer on a busy "
         "machine); each stage prints its progress")
   # SIGTERM outside a stage's training (which saves its step and stops on its own) ends the demo
   # at once; every step writes atomically, so the same command resumes it either way.
