@@ -9,7 +9,8 @@ from the frames with the speech envelope) >= 0.35 with the no-audio baseline's m
 +-0.1 of 0; emotion accuracy >= 0.5 (chance 0.125). Measured on stop 30's 2-core machine, every
 stage from scratch, this config: lip sync 0.641 +- 0.071 generated against 0.021 +- 0.057
 without the audio (ground truth 0.725); emotion accuracy 0.455 +- 0.363 (sad 0.72 / 0.89,
-angry 0.00 / 0.21; ground truth 0.775); 15.6 min with XLA's compilation cache warm.
+angry 0.00 / 0.21; ground truth 0.775); 15.6 min with XLA's compilation cache warm, 15.7
+with it empty.
 What the lip sync needed, besides what made the toy ETHD read its lip tokens at all
 (docs/notes/2026-12-01-demo-reads-lip-tokens.md: first-frame references, standardised l_a,
 utterance-normalised speech, faces at 1.5x): a PD-FGC that encodes the mouth. The random tiny
