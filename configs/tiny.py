@@ -75,11 +75,10 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   # found it learns the emotion: noise levels near sigma 55 only (ln sigma ~ N(4, 0.3^2)), where
   # the noisy input tells nothing and only the conditions say what the face does (below sigma ~8
   # ETHD reads the emotion off the noisy input, so those samples teach no conditioning; the low
-  # levels stay as the encoder stage's renderer learnt them); ground-truth expressions only
-  # (Di-CTE's e_a are not read, so Di-CTE trains beside it); lip weight 5 (20 let the mouth
-  # crowd the face out of the loss).
-  config.ethd_training = dict(p_mean=4.0, p_std=0.3, lip_weight=5.0, expression_from_truth=1.0,
-                              lr=1e-3, batch_size=2)
+  # levels stay as the encoder stage's renderer learnt them); lip weight 5 (20 let the mouth
+  # crowd the face out of the loss). The stage always trains on ground-truth expressions only
+  # (demo/wiring.py: Di-CTE's e_a are not read, so Di-CTE trains beside it).
+  config.ethd_training = dict(p_mean=4.0, p_std=0.3, lip_weight=5.0, lr=1e-3, batch_size=2)
   # Batches on which the encoder and ETHD stages measure their lip stream's statistics (ETHD
   # standardises l_v / l_a with them: their variation over time is ~5% of their size).
   config.lip_statistics_batches = 2 if quick else 16

@@ -228,14 +228,11 @@ def stage_configs(workdir: Path, dataset_dir: str, frozen: dict[str, Path], conf
     stage_config.codec = codec
     _demo_ethd(stage_config, config, target_scale)
   ethd.vaid.projector = str(exports["projector"])
-  # The demo's ETHD trains on ground-truth expressions only (configs/tiny.py: `ethd_training`),
-  # so it reads no Di-CTE, and trains while Di-CTE does (stages.py).
-  training = dict(config.ethd_training)
-  if float(training["expression_from_truth"]) < 1:
-    raise ValueError("configs/tiny.py: ethd_training.expression_from_truth must be 1 (the demo's "
-                     "ETHD stage runs beside Di-CTE's, before its export exists)")
+  # The demo's ETHD trains on ground-truth expressions only, so it reads no Di-CTE and trains
+  # while Di-CTE does (stages.py: it does not wait for Di-CTE's export).
   ethd.vaid.dicte = ""
   ethd.expression_from_truth = 1.0
+  training = dict(config.ethd_training)
   ethd.lip_weight = float(training["lip_weight"])
   ethd.sigma.p_mean = float(training["p_mean"])
   ethd.sigma.p_std = float(training["p_std"])

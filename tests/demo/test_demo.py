@@ -97,10 +97,8 @@ def test_the_stage_graph_runs_each_step_after_what_it_needs():
       stages.TRAINED_STAGES)
   ethd = next(step for step in stages.STEPS if step.name == "ethd")
   assert "projector" in ethd.needs  # ETHD reads its export
-  # ... and no Di-CTE (it trains on ground-truth expressions), so Di-CTE trains beside it; the
-  # demo's config must keep it so.
+  # ... and no Di-CTE (wiring trains it on ground-truth expressions), so Di-CTE trains beside it.
   assert "dicte" not in ethd.needs
-  assert wiring.demo_config(False).ethd_training.expression_from_truth == 1.0
 
 
 def test_an_interrupted_stage_stops_the_demo_with_the_resume_advice(tmp_path, monkeypatch, capsys):
