@@ -39,7 +39,9 @@ Faults (tests/train/test_faults.py):
     where it becomes the message), and tensorstore's writes that finish after Orbax closed its
     event loop report "Event loop is closed" as unraisable exceptions. Orbax's records wait until
     the save's outcome is known and are dropped only when it is our message; the unraisable hook
-    drops only those closed-loop callbacks.
+    drops only those closed-loop callbacks. Likewise a restore refused as damaged: the other
+    array reads that the damaged file failed too are not logged by asyncio when their tasks are
+    collected (`_DamagedReadLog`).
 
 `StopRequest` turns SIGTERM (a preemption notice, `kill`, Ctrl-C with SIGINT) into a flag the loop
 checks each step: it then saves the current step, waits for the save and exits cleanly.
@@ -172,12 +174,41 @@ def _is_closed_loop_callback(unraisable) -> bool:
   return traceback is not None and traceback.tb_frame.f_code.co_name == "_check_closed"
 
 
+class _DamagedReadLog(logging.Filter):
+  """A restore that hits a damaged file fails many of Orbax's concurrent array reads at once;
+  the first failure becomes our message, and the tasks of the others, whose exceptions nobody
+  awaits, are logged by asyncio ("Task exception was never retrieved", with a traceback) when
+  they are garbage-collected, whenever that is. This drops those records, and only those whose
+  exception names a step folder already reported as damaged (`report`)."""
+
+  def __init__(self):
+    super().__init__()
+    self._lock = threading.Lock()
+    self._folders: set[str] = set()
+
+  def report(self, step_dir: Path) -> None:
+    with self._lock:
+      self._folders.add(str(step_dir))
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    if error is None or not str(record.msg).startswith("Task exception was never retrieved"):
+      return True
+    text = " ".join(str(e) for e in _chain(error))
+    with self._lock:
+      return not any(folder + "/" in text for folder in self._folders)
+
+
 _SAVE_FAILURE_LOG = _SaveFailureLog()
+_DAMAGED_READ_LOG = _DamagedReadLog()
 
 def quiet_reported_failures() -> _SaveFailureLog:
-  """Keeps the noise of a save that fails with our message off stderr (see the module
-  docstring): installs `_SAVE_FAILURE_LOG` on absl's logger and an unraisable hook that drops
-  only the closed-loop callbacks, once per process."""
+  """Keeps the noise of a save or restore that fails with our message off stderr (see the module
+  docstring): installs `_SAVE_FAILURE_LOG` on absl's logger, `_DAMAGED_READ_LOG` on asyncio's
+  and an unraisable hook that drops only the closed-loop callbacks, once per process."""
+  asyncio_logger = logging.getLogger("asyncio")
+  if _DAMAGED_READ_LOG not in asyncio_logger.filters:
+    asyncio_logger.addFilter(_DAMAGED_READ_LOG)
   absl_logger = logging.getLogger("absl")
   if _SAVE_FAILURE_LOG not in absl_logger.filters:
     absl_logger.addFilter(_SAVE_FAILURE_LOG)
@@ -375,6 +406,7 @@ class TrainCheckpointer:
     return saved
 
   def _damaged(self, error: BaseException, step: int, item_dir: Path) -> UserError:
+    _DAMAGED_READ_LOG.report(self.directory / str(step))
     earlier = [s for s in self.all_steps() if s < step]
     fix = (f"move the folder {self.directory / str(step)} out of {self.directory} to resume from "
            f"step {earlier[-1]}, the previous complete one" if earlier else
