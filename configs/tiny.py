@@ -59,7 +59,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   # here) of the emotion-teaching schedule below; at 250 it renders no emotion, at 2000 (double
   # the demo's time) emotion accuracy 0.50 (docs/notes/2026-12-06-demo-emotion-high-sigma.md).
   config.steps = dict(pdfgc=2, encoders=2, projector=2, dicte=2, ethd=2, ser=2) if quick else dict(
-      pdfgc=400, encoders=200, projector=300, dicte=300, ethd=1000, ser=200)
+      pdfgc=400, encoders=200, projector=300, dicte=300, ethd=2000, ser=200)
   config.video_window = 8  # frames per training window and per sampling window
   # Every stage's reference is its clip's first frame, as the demo's portrait is: the speech has
   # not started, the mouth is shut ("keyframe": a random frame of the clip, open or shut).
