@@ -28,8 +28,9 @@ test: setup
 # ETHD objective under jit, the loader's worker processes, the MEAD layout and the wheel (configs
 # ship, the demo loads them outside the source tree), `etalk app` in headless Chromium, the
 # evaluation networks at full size, 20 seeded SIGKILL trials of training, one training step on
-# a data x FSDP mesh of 8 simulated devices, ETHD's gradients under remat, `etalk demo --quick`
-# end to end (the README's main job at smoke size). Left to `make
+# a data x FSDP mesh of 8 simulated devices, ETHD's gradients under remat, `etalk demo` (the
+# README's main job: the embedded checkpoint sampled and reported) and `etalk demo --quick` (its
+# training path at smoke size) end to end. Left to `make
 # test-all`: the ETHD overfit (its smoke version runs in `make test`) and the 500-frame Di-CTE
 # generation (over 6 min of CPU alone). -m slow picks the slow tests of the files listed;
 # loadfile keeps a file on one worker, so its module fixtures are built once.
@@ -48,7 +49,8 @@ SLOW_SUBSET := \
   tests/train/test_faults.py::test_sigkill_20_seeded_trials \
   tests/parallel/test_step.py \
   tests/ethd/test_ethd.py::test_rematerialisation_changes_no_gradient \
-  tests/demo/test_demo.py::test_quick_demo_trains_every_stage_generates_and_reports
+  tests/demo/test_demo.py::test_quick_demo_trains_every_stage_generates_and_reports \
+  tests/demo/test_shipped.py::test_etalk_demo_samples_the_embedded_checkpoint_and_reports
 
 test-slow-subset: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile -m slow $(SLOW_SUBSET)

@@ -1,6 +1,6 @@
 """`etalk`: the command line.
 
-  etalk demo [--quick] [--workdir DIR]          the README's main job: train, generate, report
+  etalk demo [--train | --quick] [--workdir DIR]  the README's main job: generate, report
   etalk convert svd --src DIR --dst DIR         diffusers SVD (pipeline or one component) -> ours
   etalk convert svd --src DIR --dst DIR --to diffusers
   etalk convert wav2vec2|wavlm --src DIR --dst DIR [--to transformers]
@@ -206,7 +206,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
   from etalk_jax.demo import wiring  # noqa: PLC0415 (subcommand)
-  return wiring.run(args.workdir, quick=args.quick, progress=not args.no_progress)
+  return wiring.run(args.workdir, train=args.train, quick=args.quick,
+                    progress=not args.no_progress)
 
 
 NO_PROGRESS = "no progress bars (for logs and scripts)"
@@ -249,13 +250,20 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
   commands = parser.add_subparsers(dest="command", required=True)
 
-  demo = commands.add_parser("demo", help="train every stage on synthetic faces and generate "
-                                          "videos of held-out identities (CPU, no downloads)")
+  demo = commands.add_parser("demo", help="videos of held-out synthetic identities from the "
+                                          "embedded tiny checkpoint, with their lip-sync and "
+                                          "emotion report (CPU, no downloads, ~3 min)")
   demo.add_argument("--workdir", default="demo_out",
-                    help="output folder: data, runs, checkpoint, videos, report.json "
-                         "(default demo_out; an existing one made with the same demo "
-                         "configuration reuses finished stages, another is refused)")
-  demo.add_argument("--quick", action="store_true", help="a short smoke run of the same path")
+                    help="output folder: data, checkpoint, videos, report.json, and with "
+                         "--train runs and checkpoint_packed (default demo_out; an existing one "
+                         "made with the same demo configuration reuses finished stages, another "
+                         "is refused)")
+  demo_mode = demo.add_mutually_exclusive_group()
+  demo_mode.add_argument("--train", action="store_true",
+                         help="train every stage from scratch first (~25 min on 2 cores) and "
+                              "pack the result as the embedded checkpoint is")
+  demo_mode.add_argument("--quick", action="store_true",
+                         help="a short smoke run of --train at toy size (~3 min)")
   demo.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
   demo.set_defaults(run=_demo)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -78,6 +79,21 @@ def _checkpointer() -> ocp.Checkpointer:
   # tripled the save time (25 s vs 8 s for SVD-XT on 2 cores).
   return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(
       save_concurrent_gb=1, restore_concurrent_gb=1, use_compression=False))
+
+
+def read_state_tree(state_dir: str | Path) -> dict[str, Any]:
+  """A saved model's Orbax state as it is on disk: nested dicts of numpy arrays, no model built
+  (what `etalk_jax.demo.shipped` packs into safetensors)."""
+  with _checkpointer() as checkpointer:
+    tree = checkpointer.restore(Path(state_dir).absolute())
+  return jax.tree.map(np.asarray, tree)
+
+
+def write_state_tree(tree: dict[str, Any], state_dir: str | Path) -> None:
+  """`read_state_tree`'s inverse: the same nested dicts written as a model's Orbax state, which
+  `restore_model` reads into the model its config.json describes."""
+  with _checkpointer() as checkpointer:
+    checkpointer.save(Path(state_dir).absolute(), args=ocp.args.PyTreeSave(tree))
 
 
 def save_model(model: nnx.Module, folder: str | Path, config: dict[str, Any], *,

@@ -1,6 +1,7 @@
-"""The wheel ships every config, and the demo finds them from a non-editable install: the wheel
-is built from a copy of the source tree, installed into a folder of its own, and imported from
-there in a folder that holds no source tree. Slow (~30 s: a wheel build and the demo's imports)."""
+"""The wheel ships every config and the demo's embedded checkpoint, and the demo finds them from a
+non-editable install: the wheel is built from a copy of the source tree, installed into a folder
+of its own, and imported from there in a folder that holds no source tree. Slow (~30 s: a wheel
+build and the demo's imports)."""
 
 import json
 import os
@@ -22,6 +23,8 @@ from etalk_jax.train.config import load_config
 loaded = {stage: wiring.tiny_stage_config(stage).stage for stage in stages.TRAINED_STAGES}
 loaded["tiny"] = sorted(wiring.demo_config(quick=True).steps)
 loaded["vaid:tiny by name"] = load_config("vaid:tiny").stage
+# The embedded checkpoint ships whole: every file its provenance lists, with its digest.
+loaded["embedded"] = wiring.embedded_provenance(wiring.demo_config(quick=False))["command"]
 print(json.dumps({"files": [configs.__file__, etalk_jax.__file__], "loaded": loaded}))
 """
 
@@ -57,4 +60,5 @@ def test_the_wheel_ships_the_configs_and_the_installed_demo_loads_them(tmp_path)
   assert report["loaded"] == {"encoders": "encoders", "projector": "projector", "dicte": "dicte",
                               "ethd": "ethd", "ser": "ser",
                               "tiny": ["dicte", "encoders", "ethd", "pdfgc", "projector", "ser"],
-                              "vaid:tiny by name": "projector"}
+                              "vaid:tiny by name": "projector",
+                              "embedded": "etalk demo --train"}

@@ -215,12 +215,13 @@ def write_frame_grid(path: Path, rows: list[tuple[str, np.ndarray]], columns: in
 def write_report(workdir: Path, videos: list[tuple[str, str]],
                  rows: dict[str, dict[str, list[float]]], generation: list[dict[str, float]],
                  readers: tuple[MouthReader, EmotionReader], phases: dict[str, float],
-                 total_seconds: float) -> dict:
+                 total_seconds: float, checkpoint: dict | None = None) -> dict:
   """report.json from each kind's per-video scores (`rows`: kind -> "lip_sync" / "emotion" ->
   one score per video, `videos`: each video's (held-out speaker, emotion)) and the sampler's
   timings (`generation`: frames and seconds per video), printed as the demo's closing table;
   returns the report. Each kind's score is the mean over the videos, with their standard
-  deviation beside it: one 100-frame video's lip sync moves by 0.1-0.2 by chance."""
+  deviation beside it: one 100-frame video's lip sync moves by 0.1-0.2 by chance. `checkpoint`:
+  where the sampled checkpoint came from, recorded as given."""
   reader, emotion_reader = readers
   report: dict = {}
   for kind, scores in rows.items():
@@ -241,6 +242,8 @@ def write_report(workdir: Path, videos: list[tuple[str, str]],
   report["total_seconds"] = round(total_seconds, 1)
   report["mouth_reader_fit_correlation"] = reader.fit_correlation
   report["emotion_reader_fit_accuracy"] = emotion_reader.fit_accuracy
+  if checkpoint is not None:
+    report["checkpoint"] = checkpoint
   (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
   speakers = sorted({speaker for speaker, _ in videos})

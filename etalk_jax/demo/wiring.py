@@ -35,6 +35,7 @@ from etalk_jax import parallel
 from etalk_jax.audio import FeatureConfig, Wav2Vec2, Wav2Vec2Config, WavLM, WavLMConfig
 from etalk_jax.audio.params import load_wav2vec2, load_wavlm, save_speech_encoder
 from etalk_jax.codecs import PatchPCACodec, codec_from_spec
+from etalk_jax.demo import shipped
 from etalk_jax.demo.pdfgc_standin import pretrain_pdfgc
 from etalk_jax.demo.report import (
   KINDS,
@@ -65,6 +66,11 @@ from etalk_jax.vaid.storage import load_dicte, load_projector
 from etalk_jax.vision.params import load_encoders
 from etalk_jax.vision.pdfgc import PDFGC_SMALL
 
+# The seeds of the demo's own steps (the dataset's is configs/tiny.py's data.seed, each stage's
+# its config's train.seed and data.seed): `demo_seeds` records them all in the packed
+# checkpoint's provenance.
+SEEDS = {"wav2vec2": 0, "wavlm": 2, "pdfgc stand-in": 1, "sampling": 0}
+
 
 def tiny_stage_config(stage: str):
   """The shipped config of `stage` (`stages.CONFIG_FILES`) at its tiny size, as it ships."""
@@ -76,6 +82,16 @@ def tiny_stage_config(stage: str):
 def demo_config(quick: bool):
   """configs/tiny.py's demo sizes: "quick" (the smoke run) or "full"."""
   return load_config(f"tiny:{'quick' if quick else 'full'}")
+
+
+def demo_seeds(config) -> dict[str, int]:
+  """Every seed the demo's training and sampling use, by what it seeds."""
+  seeds = {"dataset": int(config.data.seed), **SEEDS}
+  for stage in TRAINED_STAGES:
+    stage_config = tiny_stage_config(stage)
+    seeds[f"{stage} train"] = int(stage_config.train.seed)
+    seeds[f"{stage} data"] = int(stage_config.data.seed)
+  return seeds
 
 
 # ----------------------------------------------------------------------------------- setup
@@ -113,11 +129,13 @@ def save_frozen_encoders(workdir: Path, config) -> dict[str, Path]:
   folders = {name: workdir / "frozen" / name for name in ("wav2vec2", "wavlm")}
   if not folders["wav2vec2"].exists():
     save_speech_encoder(parallel.create_sharded(
-        lambda rngs: Wav2Vec2(Wav2Vec2Config(**sizes(config.wav2vec2)), rngs=rngs), mesh, seed=0),
+        lambda rngs: Wav2Vec2(Wav2Vec2Config(**sizes(config.wav2vec2)), rngs=rngs), mesh,
+        seed=SEEDS["wav2vec2"]),
         folders["wav2vec2"])
   if not folders["wavlm"].exists():
     save_speech_encoder(parallel.create_sharded(
-        lambda rngs: WavLM(WavLMConfig(**sizes(config.wavlm)), rngs=rngs), mesh, seed=2),
+        lambda rngs: WavLM(WavLMConfig(**sizes(config.wavlm)), rngs=rngs), mesh,
+        seed=SEEDS["wavlm"]),
         folders["wavlm"])
   return folders
 
@@ -126,7 +144,8 @@ def pretrain_stand_in(workdir: Path, dataset_dir: str, config, progress: bool) -
   """The tiny PD-FGC pretrained on the training frames' ground truth (`pdfgc_standin`), saved
   once under workdir/frozen/pdfgc; returns the folder."""
   folder = workdir / "frozen" / "pdfgc"
-  summary = pretrain_pdfgc(dataset_dir, folder, steps=int(config.steps.pdfgc), progress=progress)
+  summary = pretrain_pdfgc(dataset_dir, folder, steps=int(config.steps.pdfgc),
+                           seed=SEEDS["pdfgc stand-in"], progress=progress)
   print(f"   {summary}", flush=True)
   return folder
 
@@ -389,7 +408,7 @@ def generate_held_out(pipe: EmotiveTalkPipeline, workdir: Path, dataset_dir: str
                              ("no-audio baseline", np.zeros_like(clip.speech))):
           began = time.perf_counter()
           result = pipe(portrait, speech, emotion=emotion, landmarks=portrait_landmarks,
-                        aligned=True, seed=0, progress=progress)
+                        aligned=True, seed=SEEDS["sampling"], progress=progress)
           seconds = time.perf_counter() - began
           generation.append({"frames": len(result.frames), "seconds": seconds})
           name = f"{speaker}_{emotion}{'' if kind == 'generated' else '_no_audio'}.mp4"
@@ -437,26 +456,84 @@ def check_workdir(workdir: Path, config) -> None:
                   f"are. Remove the folder, or give another --workdir.")
 
 
-def run(workdir: str | Path = "demo_out", *, quick: bool = False, progress: bool = True) -> int:
-  """`etalk demo [--quick]` into `workdir` (an existing one of the same configuration reuses
-  finished stages)."""
+def embedded_provenance(config) -> dict:
+  """The embedded checkpoint's provenance (its files' digests checked), refused when it was
+  trained with another configs/tiny.py than `config`: its held-out identities, sizes and
+  sampling would not be this demo's."""
+  record = shipped.read_provenance(shipped.EMBEDDED)
+  wanted = json.loads(config.to_json())
+  if record["config"] != wanted:
+    fields = sorted(name for name in set(wanted) | set(record["config"])
+                    if wanted.get(name) != record["config"].get(name))
+    raise UserError(f"{shipped.EMBEDDED} was trained with another configs/tiny.py (it differs in "
+                    f"{', '.join(fields)}); {shipped.RETRAIN}, or restore configs/tiny.py.")
+  return record
+
+
+def unpack_embedded(workdir: Path) -> EmotiveTalkPipeline:
+  """The embedded checkpoint as workdir/checkpoint (what `etalk app` opens), loaded."""
+  checkpoint = shipped.unpack(shipped.EMBEDDED, workdir / "checkpoint")
+  print(f"   pipeline checkpoint: {checkpoint} (from {shipped.EMBEDDED})")
+  return EmotiveTalkPipeline.load(checkpoint)
+
+
+def pack_trained(workdir: Path, config, command: str, clock: Clock, training_seconds: float,
+                 report: dict) -> Path:
+  """workdir/checkpoint in the embedded form (`shipped`), with its provenance."""
+  commit, dirty = shipped.source_commit()
+  provenance = {
+      "command": command, "commit": commit, "dirty": dirty,
+      "config": json.loads(config.to_json()), "seeds": demo_seeds(config),
+      "training_seconds": round(training_seconds, 1), "phases_seconds": dict(clock.phases),
+      "machine": shipped.machine(),
+      "report": {name: report[name] for name in (*KINDS, "videos")}}
+  return shipped.pack(workdir / "checkpoint", workdir / shipped.PACKED, provenance)
+
+
+def _summary(report: dict) -> str:
+  return ", ".join(f"{kind}: lip sync {report[kind]['lip_sync']:.3f}, emotion "
+                   f"{report[kind]['emotion']:.3f}" for kind in ("generated", "no-audio baseline"))
+
+
+# `etalk demo` without --train: the dataset (for the held-out clips) and the readers, then the
+# embedded checkpoint.
+SAMPLING_STEPS = tuple(step for step in STEPS if step.name in ("dataset", "readers"))
+
+
+def run(workdir: str | Path = "demo_out", *, train: bool = False, quick: bool = False,
+        progress: bool = True) -> int:
+  """`etalk demo` into `workdir`: the held-out report of the embedded checkpoint; with `train`,
+  every stage trained from scratch first (an existing workdir of the same configuration reuses
+  finished stages) and the result packed as the embedded one is; `quick`: a smoke run of the
+  training at toy size."""
   workdir = Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
+  train = train or quick
   config = demo_config(quick)
+  embedded = None if train else embedded_provenance(config)
+  workdir.mkdir(parents=True, exist_ok=True)
   check_workdir(workdir, config)
   clock = Clock()
-  print(f"etalk demo{' --quick' if quick else ''}: EmotiveTalk end to end on synthetic talking "
-        f"faces, CPU, nothing downloaded (output: {workdir})")
+  command = "etalk demo" + (" --quick" if quick else " --train" if train else "")
+  print(f"{command}: EmotiveTalk end to end on synthetic talking faces, CPU, nothing downloaded "
+        f"(output: {workdir})")
+  if embedded is None:
+    what = "trains every stage from scratch"
+  else:
+    what = (f"samples the embedded checkpoint, which `{embedded['command']}` trained in "
+            f"{embedded['training_seconds'] / 60:.0f} min (commit {str(embedded['commit'])[:10]}"
+            f"); `etalk demo --train` trains one from scratch")
   # Measured on the 2-core dev machine (WORKSPACE.md); a finished stage is not run again.
-  print(f"   expect about {3 if quick else 15} minutes on 2 CPU cores (longer on a busy "
-        "machine); each stage prints its progress")
+  minutes = 25 if train and not quick else 3
+  print(f"   {what}; expect about {minutes} minutes on 2 CPU cores (longer on a busy machine); "
+        "each stage prints its progress")
   # SIGTERM outside a stage's training (which saves its step and stops on its own) ends the demo
   # at once; every step writes atomically, so the same command resumes it either way.
   previous = signal.signal(signal.SIGTERM, _interrupt)
   try:
-    done = run_steps(STEPS, step_actions(workdir, config, progress), clock)
+    done = run_steps(STEPS if train else SAMPLING_STEPS, step_actions(workdir, config, progress),
+                     clock)
   except DemoInterrupted as interruption:
-    print(f"\netalk demo: interrupted ({interruption}); run the same command to resume",
+    print(f"\n{command}: interrupted ({interruption}); run the same command to resume",
           flush=True)
     return 130  # as a shell reports a run stopped by a signal
   finally:
@@ -465,9 +542,19 @@ def run(workdir: str | Path = "demo_out", *, quick: bool = False, progress: bool
   print(f"   mouth reader fit correlation {reader.fit_correlation:.3f}, emotion reader fit "
         f"accuracy {emotion_reader.fit_accuracy:.3f}")
   with clock.phase("pipeline checkpoint"):
-    pipe = assemble_pipeline(workdir, done["frozen"], config)
+    pipe = (assemble_pipeline(workdir, done["frozen"], config) if train else
+            unpack_embedded(workdir))
+  training_seconds = time.perf_counter() - clock.started
   videos, rows, generation = generate_held_out(
       pipe, workdir, done["dataset"], config, done["readers"], clock, progress)
-  write_report(workdir, videos, rows, generation, done["readers"], clock.phases,
-               time.perf_counter() - clock.started)
+  source = ({"trained": command, "training_seconds": round(training_seconds, 1)} if train else
+            {"embedded": str(shipped.EMBEDDED), "commit": embedded["commit"],
+             "training_seconds": embedded["training_seconds"]})
+  report = write_report(workdir, videos, rows, generation, done["readers"], clock.phases,
+                        time.perf_counter() - clock.started, checkpoint=source)
+  if train:
+    packed = pack_trained(workdir, config, command, clock, training_seconds, report)
+    print(f"   packed as the embedded checkpoint is (float16, provenance.json): {packed}")
+  else:
+    print(f"   the embedded checkpoint's training run reported {_summary(embedded['report'])}")
   return 0

@@ -1,5 +1,6 @@
-"""`etalk demo --quick`: the README's main job, end to end at smoke size (every stage trains a
-couple of steps, the pipeline checkpoint is written and loads, videos and the report appear)."""
+"""`etalk demo --quick`: the training path of the README's main job, end to end at smoke size
+(every stage trains a couple of steps, the pipeline checkpoint is written, packed and loads, videos
+and the report appear). tests/demo/test_shipped.py: the embedded checkpoint `etalk demo` samples."""
 
 import json
 
@@ -9,7 +10,7 @@ from PIL import Image
 
 from data_pipeline import media, synthetic
 from etalk_jax import cli
-from etalk_jax.demo import report as demo_report, stages, wiring
+from etalk_jax.demo import report as demo_report, shipped, stages, wiring
 from etalk_jax.pipeline import EmotiveTalkPipeline
 
 
@@ -27,7 +28,9 @@ def test_quick_demo_trains_every_stage_generates_and_reports(tmp_path, capsys):
   report = json.loads((workdir / "report.json").read_text())
   kinds = ("generated", "ground truth", "no-audio baseline")
   assert set(report) == {*kinds, "videos", "sampling", "phases_seconds", "total_seconds",
-                         "mouth_reader_fit_correlation", "emotion_reader_fit_accuracy"}
+                         "mouth_reader_fit_correlation", "emotion_reader_fit_accuracy",
+                         "checkpoint"}
+  assert report["checkpoint"]["trained"] == "etalk demo --quick"
   # Two held-out identities x the two emotions: four videos, each scored for every kind.
   assert len({video["speaker"] for video in report["videos"]}) == 2
   assert sorted(video["emotion"] for video in report["videos"]) == ["angry"] * 2 + ["sad"] * 2
@@ -55,6 +58,16 @@ def test_quick_demo_trains_every_stage_generates_and_reports(tmp_path, capsys):
   info = media.probe(workdir / "videos" / f"{first['speaker']}_{first['emotion']}.mp4")
   assert info.width == info.height == 64
   assert EmotiveTalkPipeline.load(workdir / "checkpoint").resolution == 64
+  # The trained checkpoint packed as the embedded one is, with its provenance (digests checked).
+  config = wiring.demo_config(quick=True)
+  provenance = shipped.read_provenance(workdir / shipped.PACKED)
+  assert provenance["command"] == "etalk demo --quick"
+  assert provenance["config"] == json.loads(config.to_json())
+  assert provenance["seeds"] == wiring.demo_seeds(config)
+  assert provenance["report"]["generated"] == report["generated"]
+  assert provenance["training_seconds"] == report["checkpoint"]["training_seconds"]
+  unpacked = shipped.unpack(workdir / shipped.PACKED, tmp_path / "unpacked")
+  assert EmotiveTalkPipeline.load(unpacked).resolution == 64
 
 
 def test_mouth_reader_reads_emotional_mouths_in_the_portraits_box():
