@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "is refused)")
   demo_mode = demo.add_mutually_exclusive_group()
   demo_mode.add_argument("--train", action="store_true",
-                         help="train every stage from scratch first (~25 min on 2 cores) and "
+                         help="train every stage from scratch first (~21 min on 2 cores) and "
                               "pack the result as the embedded checkpoint is")
   demo_mode.add_argument("--quick", action="store_true",
                          help="a short smoke run of --train at toy size (~3 min)")

@@ -52,7 +52,7 @@ PROVENANCE_FILE = "provenance.json"
 WEIGHTS_FILE = "weights.safetensors"
 WEIGHTS_DTYPE = np.float16
 REQUIRED = ("command", "commit", "config", "seeds", "training_seconds", "report", "digests")
-RETRAIN = "run `etalk demo --train` (about 25 minutes on 2 cores) to train one from scratch"
+RETRAIN = "run `etalk demo --train` (about 21 minutes on 2 cores) to train one from scratch"
 
 
 def _sha256(path: Path) -> str:
