@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   demo = commands.add_parser("demo", help="videos of held-out synthetic identities from the "
                                           "embedded tiny checkpoint, with their lip-sync and "
-                                          "emotion report (CPU, no downloads, ~3 min)")
+                                          "emotion report (CPU, no downloads, ~2 min)")
   demo.add_argument("--workdir", default="demo_out",
                     help="output folder: data, checkpoint, videos, report.json, and with "
                          "--train runs and checkpoint_packed (default demo_out; an existing one "

@@ -4,9 +4,9 @@ minutes; `etalk demo --train` reproduces it from scratch and writes the same for
 workdir (`PACKED`), which is what gets copied here.
 
 The form: a pipeline checkpoint (`etalk_jax.pipeline.checkpoint`) with each component's Orbax
-state replaced by one safetensors file, its floating arrays in float16 (half the size; the
-report it gives is checked against the fp32 one when it is packed: docs/notes), and a record of
-where it came from:
+state replaced by one safetensors file, its floating arrays in float16 (half the size; its report
+against the fp32 one's: docs/notes/2026-12-06-demo-embedded-checkpoint.md), and a record of where
+it came from:
 
   provenance.json                {"format": "etalk_demo_checkpoint", "version": 1,
                                   "command", "commit", "dirty" (uncommitted changes then),

@@ -523,7 +523,7 @@ def run(workdir: str | Path = "demo_out", *, train: bool = False, quick: bool = 
             f"{embedded['training_seconds'] / 60:.0f} min (commit {str(embedded['commit'])[:10]}"
             f"); `etalk demo --train` trains one from scratch")
   # Measured on the 2-core dev machine (WORKSPACE.md); a finished stage is not run again.
-  minutes = 21 if train and not quick else 3 if quick else 2
+  minutes = 3 if quick else 21 if train else 2
   print(f"   {what}; expect about {minutes} minutes on 2 CPU cores (longer on a busy machine); "
         "each stage prints its progress")
   # SIGTERM outside a stage's training (which saves its step and stops on its own) ends the demo

@@ -74,7 +74,7 @@ def test_a_changed_or_missing_embedded_file_is_named_with_the_fix(tmp_path):
   assert "etalk demo --train" in message
 
 
-def test_a_changed_demo_config_refuses_the_embedded_checkpoint(capsys):
+def test_a_changed_demo_config_refuses_the_embedded_checkpoint():
   config = wiring.demo_config(quick=False)
   config.steps.ethd = 7
   with pytest.raises(UserError, match=r"trained with another configs/tiny.py \(it differs in "
